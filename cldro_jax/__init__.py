@@ -1,0 +1,7 @@
+"""cldro_jax: contrastive learning as distributionally robust optimisation, in JAX/Flax.
+
+Implements the losses and train-then-probe experiments of "Understanding Contrastive Learning via
+Distributionally Robust Optimization" (Wu et al., NeurIPS 2023, arXiv 2310.11048).
+"""
+
+__version__ = "0.1.0"
