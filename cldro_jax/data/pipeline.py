@@ -1,0 +1,306 @@
+"""Host input pipeline: deterministic, resumable batches from any random-access source.
+
+A source is anything with ``len(source)`` and ``source[index_array] -> dict of numpy arrays``
+whose leading axis is the index (the image, text and graph sources all qualify). Arrays stay as
+the source gives them (uint8 images): conversion and augmentation happen on the accelerator.
+
+Training order is a pure function of ``(seed, step)``: ``epoch = step // steps_per_epoch``, one
+fresh permutation per epoch drawn from ``(seed, epoch)``, the last incomplete batch dropped. The
+position to resume from is therefore just the step, and no iterator state needs checkpointing.
+Each process reads only its contiguous slice of every global batch (rows ``[p * local,
+(p + 1) * local)``), which is what ``jax.make_array_from_process_local_data`` expects when the
+batch axis is sharded over processes in order.
+
+Evaluation visits every example exactly once: the last global batch is padded to full size and
+carries a boolean ``mask`` (False on padding rows, whose arrays are zeros), so metrics summed
+over ``mask`` count each example once on any number of processes and devices.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+Batch = dict[str, np.ndarray]
+
+# How long a blocked producer waits before re-checking whether the consumer has gone.
+_POLL_SECONDS = 0.1
+
+
+def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
+    """Full global batches per epoch (the remainder is dropped)."""
+    if global_batch_size < 1:
+        raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
+    steps = num_examples // global_batch_size
+    if steps == 0:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} exceeds the {num_examples} examples of the "
+            "source: not one full batch per epoch. Lower the batch size or use more data"
+        )
+    return steps
+
+
+def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    """The example order of one epoch, a function of (seed, epoch) only."""
+    # SeedSequence mixes both integers, so neighbouring seeds/epochs give unrelated orders.
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch)]))
+    return rng.permutation(num_examples)
+
+
+def _resolve_processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(
+            f"need 0 <= process_index < process_count, got {process_index} and {process_count}"
+        )
+    return int(process_index), int(process_count)
+
+
+def local_batch_size(global_batch_size: int, process_count: int) -> int:
+    """Rows each process reads per global batch."""
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} is not divisible by process_count="
+            f"{process_count}; use a multiple of {process_count}"
+        )
+    return global_batch_size // process_count
+
+
+def train_indices(
+    num_examples: int,
+    *,
+    global_batch_size: int,
+    seed: int,
+    step: int,
+    process_index: int,
+    process_count: int,
+    _cache: dict | None = None,
+) -> np.ndarray:
+    """Source indices this process reads at training ``step``."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    per_epoch = steps_per_epoch(num_examples, global_batch_size)
+    local = local_batch_size(global_batch_size, process_count)
+    epoch, position = divmod(step, per_epoch)
+    if _cache is not None and _cache.get("epoch") == epoch:
+        order = _cache["order"]
+    else:
+        order = epoch_permutation(num_examples, seed, epoch)
+        if _cache is not None:
+            _cache.update(epoch=epoch, order=order)
+    start = position * global_batch_size + process_index * local
+    return order[start : start + local]
+
+
+def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
+    """Global eval batches needed to visit every example once (the last one padded)."""
+    if global_batch_size < 1:
+        raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
+    return -(-num_examples // global_batch_size)
+
+
+def eval_indices(
+    num_examples: int,
+    *,
+    global_batch_size: int,
+    batch: int,
+    process_index: int,
+    process_count: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, mask) of this process's rows of eval ``batch``; padding rows point at 0."""
+    local = local_batch_size(global_batch_size, process_count)
+    positions = batch * global_batch_size + process_index * local + np.arange(local)
+    mask = positions < num_examples
+    return np.where(mask, positions, 0), mask
+
+
+def _check_batch(batch: Any, expected_rows: int) -> Batch:
+    if not isinstance(batch, dict):
+        raise TypeError(f"a source must return a dict of arrays, got {type(batch).__name__}")
+    for key, value in batch.items():
+        if np.shape(value)[:1] != (expected_rows,):
+            raise ValueError(
+                f"source returned {key!r} with shape {np.shape(value)}; expected {expected_rows} "
+                "rows (one per requested index)"
+            )
+    return batch
+
+
+class _Prefetcher:
+    """Iterates ``produce()`` in a background thread, up to ``prefetch`` items ahead.
+
+    The thread starts at construction, so batches load while the caller compiles or evaluates.
+    An exception raised in the thread is re-raised in the consumer. ``close()`` (also called by
+    ``with``, by exhausting the iterator, and on garbage collection) stops the thread; the thread
+    holds no reference to this object, so an abandoned iterator is collected and cleans up.
+    """
+
+    _DONE = object()
+
+    def __init__(self, produce: Callable[[], Iterator[Batch]], prefetch: int):
+        self._items: queue.Queue = queue.Queue(maxsize=prefetch)
+        self._stop = threading.Event()
+        self._finished = False
+        self._thread = threading.Thread(
+            target=self._work, args=(produce, self._items, self._stop), name="host-prefetch",
+            daemon=True,
+        )
+        self._thread.start()
+
+    @staticmethod
+    def _work(produce: Callable[[], Iterator[Batch]], items: queue.Queue,
+              stop: threading.Event) -> None:
+        def put(item: Any) -> bool:
+            while not stop.is_set():
+                try:
+                    items.put(item, timeout=_POLL_SECONDS)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        try:
+            for item in produce():
+                if not put(item):
+                    return
+            put(_Prefetcher._DONE)
+        except BaseException as err:  # noqa: BLE001 (handed to the consumer, raised there)
+            put(err)
+
+    def __iter__(self) -> "_Prefetcher":
+        return self
+
+    def __next__(self) -> Batch:
+        if self._finished:
+            raise StopIteration
+        item = self._items.get()
+        if item is self._DONE:
+            self.close()
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        return item
+
+    def close(self) -> None:
+        """Stops the producer thread and waits for it to exit."""
+        self._finished = True
+        self._stop.set()
+        # Free a producer blocked on a full queue, then wait for it to notice `stop`.
+        while self._thread.is_alive():
+            try:
+                self._items.get(timeout=_POLL_SECONDS)
+            except queue.Empty:
+                pass
+            self._thread.join(timeout=_POLL_SECONDS)
+
+    def __enter__(self) -> "_Prefetcher":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not self._finished:
+            self._stop.set()
+
+
+def _background(produce: Callable[[], Iterator[Batch]], prefetch: int) -> Iterator[Batch]:
+    """``produce()`` prefetched in a thread, or run inline when ``prefetch`` <= 0."""
+    if prefetch <= 0:
+        return iter(produce())
+    return _Prefetcher(produce, prefetch)
+
+
+def train_batches(
+    source: Any,
+    *,
+    global_batch_size: int,
+    seed: int,
+    start_step: int,
+    num_steps: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    prefetch: int = 2,
+) -> Iterator[Batch]:
+    """Local training batches for steps ``start_step .. start_step + num_steps - 1``.
+
+    Batch ``s`` depends only on ``(seed, s)``: resuming at ``start_step`` reproduces the batches
+    of an uninterrupted run. Each yielded dict holds this process's ``global_batch_size /
+    process_count`` rows. ``process_index``/``process_count`` default to jax's.
+    """
+    process_index, process_count = _resolve_processes(process_index, process_count)
+    num_examples = len(source)
+    local = local_batch_size(global_batch_size, process_count)
+    steps_per_epoch(num_examples, global_batch_size)  # fail now, not in the thread
+    if start_step < 0 or num_steps < 0:
+        raise ValueError(f"start_step and num_steps must be >= 0, got {start_step}, {num_steps}")
+
+    def produce() -> Iterator[Batch]:
+        cache: dict = {}
+        for step in range(start_step, start_step + num_steps):
+            index = train_indices(
+                num_examples,
+                global_batch_size=global_batch_size,
+                seed=seed,
+                step=step,
+                process_index=process_index,
+                process_count=process_count,
+                _cache=cache,
+            )
+            yield _check_batch(source[index], local)
+
+    return _background(produce, prefetch)
+
+
+def eval_batches(
+    source: Any,
+    *,
+    global_batch_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    prefetch: int = 2,
+) -> Iterator[Batch]:
+    """Local eval batches covering every example exactly once, with a boolean ``mask``.
+
+    Every process yields the same number of batches (``ceil(len / global_batch_size)``), as SPMD
+    steps need; rows past the end are zeros with ``mask`` False.
+    """
+    process_index, process_count = _resolve_processes(process_index, process_count)
+    num_examples = len(source)
+    if num_examples == 0:
+        raise ValueError("eval_batches: the source is empty")
+    local = local_batch_size(global_batch_size, process_count)
+
+    def produce() -> Iterator[Batch]:
+        for batch in range(num_eval_batches(num_examples, global_batch_size)):
+            index, mask = eval_indices(
+                num_examples,
+                global_batch_size=global_batch_size,
+                batch=batch,
+                process_index=process_index,
+                process_count=process_count,
+            )
+            arrays = dict(_check_batch(source[index], local))
+            if "mask" in arrays:
+                raise ValueError("the source already returns a 'mask' entry; rename it")
+            if not mask.all():
+                # Zero the padding rows so nothing downstream mistakes them for data.
+                arrays = {k: np.where(_expand(mask, v), v, np.zeros_like(v)) for k, v in
+                          arrays.items()}
+            arrays["mask"] = mask
+            yield arrays
+
+    return _background(produce, prefetch)
+
+
+def _expand(mask: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """Broadcasts a row mask over the trailing axes of ``like``."""
+    return mask.reshape(mask.shape + (1,) * (np.ndim(like) - 1))
