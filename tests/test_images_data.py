@@ -194,7 +194,34 @@ def test_first_n_per_class():
     expected = np.concatenate([np.nonzero(full["y_train"] == c)[0][:20] for c in range(10)])
     np.testing.assert_array_equal(ds.probe_train.images[..., 0], full["x_train"][np.sort(expected)])
     with pytest.raises(ValueError, match="per-class limit must be >= 1"):
-        images.load_image_dataset(cfg(train_per_class=0))
+        images.load_image_dataset(cfg(train_per_class=-2))
+    assert len(images.load_image_dataset(cfg(train_per_class=0)).probe_train) == 5000  # 0: all
+
+
+def test_config_aliases_and_unset_spellings(tmp_path):
+    import ml_collections
+
+    _write_folder(tmp_path / "tr", {"a": 2, "b": 2}, size=(6, 6), mode="L")
+    _write_folder(tmp_path / "te", {"a": 1, "b": 1}, size=(4, 4), mode="L", seed=5)
+    # The spelling of a config built elsewhere: "" / 0 for unset, aliases, an int image_size,
+    # and an irrelevant tfds name that must not rename the dataset.
+    lead_style = ml_collections.ConfigDict(dict(
+        source="folder", name="cifar10", data_dir="", path=str(tmp_path / "tr"),
+        test_path=str(tmp_path / "te"), image_size=5, per_class_limit=1,
+        test_per_class_limit=0, pretrain_split="train",
+    ))
+    ds = images.load_image_dataset(lead_style)
+    assert ds.name == "tr" and ds.image_shape == (5, 5, 1)
+    np.testing.assert_array_equal(ds.probe_train.labels, [0, 1])
+    np.testing.assert_array_equal(ds.test.labels, [0, 1])
+    resolved = images.resolve_data_config(lead_style)
+    assert resolved["test_dir"] == str(tmp_path / "te") and resolved["test_per_class"] is None
+    assert resolved["data_dir"] is None and resolved["image_size"] == (5, 5)
+    with pytest.raises(ValueError, match="contradicts config.data.test_dir"):
+        images.resolve_data_config(dict(test_path="x", test_dir="y"))
+    with pytest.raises(ValueError, match=r"image_size must be \(H, W\) or one int"):
+        images.resolve_data_config(dict(image_size=(1, 2, 3)))
+    assert images.resolve_data_config(dict(in_memory=False))["in_memory"] is False
 
 
 # ------------------------------------------------------------------------------------------
@@ -239,6 +266,25 @@ def test_tfds_official_datasets_through_mock_data(tmp_path, name, shape, classes
             np.testing.assert_array_equal(pretrain["image"][n + 2], image)
         else:
             assert len(ds.pretrain) == n and (pretrain["label"] >= 0).all()
+
+
+def test_stl10_split_spelling_and_unlabelled_labels(tmp_path):
+    requested = []
+
+    def as_data_source(builder, split, **kwargs):
+        requested.append(split)
+        offset = {"train": 0, "test": 100, "unlabelled": 200}[split]
+        return [{"image": np.full((96, 96, 3), offset + k, np.uint8), "label": k % 10}
+                for k in range(4)]
+
+    with tfds.testing.mock_data(as_data_source_fn=as_data_source):
+        ds = images.load_image_dataset(cfg(source="tfds", name="stl10", data_dir=str(tmp_path),
+                                           pretrain_split="train+unlabeled", in_memory=False))
+    assert sorted(requested) == ["test", "train", "unlabelled"]  # each split opened once
+    batch = ds.pretrain[np.arange(8)]
+    np.testing.assert_array_equal(batch["image"][:, 0, 0, 0], [0, 1, 2, 3, 200, 201, 202, 203])
+    np.testing.assert_array_equal(batch["label"], [0, 1, 2, 3, -1, -1, -1, -1])
+    assert ds.probe_train is ds.pretrain.sources[0]  # train is read once, shared
 
 
 def test_tfds_not_prepared_fails_at_once_with_the_fix(tmp_path):

@@ -195,3 +195,19 @@ def test_source_returning_wrong_rows_is_an_error():
     with pytest.raises(ValueError, match="expected 4 rows"):
         next(pipeline.train_batches(Bad(8), global_batch_size=4, seed=0, start_step=0,
                                     num_steps=1, process_index=0, process_count=1))
+
+
+def test_subset_is_a_source():
+    src = IndexSource(50)
+    sub = pipeline.Subset(src, np.arange(10, 30))
+    assert len(sub) == 20
+    np.testing.assert_array_equal(sub[np.array([0, 19, 5])]["idx"], [10, 29, 15])
+    seen = np.concatenate([b["idx"][b["mask"]] for b in pipeline.eval_batches(
+        sub, global_batch_size=6, process_index=0, process_count=1)])
+    np.testing.assert_array_equal(seen, np.arange(10, 30))
+    image_source = images.InMemorySource(np.zeros((5, 3, 3, 1), np.uint8), np.arange(5))
+    assert pipeline.Subset(image_source, [1, 2]).image_shape == (3, 3, 1)
+    with pytest.raises(IndexError, match="outside the 50 examples"):
+        pipeline.Subset(src, [49, 50])
+    with pytest.raises(IndexError):
+        sub[np.array([20])]

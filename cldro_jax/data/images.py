@@ -17,18 +17,19 @@ source             ``tfds`` | ``folder`` | ``npz`` | ``fashion_mnist`` | ``fashi
                    | ``digits``. Default ``fashion_mnist_subset`` (ships in the package; no
                    download).
 name               tfds dataset name (``cifar10``, ``cifar100``, ``stl10``; any tfds image
-                   classification set with ``image``/``label`` features works). For the other
-                   sources an optional display name (default: the source).
+                   classification set with ``image``/``label`` features works). Ignored by the
+                   other sources, which name themselves (source, npz file or folder name).
 data_dir           ``tfds``: the tfds data_dir (None: tfds's default, ``$TFDS_DATA_DIR`` or
                    ``~/tensorflow_datasets``). ``fashion_mnist``: folder of the four IDX files
                    (None: ``/usr/share/datasets/fashion-mnist``). ``folder``: the train root, one
                    sub-folder per class.
 test_dir           ``folder``: optional test root with the same class sub-folders.
-path               ``npz``: the ``.npz`` file.
+path               ``npz``: the ``.npz`` file. ``folder``/``fashion_mnist``: used when
+                   ``data_dir`` is unset.
 pretrain_split,    ``tfds`` split names; ``+`` joins splits. None: per-dataset defaults, CIFAR
-probe_split,       ``train``/``train``/``test``, STL10 ``train+unlabelled``/``train``/``test``.
-test_split
-unlabeled_splits   tfds split names whose examples get label -1 (STL10 calls it ``unlabelled``).
+probe_split,       ``train``/``train``/``test``, STL10 ``train+unlabelled``/``train``/``test``
+test_split         (tfds spells it ``unlabelled``; ``unlabeled`` is accepted for STL10).
+unlabeled_splits   tfds split names whose examples get label -1.
 download           ``tfds``: allow tfds to download and prepare a missing dataset (needs
                    TensorFlow and internet). Default False: a missing dataset fails at once.
 in_memory          ``tfds``: None (auto: load a split into RAM when it is at most
@@ -44,6 +45,10 @@ train_per_class    keep only the first n train images of each class (in stored o
 test_per_class     the same for the test split.
 num_classes        ``npz``: number of classes (None: max label + 1).
 =================  ===========================================================================
+
+Unset optional fields may also be written as ``""`` or ``0``; ``image_size`` may be one int (a
+square); ``test_path``, ``per_class_limit`` and ``test_per_class_limit`` are accepted as aliases
+of ``test_dir``, ``train_per_class`` and ``test_per_class``.
 
 Formats: ``npz`` holds ``x_train, y_train, x_test, y_test`` (``train_images, train_labels,
 test_images, test_labels`` also accepted), images uint8 ``(N, H, W)`` or ``(N, H, W, C)`` with C in
@@ -93,6 +98,10 @@ _TFDS_SPLIT_DEFAULTS = {
     "stl10": ("train+unlabelled", "train", "test"),
 }
 _TFDS_GENERIC_SPLITS = ("train", "train", "test")
+# Split spellings people use that tfds spells differently.
+_TFDS_SPLIT_ALIASES = {
+    "stl10": {"unlabeled": "unlabelled"},
+}
 
 _IMAGE_SUFFIXES = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -137,6 +146,46 @@ def default_data_config() -> ml_collections.ConfigDict:
 
 
 _DEFAULTS = default_data_config().to_dict()
+_OPTIONAL_FIELDS = (
+    "name", "data_dir", "test_dir", "path", "pretrain_split", "probe_split", "test_split",
+    "image_size", "channels", "train_per_class", "test_per_class", "num_classes", "in_memory",
+)
+_ALIASES = {
+    "test_path": "test_dir",
+    "per_class_limit": "train_per_class",
+    "test_per_class_limit": "test_per_class",
+}
+
+
+def resolve_data_config(data_config: Any) -> dict[str, Any]:
+    """``config.data`` as a plain dict of every field: defaults filled in, aliases mapped,
+    ``""``/``0`` in optional fields read as unset, an int ``image_size`` made (n, n)."""
+    given = dict(data_config.items()) if hasattr(data_config, "items") else dict(data_config)
+    resolved = dict(_DEFAULTS)
+    resolved.update({k: v for k, v in given.items() if k in _DEFAULTS})
+    for alias, field in _ALIASES.items():
+        value = given.get(alias)
+        if value in (None, "", 0):
+            continue
+        if given.get(field) not in (None, "", 0, value):
+            raise ValueError(
+                f"config.data.{alias}={value!r} contradicts config.data.{field}="
+                f"{given[field]!r}; set only {field}"
+            )
+        resolved[field] = value
+    for field in _OPTIONAL_FIELDS:
+        # `False` is a real value of in_memory; only "" and 0 mean unset.
+        value = resolved[field]
+        if isinstance(value, str) and value == "" or (
+            not isinstance(value, bool) and isinstance(value, int) and value == 0
+        ):
+            resolved[field] = None
+    size = resolved["image_size"]
+    if isinstance(size, int):
+        resolved["image_size"] = (size, size)
+    elif size is not None and (len(size) != 2 or min(size) < 1):
+        raise ValueError(f"config.data.image_size must be (H, W) or one int, got {size!r}")
+    return resolved
 
 # --------------------------------------------------------------------------------------------
 # Array sources
@@ -364,10 +413,9 @@ def _stratified_split(
     return np.sort(train_idx), np.sort(test_idx)
 
 
-def _get(cfg: Any, key: str) -> Any:
-    """Reads a config field, falling back to ``default_data_config()``'s default."""
-    default = _DEFAULTS[key]
-    return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+def _get(cfg: dict[str, Any], key: str) -> Any:
+    """A field of a ``resolve_data_config`` dict."""
+    return cfg[key]
 
 
 # --------------------------------------------------------------------------------------------
@@ -521,9 +569,9 @@ def _labelled_dataset(
 
 
 def _load_fashion_mnist(cfg: Any) -> ImageDataset:
-    arrays = load_fashion_mnist_arrays(_get(cfg, "data_dir"))
+    arrays = load_fashion_mnist_arrays(_get(cfg, "data_dir") or _get(cfg, "path"))
     return _labelled_dataset(
-        _get(cfg, "name") or "fashion_mnist", **arrays, cfg=cfg, num_classes=10,
+        "fashion_mnist", **arrays, cfg=cfg, num_classes=10,
         class_names=FASHION_MNIST_CLASSES,
     )
 
@@ -550,7 +598,7 @@ def load_fashion_mnist_subset_arrays() -> dict[str, np.ndarray]:
 def _load_fashion_mnist_subset(cfg: Any) -> ImageDataset:
     arrays = load_fashion_mnist_subset_arrays()
     return _labelled_dataset(
-        _get(cfg, "name") or "fashion_mnist_subset",
+        "fashion_mnist_subset",
         arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"],
         cfg=cfg, num_classes=10, class_names=FASHION_MNIST_CLASSES,
     )
@@ -567,7 +615,7 @@ def _load_digits(cfg: Any) -> ImageDataset:
         labels, float(_get(cfg, "test_fraction")), int(_get(cfg, "split_seed")), "digits"
     )
     return _labelled_dataset(
-        _get(cfg, "name") or "digits",
+        "digits",
         images[train_idx], labels[train_idx], images[test_idx], labels[test_idx],
         cfg=cfg, num_classes=10, class_names=tuple(str(d) for d in range(10)),
     )
@@ -634,7 +682,7 @@ def _load_npz(cfg: Any) -> ImageDataset:
     if not path:
         raise ValueError("source=npz needs --config.data.path=/path/to/data.npz")
     arrays = load_npz_arrays(path)
-    name = _get(cfg, "name") or os.path.splitext(os.path.basename(path))[0]
+    name = os.path.splitext(os.path.basename(path))[0]
     return _labelled_dataset(name, **arrays, cfg=cfg, num_classes=_get(cfg, "num_classes"))
 
 
@@ -719,7 +767,7 @@ def _decode_images(
 
 
 def _load_folder(cfg: Any) -> ImageDataset:
-    root = _get(cfg, "data_dir")
+    root = _get(cfg, "data_dir") or _get(cfg, "path")
     if not root:
         raise ValueError(
             "source=folder needs --config.data.data_dir=/path/to/train (one sub-folder per class)"
@@ -742,7 +790,7 @@ def _load_folder(cfg: Any) -> ImageDataset:
         x_train, y_train = images[train_idx], labels[train_idx]
         x_test, y_test = images[test_idx], labels[test_idx]
     return _labelled_dataset(
-        _get(cfg, "name") or os.path.basename(os.path.normpath(root)),
+        os.path.basename(os.path.normpath(root)),
         x_train, y_train, x_test, y_test,
         cfg=cfg, num_classes=len(class_names), class_names=class_names,
     )
@@ -855,7 +903,12 @@ def _tfds_split_source(
         if part in cache:
             sources.append(cache[part])
             continue
-        base = part.split("[")[0]
+        base, bracket, rest = part.partition("[")
+        base = _TFDS_SPLIT_ALIASES.get(name, {}).get(base, base)
+        part = base + bracket + rest
+        if part in cache:
+            sources.append(cache[part])
+            continue
         source: ArraySource = TfdsSource(
             _open_tfds_split(name, part, cfg),
             image_shape=image_shape,
@@ -924,10 +977,11 @@ _LOADERS: dict[str, Callable[[Any], ImageDataset]] = {
 
 def load_image_dataset(data_config: Any) -> ImageDataset:
     """Loads the dataset that ``config.data`` describes (fields in the module docstring)."""
-    source = _get(data_config, "source")
+    cfg = resolve_data_config(data_config)
+    source = cfg["source"]
     if source not in _LOADERS:
         raise ValueError(f"config.data.source={source!r}; choose one of {SOURCES}")
-    return _LOADERS[source](data_config)
+    return _LOADERS[source](cfg)
 
 
 def describe(dataset: ImageDataset) -> str:

@@ -30,6 +30,39 @@ Batch = dict[str, np.ndarray]
 _POLL_SECONDS = 0.1
 
 
+class Subset:
+    """The examples ``indices`` of ``source``, as a source of its own (e.g. a kNN bank limit)."""
+
+    def __init__(self, source: Any, indices: Any):
+        indices = np.asarray(indices)
+        if indices.ndim != 1 or not (indices.size == 0 or np.issubdtype(indices.dtype, np.integer)):
+            raise ValueError(f"Subset indices must be a 1-D integer array, got {indices.shape}")
+        if indices.size and (indices.min() < 0 or indices.max() >= len(source)):
+            raise IndexError(
+                f"Subset indices span [{indices.min()}, {indices.max()}], outside the "
+                f"{len(source)} examples of the source"
+            )
+        self.source = source
+        self.indices = indices.astype(np.int64)
+
+    def __len__(self) -> int:
+        return self.indices.size
+
+    def __getitem__(self, index: Any) -> Batch:
+        index = np.asarray(index)
+        if index.ndim != 1:
+            raise ValueError(f"index a source with a 1-D integer array, got shape {index.shape}")
+        if index.size and (index.min() < 0 or index.max() >= len(self)):
+            raise IndexError(f"index out of range for a subset of {len(self)} examples")
+        return self.source[self.indices[index]]
+
+    def __getattr__(self, name: str) -> Any:
+        # Dataset facts (e.g. image_shape) are those of the parent source.
+        if name in ("source", "indices"):
+            raise AttributeError(name)
+        return getattr(self.source, name)
+
+
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
     """Full global batches per epoch (the remainder is dropped)."""
     if global_batch_size < 1:
