@@ -1,0 +1,203 @@
+"""Tokenisation and the sentence corpus of the sentence track (unsupervised SimCSE setting).
+
+`SentenceTokenizer` wraps a `tokenizers.Tokenizer` read from a local Hugging Face model folder
+and produces fixed-shape int32 batches (static shapes for jit). Any padding/truncation preset
+stored in `tokenizer.json` (all-MiniLM-L6-v2 ships padding and truncation to 128) is replaced by
+the `max_length` of each call.
+
+`SentenceCorpus` is a one-sentence-per-line text file (SimCSE's wiki1m) with random access by
+index, for the generic host input pipeline.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+import tokenizers
+from tokenizers import processors
+
+WIKI1M_URL = ("https://huggingface.co/datasets/princeton-nlp/datasets-for-simcse/resolve/main/"
+              "wiki1m_for_simcse.txt")
+
+
+def _read_json(path: str) -> dict:
+  if not os.path.exists(path):
+    return {}
+  with open(path) as fh:
+    return json.load(fh)
+
+
+def _token_content(token) -> str | None:
+  """special_tokens_map.json stores a token as a string or as {"content": ...}."""
+  if isinstance(token, dict):
+    return token.get("content")
+  return token
+
+
+def _wordpiece_from_vocab(folder: str) -> tokenizers.Tokenizer:
+  """BERT WordPiece tokenizer from vocab.txt, lower-casing as tokenizer_config.json says."""
+  config = _read_json(os.path.join(folder, "tokenizer_config.json"))
+  # HF's BertTokenizer defaults to do_lower_case=True; strip_accents None follows lowercase.
+  impl = tokenizers.BertWordPieceTokenizer(
+      os.path.join(folder, "vocab.txt"), lowercase=config.get("do_lower_case", True),
+      strip_accents=config.get("strip_accents"),
+      handle_chinese_chars=config.get("tokenize_chinese_chars", True))
+  return impl._tokenizer  # the plain Tokenizer: the wrapper class adds nothing we use
+
+
+def _byte_level_bpe_from_vocab(folder: str) -> tokenizers.Tokenizer:
+  """RoBERTa byte-level BPE from vocab.json + merges.txt, with <s> ... </s> around each text."""
+  config = _read_json(os.path.join(folder, "tokenizer_config.json"))
+  specials = _read_json(os.path.join(folder, "special_tokens_map.json"))
+  add_prefix_space = config.get("add_prefix_space", False)
+  impl = tokenizers.ByteLevelBPETokenizer(
+      os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
+      add_prefix_space=add_prefix_space, trim_offsets=True)
+  tok = impl._tokenizer
+  names = {key: _token_content(specials.get(key)) or default for key, default in
+           (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>"),
+            ("pad_token", "<pad>"), ("mask_token", "<mask>"))}
+  # Registering them keeps a literal "<s>" or "<pad>" in the text a single special token.
+  tok.add_special_tokens([n for n in names.values() if tok.token_to_id(n) is not None])
+  bos, eos = names["bos_token"], names["eos_token"]
+  for name in (bos, eos):
+    if tok.token_to_id(name) is None:
+      raise ValueError(f"{folder}/vocab.json has no special token {name!r}.")
+  tok.post_processor = processors.RobertaProcessing(
+      sep=(eos, tok.token_to_id(eos)), cls=(bos, tok.token_to_id(bos)),
+      trim_offsets=True, add_prefix_space=add_prefix_space)
+  return tok
+
+
+def load_tokenizer(folder: str) -> tokenizers.Tokenizer:
+  """A `tokenizers.Tokenizer` from a HF model folder, with padding and truncation switched off.
+
+  Uses `tokenizer.json` when present; otherwise builds WordPiece from `vocab.txt` (BERT) or
+  byte-level BPE from `vocab.json` + `merges.txt` (RoBERTa).
+  """
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f"Tokenizer folder {folder} does not exist.")
+  if os.path.exists(os.path.join(folder, "tokenizer.json")):
+    tok = tokenizers.Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+  elif os.path.exists(os.path.join(folder, "vocab.txt")):
+    tok = _wordpiece_from_vocab(folder)
+  elif all(os.path.exists(os.path.join(folder, f)) for f in ("vocab.json", "merges.txt")):
+    tok = _byte_level_bpe_from_vocab(folder)
+  else:
+    raise FileNotFoundError(
+        f"No tokenizer files in {folder}: expected tokenizer.json, vocab.txt (BERT WordPiece) "
+        "or vocab.json + merges.txt (RoBERTa byte-level BPE).")
+  # Presets in tokenizer.json (e.g. MiniLM's pad/truncate to 128) must not leak into our shapes.
+  tok.no_padding()
+  tok.no_truncation()
+  return tok
+
+
+def _pad_token(tok: tokenizers.Tokenizer, folder: str) -> tuple[str, int]:
+  """The padding token and its id: special_tokens_map.json, else [PAD] / <pad>."""
+  specials = _read_json(os.path.join(folder, "special_tokens_map.json"))
+  candidates = [_token_content(specials.get("pad_token")), "[PAD]", "<pad>"]
+  for name in candidates:
+    if name is not None and tok.token_to_id(name) is not None:
+      return name, tok.token_to_id(name)
+  raise ValueError(f"The tokenizer in {folder} has no padding token (tried {candidates}).")
+
+
+class SentenceTokenizer:
+  """Text -> fixed-shape int32 `input_ids` / `attention_mask` for the encoders.
+
+  Example:
+    tok = SentenceTokenizer(model_folder)
+    batch = tok.encode_batch(["A man is playing a guitar."], max_length=32)
+    batch["input_ids"].shape  # (1, 32)
+  """
+
+  def __init__(self, folder: str):
+    self.folder = folder
+    self.tokenizer = load_tokenizer(folder)
+    self.pad_token, self.pad_id = _pad_token(self.tokenizer, folder)
+
+  @property
+  def vocab_size(self) -> int:
+    return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+  def encode_batch(self, texts: Sequence[str], max_length: int, *,
+                   pad_to_multiple_of: int | None = None) -> dict[str, np.ndarray]:
+    """Tokenises `texts` (special tokens added), truncated to `max_length` tokens.
+
+    Padding: to exactly `max_length` (static shapes, training) by default; with
+    `pad_to_multiple_of=m`, to the longest text of the batch rounded up to a multiple of m
+    (evaluation: few distinct shapes, little padding). Returns int32 arrays (n, length).
+    """
+    if isinstance(texts, str):
+      raise TypeError("encode_batch takes a list of texts, not one string.")
+    if max_length < 2:
+      raise ValueError(f"max_length must leave room for the special tokens, got {max_length}.")
+    tok = self.tokenizer
+    tok.enable_truncation(max_length)
+    if pad_to_multiple_of is None:
+      tok.enable_padding(length=max_length, pad_id=self.pad_id, pad_token=self.pad_token)
+    else:
+      tok.enable_padding(length=None, pad_to_multiple_of=pad_to_multiple_of,
+                         pad_id=self.pad_id, pad_token=self.pad_token)
+    try:
+      encodings = tok.encode_batch(list(texts))
+    finally:
+      tok.no_padding()
+      tok.no_truncation()
+    if not encodings:
+      return {"input_ids": np.zeros((0, max_length), np.int32),
+              "attention_mask": np.zeros((0, max_length), np.int32)}
+    # Rounding up to a multiple may pass max_length; only padding lies beyond it (truncated).
+    return {
+        "input_ids": np.asarray([e.ids for e in encodings], dtype=np.int32)[:, :max_length],
+        "attention_mask": np.asarray([e.attention_mask for e in encodings],
+                                     dtype=np.int32)[:, :max_length],
+    }
+
+  def lengths(self, texts: Sequence[str]) -> np.ndarray:
+    """Token counts with special tokens, untruncated (for length-sorted evaluation batches)."""
+    return np.asarray([len(e.ids) for e in self.tokenizer.encode_batch(list(texts))], np.int64)
+
+
+class SentenceCorpus:
+  """A text file, one sentence per line (wiki1m format), with random access by index.
+
+  Blank lines are skipped. The file is kept as bytes plus line offsets (about 1 byte per
+  character and 8 bytes per sentence), decoded on access.
+  """
+
+  def __init__(self, path: str):
+    if not os.path.exists(path):
+      raise FileNotFoundError(
+          f"Sentence corpus {path} not found. The unsupervised SimCSE corpus (1M Wikipedia "
+          f"sentences) is wiki1m_for_simcse.txt: download it with\n  wget {WIKI1M_URL}\n"
+          "and pass its path.")
+    with open(path, "rb") as fh:
+      self._data = fh.read()
+    data = np.frombuffer(self._data, dtype=np.uint8)
+    newlines = np.flatnonzero(data == ord("\n"))
+    starts = np.concatenate([[0], newlines + 1])
+    ends = np.concatenate([newlines, [len(data)]])
+    # Blank = only whitespace (\r, spaces, tabs): find lines with any other byte.
+    is_text = ~np.isin(data, np.frombuffer(b" \t\r\n\x0b\x0c", np.uint8))
+    text_prefix = np.concatenate([[0], np.cumsum(is_text, dtype=np.int64)])
+    keep = text_prefix[ends] - text_prefix[starts] > 0
+    self._starts = starts[keep].astype(np.int64)
+    self._ends = ends[keep].astype(np.int64)
+    self.path = path
+
+  def __len__(self) -> int:
+    return len(self._starts)
+
+  def __getitem__(self, index: int) -> str:
+    if not -len(self) <= index < len(self):
+      raise IndexError(f"index {index} out of range for a corpus of {len(self)} sentences")
+    start, end = self._starts[index], self._ends[index]
+    return self._data[start:end].decode("utf-8").rstrip("\r")
+
+  def batch(self, indices: Sequence[int]) -> list[str]:
+    """The sentences at `indices`, in that order."""
+    return [self[int(i)] for i in indices]

@@ -1,0 +1,383 @@
+"""Semantic textual similarity (STS) evaluation, as in SimCSE / SentEval.
+
+Score = Spearman correlation x 100 between the cosine similarity of the two sentences'
+embeddings and the gold score. Tasks and settings follow SimCSE's evaluation:
+  - STS12-16 in the "all" setting: ONE Spearman over the concatenation of all the year's subsets
+    (not the mean of the per-subset correlations);
+  - STS-B ("STSBenchmark") and SICK-R ("SICKRelatedness") on their test splits (dev: model
+    selection, STS-B dev in SimCSE);
+  - "avg": the mean over the evaluated tasks (the 7 tasks for the usual table).
+Sentences are whitespace-normalised (`" ".join(s.split())`) as SentEval's loaders do.
+
+Expected layout under `sts_root` (SentEval's `data/downstream` folder, filled by SentEval's
+`data/downstream/get_transfer_data.bash` or SimCSE's `SentEval/data/downstream/download_dataset.sh`):
+
+    <sts_root>/STS/STS12-en-test/STS.input.MSRpar.txt, STS.gs.MSRpar.txt, ...
+    <sts_root>/STS/STS13-en-test/ ... STS16-en-test/
+    <sts_root>/STS/STSBenchmark/sts-train.csv, sts-dev.csv, sts-test.csv
+    <sts_root>/SICK/SICK_train.txt, SICK_trial.txt, SICK_test_annotated.txt
+
+The evaluator only needs `embed_fn(list[str]) -> np.ndarray (n, d)`; `encoder_embed_fn` builds
+one from a `SentenceEncoder` and its params (evaluation pooler: CLS WITHOUT the training MLP by
+default, SimCSE's `cls_before_pooler`; evaluating with the MLP is a classic reproduction bug).
+
+Run on a Hugging Face folder:
+    python -m cldro_jax.evaluators.sts --model_dir=HF_FOLDER --sts_root=DIR [--pooler=cls|mean|cls_mlp]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import os
+import sys
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import scipy.stats
+
+STS_YEARS = ("STS12", "STS13", "STS14", "STS15", "STS16")
+TASKS = STS_YEARS + ("STSBenchmark", "SICKRelatedness")
+# SentEval's subsets per year (STS13 without the licensed "SMT" subset, as SentEval/SimCSE).
+STS_YEAR_SUBSETS = {
+    "STS12": ("MSRpar", "MSRvid", "SMTeuroparl", "surprise.OnWN", "surprise.SMTnews"),
+    "STS13": ("FNWN", "headlines", "OnWN"),
+    "STS14": ("deft-forum", "deft-news", "headlines", "images", "OnWN", "tweet-news"),
+    "STS15": ("answers-forums", "answers-students", "belief", "headlines", "images"),
+    "STS16": ("answer-answer", "headlines", "plagiarism", "postediting", "question-question"),
+}
+STSB_FILES = {"train": "sts-train.csv", "dev": "sts-dev.csv", "test": "sts-test.csv"}
+SICK_FILES = {"train": "SICK_train.txt", "dev": "SICK_trial.txt", "test": "SICK_test_annotated.txt"}
+SHORT_NAMES = {"STSBenchmark": "STS-B", "SICKRelatedness": "SICK-R"}
+
+GET_DATA_HELP = (
+    "The STS data are SentEval's: clone https://github.com/facebookresearch/SentEval and run "
+    "`cd data/downstream && bash get_transfer_data.bash` (or SimCSE's "
+    "`cd SentEval/data/downstream && bash download_dataset.sh`), then pass "
+    "--sts_root=<...>/data/downstream.")
+
+EmbedFn = Callable[[list[str]], np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class SentencePairs:
+  """Scored sentence pairs: sentences1[i] vs sentences2[i] with gold scores[i]."""
+  sentences1: list[str]
+  sentences2: list[str]
+  scores: np.ndarray  # float64
+
+  def __len__(self) -> int:
+    return len(self.scores)
+
+
+def _normalise(sentence: str) -> str:
+  # SentEval splits every sentence on whitespace and the SimCSE batcher joins with " ".
+  return " ".join(sentence.split())
+
+
+def _require(path: str, what: str) -> None:
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"Missing {what}: {path}. {GET_DATA_HELP}")
+
+
+def _read_lines(path: str) -> list[str]:
+  # No csv module anywhere: sentences contain stray quotes, the files are plain tab-separated.
+  with open(path, encoding="utf-8") as fh:
+    return fh.read().splitlines()
+
+
+def read_sts_subset(task_dir: str, subset: str) -> SentencePairs:
+  """One STS12-16 subset: `STS.input.<subset>.txt` + `STS.gs.<subset>.txt`.
+
+  A blank gold line means the pair has no score; it is skipped (as SentEval does).
+  """
+  input_path = os.path.join(task_dir, f"STS.input.{subset}.txt")
+  gold_path = os.path.join(task_dir, f"STS.gs.{subset}.txt")
+  _require(input_path, f"STS input file of subset {subset}")
+  _require(gold_path, f"STS gold-score file of subset {subset}")
+  pairs, gold = _read_lines(input_path), _read_lines(gold_path)
+  # A final newline-terminated blank line would be dropped by splitlines on both files alike.
+  if len(pairs) != len(gold):
+    raise ValueError(f"{input_path} has {len(pairs)} lines but {gold_path} has {len(gold)}: "
+                     "the files must have one gold line (possibly blank) per pair.")
+  s1, s2, scores = [], [], []
+  for line_no, (pair, score) in enumerate(zip(pairs, gold), start=1):
+    if not score.strip():
+      continue
+    fields = pair.split("\t")
+    if len(fields) < 2:
+      raise ValueError(f"{input_path}:{line_no}: expected two tab-separated sentences.")
+    s1.append(_normalise(fields[0]))
+    s2.append(_normalise(fields[1]))
+    scores.append(float(score))
+  return SentencePairs(s1, s2, np.asarray(scores, np.float64))
+
+
+def read_sts_year(sts_root: str, task: str) -> dict[str, SentencePairs]:
+  """All subsets of one of STS12..STS16, by subset name (test data only)."""
+  if task not in STS_YEAR_SUBSETS:
+    raise ValueError(f"{task!r} is not one of {STS_YEARS}")
+  task_dir = os.path.join(sts_root, "STS", f"{task}-en-test")
+  _require(task_dir, f"{task} directory")
+  return {subset: read_sts_subset(task_dir, subset) for subset in STS_YEAR_SUBSETS[task]}
+
+
+def read_stsb(sts_root: str, split: str = "test") -> SentencePairs:
+  """STS-B (SentEval's copy): tab-separated genre, file, year, id, score, sentence1, sentence2.
+
+  Read without quote handling; lines with more than 7 fields keep the first 7.
+  """
+  if split not in STSB_FILES:
+    raise ValueError(f"STS-B split must be one of {sorted(STSB_FILES)}, got {split!r}")
+  path = os.path.join(sts_root, "STS", "STSBenchmark", STSB_FILES[split])
+  _require(path, f"STS-B {split} file")
+  s1, s2, scores = [], [], []
+  for line_no, line in enumerate(_read_lines(path), start=1):
+    if not line.strip():
+      continue
+    fields = line.split("\t")
+    if len(fields) < 7:
+      raise ValueError(f"{path}:{line_no}: expected 7 tab-separated fields, got {len(fields)}.")
+    scores.append(float(fields[4]))
+    s1.append(_normalise(fields[5]))
+    s2.append(_normalise(fields[6]))
+  return SentencePairs(s1, s2, np.asarray(scores, np.float64))
+
+
+def read_sick_r(sts_root: str, split: str = "test") -> SentencePairs:
+  """SICK relatedness: header line, then pair_ID, sentence_A, sentence_B, relatedness_score, ..."""
+  if split not in SICK_FILES:
+    raise ValueError(f"SICK-R split must be one of {sorted(SICK_FILES)}, got {split!r}")
+  path = os.path.join(sts_root, "SICK", SICK_FILES[split])
+  _require(path, f"SICK-R {split} file")
+  s1, s2, scores = [], [], []
+  for line_no, line in enumerate(_read_lines(path)[1:], start=2):
+    if not line.strip():
+      continue
+    fields = line.split("\t")
+    if len(fields) < 4:
+      raise ValueError(f"{path}:{line_no}: expected at least 4 tab-separated fields.")
+    s1.append(_normalise(fields[1]))
+    s2.append(_normalise(fields[2]))
+    scores.append(float(fields[3]))
+  return SentencePairs(s1, s2, np.asarray(scores, np.float64))
+
+
+def load_task(sts_root: str, task: str, split: str = "test") -> dict[str, SentencePairs]:
+  """A task's data as {subset name: pairs}; STS-B and SICK-R have one subset named after them."""
+  if task in STS_YEAR_SUBSETS:
+    if split != "test":
+      raise ValueError(f"{task} has only a test split (asked for {split!r}); use STSBenchmark "
+                       "or SICKRelatedness for dev/train.")
+    return read_sts_year(sts_root, task)
+  if task == "STSBenchmark":
+    return {task: read_stsb(sts_root, split)}
+  if task == "SICKRelatedness":
+    return {task: read_sick_r(sts_root, split)}
+  raise ValueError(f"Unknown STS task {task!r}: choose from {TASKS}.")
+
+
+def cosine_similarities(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """Row-wise cosine similarity in float64; a zero vector has similarity 0 (SentEval: nan -> 0)."""
+  a = np.asarray(a, np.float64)
+  b = np.asarray(b, np.float64)
+  norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+  dots = np.einsum("nd,nd->n", a, b)
+  return np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0)
+
+
+def spearman_x100(predicted: np.ndarray, gold: np.ndarray) -> float:
+  """Spearman rank correlation x 100 (scipy)."""
+  return float(scipy.stats.spearmanr(predicted, gold).statistic) * 100.0
+
+
+def predict_similarities(embed_fn: EmbedFn, subsets: dict[str, SentencePairs]
+                         ) -> dict[str, np.ndarray]:
+  """Cosine similarities per subset; each distinct sentence is embedded once."""
+  unique = sorted({s for pairs in subsets.values() for s in pairs.sentences1 + pairs.sentences2})
+  embeddings = np.asarray(embed_fn(unique))
+  if embeddings.ndim != 2 or embeddings.shape[0] != len(unique):
+    raise ValueError(f"embed_fn returned shape {embeddings.shape} for {len(unique)} sentences; "
+                     "expected (n_sentences, dim).")
+  row = {s: i for i, s in enumerate(unique)}
+  return {
+      name: cosine_similarities(embeddings[[row[s] for s in pairs.sentences1]],
+                                embeddings[[row[s] for s in pairs.sentences2]])
+      for name, pairs in subsets.items()
+  }
+
+
+def score_subsets(similarities: dict[str, np.ndarray], subsets: dict[str, SentencePairs]
+                  ) -> dict[str, float]:
+  """Spearman x100 per subset, "all" (one Spearman over the concatenation: SimCSE's setting),
+  "mean" and "wmean" (plain and size-weighted means of the per-subset values, SentEval's)."""
+  out = {name: spearman_x100(similarities[name], pairs.scores) for name, pairs in subsets.items()}
+  sizes = np.asarray([len(pairs) for pairs in subsets.values()], np.float64)
+  per_subset = np.asarray([out[name] for name in subsets])
+  out["all"] = spearman_x100(np.concatenate([similarities[n] for n in subsets]),
+                             np.concatenate([p.scores for p in subsets.values()]))
+  out["mean"] = float(per_subset.mean())
+  out["wmean"] = float((per_subset * sizes).sum() / sizes.sum())
+  return out
+
+
+def evaluate_sts(embed_fn: EmbedFn, sts_root: str, tasks: Sequence[str] | None = None,
+                 split: str = "test", *, details: bool = False) -> dict:
+  """Spearman x100 per task and their average.
+
+  Args:
+    embed_fn: list of sentences -> (n, d) array of embeddings.
+    sts_root: SentEval's `data/downstream` folder (layout in the module docstring).
+    tasks: subset of TASKS; None = every task that has `split` (test: all 7; dev/train:
+      STSBenchmark and SICKRelatedness).
+    split: "test" for the paper's table, "dev" for model selection (STS-B dev in SimCSE).
+    details: also return the per-subset scores under "details".
+  Returns:
+    {"STS12": ..., ..., "SICKRelatedness": ..., "avg": mean over the tasks} (+ "details").
+  """
+  if tasks is None:
+    tasks = TASKS if split == "test" else ("STSBenchmark", "SICKRelatedness")
+  if isinstance(tasks, str):
+    tasks = (tasks,)
+  unknown = [t for t in tasks if t not in TASKS]
+  if unknown or not tasks:
+    raise ValueError(f"Unknown STS tasks {unknown}: choose from {TASKS}.")
+  # Read everything first: a missing file fails before any (slow) embedding.
+  data = {task: load_task(sts_root, task, split) for task in tasks}
+  results, per_task = {}, {}
+  for task, subsets in data.items():
+    per_task[task] = score_subsets(predict_similarities(embed_fn, subsets), subsets)
+    results[task] = per_task[task]["all"]
+  results["avg"] = float(np.mean([results[t] for t in tasks]))
+  if details:
+    results["details"] = per_task
+  return results
+
+
+def format_results(results: dict, pooler_description: str | None = None) -> str:
+  """A SimCSE-style table: one header row of task names, one row of scores."""
+  tasks = [t for t in TASKS if t in results]
+  names = [SHORT_NAMES.get(t, t) for t in tasks] + ["Avg."]
+  values = [f"{results[t]:.2f}" for t in tasks] + [f"{results['avg']:.2f}"]
+  widths = [max(len(n), len(v)) for n, v in zip(names, values)]
+  lines = []
+  if pooler_description:
+    lines.append(f"pooler: {pooler_description}")
+  lines.append(" | ".join(n.rjust(w) for n, w in zip(names, widths)))
+  lines.append(" | ".join(v.rjust(w) for v, w in zip(values, widths)))
+  return "\n".join(lines)
+
+
+def describe_pooler(pooler: str) -> str:
+  """The line printed with every result, so the pooler of a number is never ambiguous."""
+  return {
+      "cls": "cls (without the training MLP)",
+      "cls_mlp": "cls_mlp (CLS WITH the training MLP)",
+      "mean": "mean (mask-aware mean of the last layer, without the training MLP)",
+  }[pooler]
+
+
+# --------------------------------------------------------------------------------------------
+# Embedding functions from our encoders.
+
+def _batches(n: int, size: int) -> Iterable[slice]:
+  return (slice(i, min(i + size, n)) for i in range(0, n, size))
+
+
+def make_embed_fn(encode_fn: Callable, tokenizer, *, max_length: int, batch_size: int = 64,
+                  pad_to_multiple_of: int = 16) -> EmbedFn:
+  """embed_fn from a batched encoder `encode_fn(input_ids, attention_mask) -> (b, d)`.
+
+  Sentences are sorted by token length so each batch pads little; batches are padded to
+  `batch_size` rows and lengths to multiples of `pad_to_multiple_of`, so `encode_fn` (jitted)
+  compiles for a handful of shapes only. Texts longer than `max_length` tokens are truncated.
+  """
+  def embed_fn(sentences: list[str]) -> np.ndarray:
+    sentences = list(sentences)
+    if not sentences:
+      raise ValueError("embed_fn got no sentences.")
+    order = np.argsort(tokenizer.lengths(sentences), kind="stable")
+    chunks = []
+    for rows in _batches(len(order), batch_size):
+      texts = [sentences[i] for i in order[rows]]
+      batch = tokenizer.encode_batch(texts, max_length, pad_to_multiple_of=pad_to_multiple_of)
+      n = len(texts)
+      # Fill the last batch with copies of its last row: one shape, discarded afterwards.
+      pad = ((0, batch_size - n), (0, 0))
+      ids = np.pad(batch["input_ids"], pad, mode="edge")
+      mask = np.pad(batch["attention_mask"], pad, mode="edge")
+      chunks.append(np.asarray(encode_fn(ids, mask), np.float32)[:n])
+    embeddings = np.empty((len(sentences), chunks[0].shape[1]), np.float32)
+    embeddings[order] = np.concatenate(chunks)
+    return embeddings
+  return embed_fn
+
+
+def jit_encode_fn(model, *, use_mlp: bool = False) -> Callable:
+  """jit(params, input_ids, attention_mask) -> embeddings; params are an argument, not constants."""
+  import jax
+
+  @jax.jit
+  def encode(params, input_ids, attention_mask):
+    return model.apply({"params": params}, input_ids, attention_mask, train=False,
+                       use_mlp=use_mlp)
+  return encode
+
+
+def encoder_embed_fn(model, params, tokenizer, *, use_mlp: bool = False,
+                     max_length: int | None = None, batch_size: int = 64) -> EmbedFn:
+  """embed_fn for a `SentenceEncoder` with `params` (evaluation: dropout off, no MLP by default)."""
+  import jax
+  import jax.numpy as jnp
+
+  encode = jit_encode_fn(model, use_mlp=use_mlp)
+  params = jax.tree.map(jnp.asarray, params)  # on device once, not per batch
+  return make_embed_fn(functools.partial(encode, params), tokenizer,
+                       max_length=max_length or model.config.max_tokens, batch_size=batch_size)
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      prog="python -m cldro_jax.evaluators.sts",
+      description="STS12-16 / STS-B / SICK-R Spearman x100 of a BERT/RoBERTa sentence encoder.")
+  parser.add_argument("--model_dir", required=True,
+                      help="local Hugging Face model folder (config.json, model.safetensors, tokenizer)")
+  parser.add_argument("--sts_root", required=True, help="SentEval's data/downstream folder")
+  parser.add_argument("--pooler", default="cls", choices=("cls", "mean", "cls_mlp"),
+                      help="cls = CLS without the training MLP (SimCSE's evaluation)")
+  parser.add_argument("--max_length", type=int, default=None,
+                      help="truncate to this many tokens (default: the model's maximum)")
+  parser.add_argument("--batch_size", type=int, default=64)
+  parser.add_argument("--split", default="test", choices=("test", "dev"))
+  parser.add_argument("--tasks", default=None,
+                      help=f"comma-separated subset of {','.join(TASKS)} (default: all of the split)")
+  return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+  """Command line entry point; prints the pooler line and the table, returns the results."""
+  args = _parse_args(argv)
+  from cldro_jax.data.text import SentenceTokenizer
+  from cldro_jax.models import bert
+
+  tasks = tuple(args.tasks.split(",")) if args.tasks else None
+  config, pretrained = bert.load_pretrained(args.model_dir)
+  pooling, use_mlp = bert.pooler_settings(args.pooler)
+  if use_mlp and "pooler" not in pretrained:
+    raise ValueError(f"--pooler=cls_mlp needs pooler.dense weights, which {args.model_dir} lacks.")
+  model = bert.SentenceEncoder(config, pooling=pooling)
+  tokenizer = SentenceTokenizer(args.model_dir)
+  embed_fn = encoder_embed_fn(model, pretrained, tokenizer, use_mlp=use_mlp,
+                              max_length=args.max_length, batch_size=args.batch_size)
+  print(f"pooler: {describe_pooler(args.pooler)}", flush=True)
+  results = evaluate_sts(embed_fn, args.sts_root, tasks, split=args.split)
+  print(format_results(results))
+  return results
+
+
+if __name__ == "__main__":
+  try:
+    main()
+  except (FileNotFoundError, ValueError) as err:
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)
