@@ -163,5 +163,7 @@ def test_accuracy_rejects_empty_mask_and_bad_query_labels():
     with pytest.raises(ValueError, match="selects no query"):
         knn.knn_accuracy(bank, bank_y, queries, query_y, num_classes=2, temperature=0.5,
                          query_mask=np.zeros(4, bool))
+    with pytest.raises(ValueError, match="query_features must be 2-D"):
+        knn.knn_accuracy(bank, bank_y, queries[0], query_y, num_classes=2, temperature=0.5)
     with pytest.raises(ValueError, match="query_labels must lie in"):
         knn.knn_accuracy(bank, bank_y, queries, query_y + 5, num_classes=2, temperature=0.5)

@@ -163,7 +163,10 @@ def knn_accuracy(bank_features: jax.Array, bank_labels: jax.Array, query_feature
     eval set; padding rows are excluded from both numerator and denominator. Returns Python
     floats `{"top1": ..., "top5": ...}` (this is the end of the evaluation, a host sync is due).
     """
-    num_queries = jnp.shape(query_features)[0] if jnp.ndim(query_features) == 2 else None
+    if jnp.ndim(query_features) != 2:
+        raise ValueError(f"query_features must be 2-D (num_queries, feature_dim), got shape "
+                         f"{jnp.shape(query_features)}; flatten the encoder output first.")
+    num_queries = jnp.shape(query_features)[0]
     if jnp.shape(query_labels) != (num_queries,):
         raise ValueError(f"query_labels must have shape ({num_queries},), got "
                          f"{jnp.shape(query_labels)}.")
