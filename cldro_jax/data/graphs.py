@@ -40,6 +40,7 @@ from cldro_jax.data.tu_dataset import Graph, TUDataset, load_tu_dataset, read_tu
 
 __all__ = [
     "Graph", "GraphBatch", "GraphBudget", "TUDataset", "load_tu_dataset", "read_tu_directory",
+    "budget_for_graphs", "pack_graphs", "view_one",
     "add_reference_self_loops", "remove_edgeless_nodes_and_self_loops", "make_views",
     "view_budget", "make_view_batches", "epoch_view_batches", "eval_batches",
 ]
