@@ -1,0 +1,192 @@
+"""InfoNCE, ADNCE, DCL and HCL, in the forms of the authors' reference code.
+
+All functions take the raw projections ``z1, z2`` (B, d) of the two views (row i of each is the
+same example), L2-normalise the rows inside, and return the scalar mean loss over anchors. With
+``s_ij`` the cosine, ``t`` the temperature and ``set(i)`` the candidate set of the variant (see
+``docs/losses.md``):
+
+  image     L_i = -s_ip/t + log( exp(s_ip/t) + sum_{j in N(i)} w_ij exp(s_ij/t) )
+  sentence  L_i = -s_ii/t + log( sum_{j} w_ij exp(s_ij/t) )          (positive inside the sum)
+  graph     L_i = -s_ii/t + log( mean_{j != i} w_ij exp(s_ij/t) )
+
+with w = 1 for InfoNCE and, for ADNCE, ``w_ij = sg(g_ij / mean_{k in set(i)} g_ik)``,
+``g = exp(-(s - mu)^2 / (2 sigma^2))``. Everything is evaluated in the log domain:
+``log sum_j w_ij exp(s_ij/t) = LSE_j(s_ij/t + log g_ij) - LSE_k(log g_ik) + log N_i``.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from cldro_jax.losses import _common, _layout
+from cldro_jax.losses._reduce import row_reduce
+
+
+# Elementwise statistics, module-level so that the blockwise custom_vjp sees the same function
+# object on every call (they are static arguments).
+def _logits(sim, params):
+  return (sim * params["inv_t"],)
+
+
+def _gaussian_log_weight(sim, params):
+  """log g(s) of ADNCE, stop-gradient: the weights are constants of the backward pass."""
+  sim = jax.lax.stop_gradient(sim)
+  return jax.lax.stop_gradient(-jnp.square(sim - params["mu"]) * params["half_inv_var"])
+
+
+def _adnce_stats(sim, params):
+  log_g = _gaussian_log_weight(sim, params)
+  return (sim * params["inv_t"] + log_g, log_g)
+
+
+def _hcl_stats(sim, params):
+  # imp_ij = exp(beta s_ij / t) is differentiated, as in the reference (no detach).
+  scaled = sim * params["inv_t"]
+  return (scaled * (1.0 + params["beta"]), scaled * params["beta"])
+
+
+def _log_weighted_sum(z1, z2, *, temperature, mu, sigma, variant, valid, labels, axis_name,
+                      block_size):
+  """Shared core of InfoNCE and ADNCE: per-anchor log sum_j w_ij exp(s_ij/t) and the layout."""
+  layout = _layout.build(z1, z2, variant=variant, valid=valid, labels=labels,
+                         axis_name=axis_name, mode="loss")
+  dtype = layout.q.dtype
+  params = {"inv_t": 1.0 / _layout.as_param(temperature, dtype)}
+  if mu is None:
+    (lse,), count = row_reduce(_logits, ("lse",), layout.q, layout.k, layout.rows, layout.cols,
+                               params, block_size)
+    log_sum = lse
+  else:
+    sigma = _layout.as_param(sigma, dtype)
+    params["mu"] = _layout.as_param(mu, dtype)
+    params["half_inv_var"] = 0.5 / jnp.square(sigma)
+    (lse, lse_g), count = row_reduce(_adnce_stats, ("lse", "lse"), layout.q, layout.k,
+                                     layout.rows, layout.cols, params, block_size)
+    # w = g / mean(g): log of the row-mean normaliser is LSE(log g) - log N.
+    log_sum = lse - (lse_g - jnp.log(jnp.maximum(count, 1.0)))
+  return layout, params, log_sum, count
+
+
+def _nce_from_log_sum(layout, params, log_sum, count, variant, axis_name):
+  pos_logit = layout.pos_cos * params["inv_t"]
+  log_count = jnp.log(jnp.maximum(count, 1.0))
+  if variant == "image":
+    per_anchor = jnp.logaddexp(pos_logit, log_sum) - pos_logit
+    n_negatives = count
+  elif variant == "sentence":
+    per_anchor = log_sum - pos_logit
+    n_negatives = count - 1.0  # the set holds the positive too
+  else:  # graph: mean over the negatives, positive excluded
+    per_anchor = log_sum - log_count - pos_logit
+    n_negatives = count
+  weight = _layout.anchor_weight(layout, n_negatives)
+  return _layout.global_mean(per_anchor, weight, axis_name)
+
+
+def infonce(z1, z2, *, temperature, variant="image", valid=None, labels=None, axis_name=None,
+            block_size=None):
+  """InfoNCE / NT-Xent of the variant (image: SimCLR's 2B anchors; sentence: SimCSE's
+  cross-entropy over the B x B logits; graph: the authors' mean form, GraphCL - log(B-1)).
+
+  Args:
+    z1, z2: (B, d) raw projections of the two views (B = local rows under ``axis_name``).
+    temperature: t > 0, a Python number or a (traced) scalar array.
+    variant: "image", "sentence" or "graph".
+    valid: optional (B,) bool; invalid rows are neither anchors nor negatives.
+    labels: optional (B,) int; same-label candidates are removed from the negatives.
+    axis_name: mesh axis the batch is split over inside ``jax.shard_map``; negatives are then
+      gathered from every device and every device returns the same global mean.
+    block_size: None (dense) or the number of candidate columns per block (memory-bounded path).
+
+  Returns:
+    Scalar mean loss over valid anchors that have at least one negative (0 if none).
+  """
+  _layout.validate(z1, z2, variant, valid, labels, axis_name)
+  _common.check_positive(temperature, "temperature")
+  _common.check_block_size(block_size)
+  layout, params, log_sum, count = _log_weighted_sum(
+      z1, z2, temperature=temperature, mu=None, sigma=None, variant=variant, valid=valid,
+      labels=labels, axis_name=axis_name, block_size=block_size)
+  return _nce_from_log_sum(layout, params, log_sum, count, variant, axis_name)
+
+
+def adnce(z1, z2, *, temperature, mu, sigma, variant="image", valid=None, labels=None,
+          axis_name=None, block_size=None):
+  """ADNCE: InfoNCE with Gaussian stop-gradient weights on the candidates (Wu et al. 2023).
+
+  ``w_ij = g(s_ij) / mean_{k in set(i)} g(s_ik)``, ``g(s) = exp(-(s - mu)^2 / (2 sigma^2))`` on the
+  raw cosine (mu on the [-1, 1] scale), stop-gradient. The set is the variant's: image the 2B-2
+  negatives (positive added with weight 1), sentence all B columns (positive included), graph
+  the B-1 negatives (mean form). A huge sigma gives InfoNCE. Other arguments as :func:`infonce`.
+  """
+  _layout.validate(z1, z2, variant, valid, labels, axis_name)
+  _common.check_positive(temperature, "temperature")
+  _common.check_positive(sigma, "sigma")
+  _common.check_real(mu, "mu")
+  _common.check_block_size(block_size)
+  layout, params, log_sum, count = _log_weighted_sum(
+      z1, z2, temperature=temperature, mu=mu, sigma=sigma, variant=variant, valid=valid,
+      labels=labels, axis_name=axis_name, block_size=block_size)
+  return _nce_from_log_sum(layout, params, log_sum, count, variant, axis_name)
+
+
+def _log1mexp(x):
+  """log(1 - exp(x)) for x < 0, accurate on both sides of -log 2 (Maechler 2012)."""
+  near_zero = x > -jnp.log(2.0)
+  safe_near = jnp.where(near_zero, x, -1.0)
+  safe_far = jnp.where(near_zero, -1.0, x)
+  return jnp.where(near_zero, jnp.log(-jnp.expm1(safe_near)), jnp.log1p(-jnp.exp(safe_far)))
+
+
+def hcl(z1, z2, *, temperature, tau_plus, beta, valid=None, labels=None, axis_name=None,
+        block_size=None):
+  """HCL (Robinson et al. 2021), image form, as in the reference code.
+
+  ``imp_ij = exp(beta s_ij / t)`` (differentiated), ``R_i = sum_j imp_ij exp(s_ij/t) / mean_j imp_ij``
+  over the 2B-2 negatives, ``Ng_i = max((R_i - tau_plus N_i pos_i) / (1 - tau_plus), N_i e^{-1/t})``,
+  ``L_i = -log(pos_i / (pos_i + Ng_i))``, all in the log domain. N_i counts the anchor's negatives
+  (2B-2 without masks). beta = 0 is DCL. Arguments as :func:`infonce`; tau_plus in [0, 1).
+  """
+  _layout.validate(z1, z2, "image", valid, labels, axis_name)
+  _common.check_positive(temperature, "temperature")
+  _common.check_tau_plus(tau_plus)
+  _common.check_real(beta, "beta")
+  _common.check_block_size(block_size)
+  layout = _layout.build(z1, z2, variant="image", valid=valid, labels=labels,
+                         axis_name=axis_name, mode="loss")
+  dtype = layout.q.dtype
+  params = {"inv_t": 1.0 / _layout.as_param(temperature, dtype)}
+  if _common.concrete_scalar(beta, "beta") == 0.0:
+    (log_r,), count = row_reduce(_logits, ("lse",), layout.q, layout.k, layout.rows,
+                                 layout.cols, params, block_size)
+    log_count = jnp.log(jnp.maximum(count, 1.0))
+  else:
+    params["beta"] = _layout.as_param(beta, dtype)
+    (lse_a, lse_b), count = row_reduce(_hcl_stats, ("lse", "lse"), layout.q, layout.k,
+                                       layout.rows, layout.cols, params, block_size)
+    log_count = jnp.log(jnp.maximum(count, 1.0))
+    log_r = lse_a - lse_b + log_count
+
+  tau_plus = _layout.as_param(tau_plus, dtype)
+  pos_logit = layout.pos_cos * params["inv_t"]
+  # Debiased estimate (R - tau N pos) / (1 - tau), where positive; x = log(tau N pos / R).
+  x = jnp.log(tau_plus) + log_count + pos_logit - log_r
+  debiasable = x < 0
+  log_debiased = jnp.where(
+      debiasable, log_r + _log1mexp(jnp.where(debiasable, x, -1.0)) - jnp.log1p(-tau_plus),
+      _common.NEG_FILL)
+  log_ng = jnp.maximum(log_debiased, log_count - params["inv_t"])  # the clamp N e^{-1/t}
+  per_anchor = jax.nn.softplus(log_ng - pos_logit)
+  weight = _layout.anchor_weight(layout, count)
+  return _layout.global_mean(per_anchor, weight, axis_name)
+
+
+def dcl(z1, z2, *, temperature, tau_plus, valid=None, labels=None, axis_name=None,
+        block_size=None):
+  """DCL (Chuang et al. 2020), debiased contrastive loss, image form (M = 1): HCL with beta = 0.
+
+  ``Ng_i = max((sum_j exp(s_ij/t) - tau_plus N_i pos_i) / (1 - tau_plus), N_i e^{-1/t})``;
+  ``L_i = -log(pos_i / (pos_i + Ng_i))``. tau_plus = 0 gives image InfoNCE.
+  """
+  return hcl(z1, z2, temperature=temperature, tau_plus=tau_plus, beta=0.0, valid=valid,
+             labels=labels, axis_name=axis_name, block_size=block_size)
