@@ -80,10 +80,16 @@ def _require(path: str, what: str) -> None:
     raise FileNotFoundError(f"Missing {what}: {path}. {GET_DATA_HELP}")
 
 
-def _read_lines(path: str) -> list[str]:
-  # No csv module anywhere: sentences contain stray quotes, the files are plain tab-separated.
+def _read_lines(path: str, *, all_line_breaks: bool = False) -> list[str]:
+  """The file's lines. No csv module anywhere: sentences contain stray quotes.
+
+  SentEval reads STS12-16 with str.splitlines (which also breaks at \x0b, \x1c, \u2028, ...)
+  and STS-B/SICK line by line (\n, \r\n, \r only); `all_line_breaks` picks the former.
+  """
   with open(path, encoding="utf-8") as fh:
-    return fh.read().splitlines()
+    if all_line_breaks:
+      return fh.read().splitlines()
+    return [line.rstrip("\r\n") for line in fh]
 
 
 def read_sts_subset(task_dir: str, subset: str) -> SentencePairs:
@@ -95,8 +101,8 @@ def read_sts_subset(task_dir: str, subset: str) -> SentencePairs:
   gold_path = os.path.join(task_dir, f"STS.gs.{subset}.txt")
   _require(input_path, f"STS input file of subset {subset}")
   _require(gold_path, f"STS gold-score file of subset {subset}")
-  pairs, gold = _read_lines(input_path), _read_lines(gold_path)
-  # A final newline-terminated blank line would be dropped by splitlines on both files alike.
+  pairs = _read_lines(input_path, all_line_breaks=True)
+  gold = _read_lines(gold_path, all_line_breaks=True)
   if len(pairs) != len(gold):
     raise ValueError(f"{input_path} has {len(pairs)} lines but {gold_path} has {len(gold)}: "
                      "the files must have one gold line (possibly blank) per pair.")
@@ -221,6 +227,19 @@ def score_subsets(similarities: dict[str, np.ndarray], subsets: dict[str, Senten
   return out
 
 
+def load_tasks(sts_root: str, tasks: Sequence[str] | None = None, split: str = "test"
+               ) -> dict[str, dict[str, SentencePairs]]:
+  """Reads the tasks' files ({task: {subset: pairs}}); tasks=None: all tasks that have `split`."""
+  if tasks is None:
+    tasks = TASKS if split == "test" else ("STSBenchmark", "SICKRelatedness")
+  if isinstance(tasks, str):
+    tasks = (tasks,)
+  unknown = [t for t in tasks if t not in TASKS]
+  if unknown or not tasks:
+    raise ValueError(f"Unknown STS tasks {unknown}: choose from {TASKS}.")
+  return {task: load_task(sts_root, task, split) for task in tasks}
+
+
 def evaluate_sts(embed_fn: EmbedFn, sts_root: str, tasks: Sequence[str] | None = None,
                  split: str = "test", *, details: bool = False) -> dict:
   """Spearman x100 per task and their average.
@@ -235,15 +254,9 @@ def evaluate_sts(embed_fn: EmbedFn, sts_root: str, tasks: Sequence[str] | None =
   Returns:
     {"STS12": ..., ..., "SICKRelatedness": ..., "avg": mean over the tasks} (+ "details").
   """
-  if tasks is None:
-    tasks = TASKS if split == "test" else ("STSBenchmark", "SICKRelatedness")
-  if isinstance(tasks, str):
-    tasks = (tasks,)
-  unknown = [t for t in tasks if t not in TASKS]
-  if unknown or not tasks:
-    raise ValueError(f"Unknown STS tasks {unknown}: choose from {TASKS}.")
   # Read everything first: a missing file fails before any (slow) embedding.
-  data = {task: load_task(sts_root, task, split) for task in tasks}
+  data = load_tasks(sts_root, tasks, split)
+  tasks = tuple(data)
   results, per_task = {}, {}
   for task, subsets in data.items():
     per_task[task] = score_subsets(predict_similarities(embed_fn, subsets), subsets)
@@ -313,15 +326,21 @@ def make_embed_fn(encode_fn: Callable, tokenizer, *, max_length: int, batch_size
   return embed_fn
 
 
+def _encode(model, use_mlp: bool, params, input_ids, attention_mask):
+  return model.apply({"params": params}, input_ids, attention_mask, train=False, use_mlp=use_mlp)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_encode():
+  import jax
+  # model and use_mlp are static: equal modules share compiled code, so building a new
+  # embed_fn at every evaluation step does not recompile.
+  return jax.jit(_encode, static_argnums=(0, 1))
+
+
 def jit_encode_fn(model, *, use_mlp: bool = False) -> Callable:
   """jit(params, input_ids, attention_mask) -> embeddings; params are an argument, not constants."""
-  import jax
-
-  @jax.jit
-  def encode(params, input_ids, attention_mask):
-    return model.apply({"params": params}, input_ids, attention_mask, train=False,
-                       use_mlp=use_mlp)
-  return encode
+  return functools.partial(_jitted_encode(), model, use_mlp)
 
 
 def encoder_embed_fn(model, params, tokenizer, *, use_mlp: bool = False,
@@ -361,6 +380,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   from cldro_jax.models import bert
 
   tasks = tuple(args.tasks.split(",")) if args.tasks else None
+  load_tasks(args.sts_root, tasks, args.split)  # missing data fails before the model loads
   config, pretrained = bert.load_pretrained(args.model_dir)
   pooling, use_mlp = bert.pooler_settings(args.pooler)
   if use_mlp and "pooler" not in pretrained:

