@@ -156,9 +156,13 @@ def test_crop_resize_of_full_box_is_identity():
 def test_brightness_contrast_saturation_match_torchvision(factor):
     image = random_image(2, (8, 8, 3))
     x = jnp.asarray(image, jnp.float32)
-    np.testing.assert_allclose(A.adjust_brightness(x, factor), np_brightness(image, factor), atol=1e-6)
+    np.testing.assert_allclose(
+        A.adjust_brightness(x, factor), np_brightness(image, factor), atol=1e-6
+    )
     np.testing.assert_allclose(A.adjust_contrast(x, factor), np_contrast(image, factor), atol=1e-6)
-    np.testing.assert_allclose(A.adjust_saturation(x, factor), np_saturation(image, factor), atol=1e-6)
+    np.testing.assert_allclose(
+        A.adjust_saturation(x, factor), np_saturation(image, factor), atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("factor", [-0.5, -0.1, -0.03, 0.07, 0.1, 0.5])
@@ -180,7 +184,9 @@ def test_grayscale_and_identity_factors():
     np.testing.assert_allclose(A.adjust_hue(x, 0.0), image, atol=1e-6)
     np.testing.assert_allclose(A.gaussian_blur(x, 0.01, 3), image, atol=1e-7)
     # Contrast 0 is the grayscale mean everywhere, saturation 0 the grayscale image.
-    np.testing.assert_allclose(A.adjust_contrast(x, 0.0), np.full_like(image, np_gray(image).mean()), atol=1e-6)
+    np.testing.assert_allclose(
+        A.adjust_contrast(x, 0.0), np.full_like(image, np_gray(image).mean()), atol=1e-6
+    )
     np.testing.assert_allclose(A.adjust_saturation(x, 0.0), gray3, atol=1e-6)
 
 
@@ -234,7 +240,10 @@ def _binomial_ok(count, n, p, sds=4.5):
 def test_view_param_rates_and_ranges(sampled_params):
     aug, p = sampled_params
     for flag, prob in [("flip", 0.5), ("jitter", 0.8), ("grayscale", 0.2), ("blur", 0.5)]:
-        assert _binomial_ok(getattr(p, flag).sum(), N_SAMPLES, prob), (flag, getattr(p, flag).mean())
+        assert _binomial_ok(getattr(p, flag).sum(), N_SAMPLES, prob), (
+            flag,
+            getattr(p, flag).mean(),
+        )
     lows, highs = np.array([0.6, 0.6, 0.6, -0.1]), np.array([1.4, 1.4, 1.4, 0.1])
     assert np.all(p.jitter_factors >= lows) and np.all(p.jitter_factors <= highs)
     # Uniform on [lo, hi]: mean (lo + hi) / 2, std (hi - lo) / sqrt(12).
@@ -303,7 +312,7 @@ def test_apply_view_matches_numpy_pipeline(sampled_params):
         int(np.flatnonzero(p.jitter & p.grayscale & p.blur)[0]),
     ]
     for i in chosen:
-        params = jax.tree.map(lambda a: a[i], p)
+        params = jax.tree.map(lambda a, i=i: a[i], p)
         got = apply(jnp.asarray(image, jnp.float32), params, aug)
         np.testing.assert_allclose(got, np_view(image, params, aug), atol=3e-5, err_msg=str(i))
         unnormalised = apply(jnp.asarray(image, jnp.float32), params, aug, normalized=False)
@@ -336,7 +345,7 @@ def test_simclr_augment_is_random_per_example_and_composed_correctly(default_bat
     params = jax.tree.map(np.asarray, params)
     source = np.asarray(same_image[0], np.float64) / 255
     for i in (0, 1, 2):
-        want = np_view(source, jax.tree.map(lambda a: a[i], params), aug)
+        want = np_view(source, jax.tree.map(lambda a, i=i: a[i], params), aug)
         np.testing.assert_allclose(views[i], want, atol=3e-5)
 
 
@@ -381,8 +390,13 @@ def test_end_to_end_flip_and_grayscale_rates_on_structured_images():
 
 def test_identity_config_and_eval_preprocess_give_the_normalised_input(default_batch):
     identity = A.SimCLRAugment(
-        out_size=32, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_prob=0.0,
-        jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0,
+        out_size=32,
+        crop_scale=(1.0, 1.0),
+        crop_ratio=(1.0, 1.0),
+        flip_prob=0.0,
+        jitter_prob=0.0,
+        grayscale_prob=0.0,
+        blur_prob=0.0,
     )
     want = (np.asarray(default_batch, np.float64) / 255 - MEAN) / STD
     got = jax.jit(A.simclr_augment, static_argnums=2)(jax.random.key(5), default_batch, identity)
@@ -407,7 +421,9 @@ def test_grayscale_sources():
     np.testing.assert_allclose(views[..., 0], views[..., 1], atol=2e-5)
     np.testing.assert_allclose(views[..., 0], views[..., 2], atol=2e-5)
     single = A.SimCLRAugment(out_size=24, gray_to_rgb=False, mean=(0.5,), std=(0.25,))
-    one_channel = np.asarray(jax.jit(A.simclr_augment, static_argnums=2)(jax.random.key(6), images, single))
+    one_channel = np.asarray(
+        jax.jit(A.simclr_augment, static_argnums=2)(jax.random.key(6), images, single)
+    )
     assert one_channel.shape == (8, 24, 24, 1)
     np.testing.assert_allclose(one_channel[..., 0], views[..., 0], atol=2e-5)
     with pytest.raises(ValueError, match="channel"):

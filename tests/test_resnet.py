@@ -74,8 +74,12 @@ def test_flops_match_anchors():
     assert r18 == pytest.approx(6.7e9, rel=0.02)
     assert r50 == pytest.approx(15.6e9, rel=0.02)
     # The well-known ImageNet figures: ResNet-18 1.82 G and ResNet-50 4.09 G multiply-adds.
-    assert resnet.resnet_flops_per_image("resnet18", 224, "imagenet") / 2 == pytest.approx(1.82e9, rel=0.01)
-    assert resnet.resnet_flops_per_image("resnet50", 224, "imagenet") / 2 == pytest.approx(4.09e9, rel=0.01)
+    assert resnet.resnet_flops_per_image("resnet18", 224, "imagenet") / 2 == pytest.approx(
+        1.82e9, rel=0.01
+    )
+    assert resnet.resnet_flops_per_image("resnet50", 224, "imagenet") / 2 == pytest.approx(
+        4.09e9, rel=0.01
+    )
 
 
 def test_flop_counter_agrees_with_xla_cost_analysis():
@@ -136,7 +140,9 @@ def np_maxpool_3x3_s2(x):
     x = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
     out_h = (x.shape[1] - 3) // 2 + 1
     out_w = (x.shape[2] - 3) // 2 + 1
-    windows = [x[:, i : i + 2 * out_h : 2, j : j + 2 * out_w : 2] for i in range(3) for j in range(3)]
+    windows = [
+        x[:, i : i + 2 * out_h : 2, j : j + 2 * out_w : 2] for i in range(3) for j in range(3)
+    ]
     return np.max(windows, axis=0)
 
 
@@ -150,16 +156,24 @@ def np_block(x, p, s, stride, bottleneck):
         y = relu(np_bn(np_conv(x, p["conv1"]["kernel"], stride), p["bn1"], s["bn1"]))
         y = np_bn(np_conv(y, p["conv2"]["kernel"], 1), p["bn2"], s["bn2"])
     if "downsample_conv" in p:
-        x = np_bn(np_conv(x, p["downsample_conv"]["kernel"], stride), p["downsample_bn"], s["downsample_bn"])
+        x = np_bn(
+            np_conv(x, p["downsample_conv"]["kernel"], stride),
+            p["downsample_bn"],
+            s["downsample_bn"],
+        )
     return relu(y + x)
 
 
 def np_resnet(x, params, stats, stage_sizes, bottleneck, stem):
     if stem == "imagenet":
-        x = np.maximum(np_bn(np_conv(x, params["conv1"]["kernel"], 2), params["bn1"], stats["bn1"]), 0)
+        x = np.maximum(
+            np_bn(np_conv(x, params["conv1"]["kernel"], 2), params["bn1"], stats["bn1"]), 0
+        )
         x = np_maxpool_3x3_s2(x)
     else:
-        x = np.maximum(np_bn(np_conv(x, params["conv1"]["kernel"], 1), params["bn1"], stats["bn1"]), 0)
+        x = np.maximum(
+            np_bn(np_conv(x, params["conv1"]["kernel"], 1), params["bn1"], stats["bn1"]), 0
+        )
     for stage, blocks in enumerate(stage_sizes):
         for block in range(blocks):
             name = f"layer{stage + 1}_{block}"
@@ -247,23 +261,32 @@ def test_batchnorm_updates_in_train_mode_only():
     train_out, updates = train_fn(variables, x)
     # Flax momentum 0.9 == torch momentum 0.1: new = 0.9 * old + 0.1 * batch statistic. Check it
     # on the stem BN, whose input is conv1(x), computed here in NumPy.
-    conv1 = np_conv(np.asarray(x, np.float64), np.asarray(variables["params"]["conv1"]["kernel"], np.float64), 1)
+    conv1 = np_conv(
+        np.asarray(x, np.float64), np.asarray(variables["params"]["conv1"]["kernel"], np.float64), 1
+    )
     old = variables["batch_stats"]["bn1"]
     np.testing.assert_allclose(
-        updates["batch_stats"]["bn1"]["mean"], 0.9 * old["mean"] + 0.1 * conv1.mean(axis=(0, 1, 2)),
-        rtol=1e-5, atol=1e-6,
+        updates["batch_stats"]["bn1"]["mean"],
+        0.9 * old["mean"] + 0.1 * conv1.mean(axis=(0, 1, 2)),
+        rtol=1e-5,
+        atol=1e-6,
     )
     np.testing.assert_allclose(  # Flax uses the biased batch variance
-        updates["batch_stats"]["bn1"]["var"], 0.9 * old["var"] + 0.1 * conv1.var(axis=(0, 1, 2)),
+        updates["batch_stats"]["bn1"]["var"],
+        0.9 * old["var"] + 0.1 * conv1.var(axis=(0, 1, 2)),
         rtol=1e-5,
     )
-    assert jax.tree.structure(updates["batch_stats"]) == jax.tree.structure(variables["batch_stats"])
+    assert jax.tree.structure(updates["batch_stats"]) == jax.tree.structure(
+        variables["batch_stats"]
+    )
 
     # Eval mode needs no mutable collection and example 0's output does not depend on the
     # other examples of the batch (running statistics); in train mode it does.
     other = x.copy()
     other[1:] = rng.uniform(size=(3, 8, 8, 3))
-    np.testing.assert_allclose(eval_fn(variables, x)[0], eval_fn(variables, other)[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        eval_fn(variables, x)[0], eval_fn(variables, other)[0], rtol=1e-5, atol=1e-6
+    )
     assert not np.allclose(train_out[0], train_fn(variables, other)[0][0], atol=1e-4)
 
 
@@ -272,7 +295,8 @@ def test_bfloat16_compute_keeps_float32_params_and_features():
     fp32 = resnet.get_encoder("resnet18", width=8)
     bf16 = resnet.get_encoder("resnet18", width=8, dtype=jnp.bfloat16)
     params_shape = jax.eval_shape(
-        lambda x: bf16.init(jax.random.key(0), x, train=False), jax.ShapeDtypeStruct(x.shape, jnp.float32)
+        lambda x: bf16.init(jax.random.key(0), x, train=False),
+        jax.ShapeDtypeStruct(x.shape, jnp.float32),
     )
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params_shape))
     variables = _random_variables(fp32, x.shape, seed=0)

@@ -24,7 +24,7 @@ torch_linear_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in",
 
 
 def torch_linear_bias_init(fan_in: int):
-    """torch nn.Linear bias init U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (Flax's bias init sees no fan_in)."""
+    """torch nn.Linear bias init U(+-1/sqrt(fan_in)) (Flax's bias init is not told fan_in)."""
     bound = 1.0 / fan_in**0.5
 
     def init(key, shape, dtype=jnp.float32):

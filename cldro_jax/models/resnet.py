@@ -210,13 +210,11 @@ _ENCODERS: dict[str, Callable[..., ResNet]] = {
 
 
 def get_encoder(name: str, **kwargs) -> ResNet:
-    """Builds a registered encoder, e.g. `get_encoder("resnet50", stem="cifar", dtype=jnp.bfloat16)`."""
+    """A registered encoder, e.g. `get_encoder("resnet50", stem="cifar", dtype=jnp.bfloat16)`."""
     try:
         constructor = _ENCODERS[name]
     except KeyError:
-        raise ValueError(
-            f"Unknown encoder {name!r}; available: {sorted(_ENCODERS)}."
-        ) from None
+        raise ValueError(f"Unknown encoder {name!r}; available: {sorted(_ENCODERS)}.") from None
     return constructor(**kwargs)
 
 
@@ -255,7 +253,7 @@ def forward_flops(module: nn.Module, input_shape: Sequence[int], **call_kwargs) 
 def resnet_flops_per_image(
     name: str, image_size: int = 32, stem: str = "cifar", width: int = 64
 ) -> int:
-    """Forward FLOPs of one image through encoder `name` (no head), e.g. 1.11e9 for ResNet-18 CIFAR."""
+    """Forward FLOPs of one image through encoder `name` (no head); 1.11e9 for ResNet-18 CIFAR."""
     encoder = get_encoder(name, stem=stem, width=width)
     return forward_flops(encoder, (1, image_size, image_size, 3), train=False)
 
@@ -276,5 +274,5 @@ def contrastive_step_flops_per_image(
     encoder = get_encoder(name, stem=stem, width=width)
     flops = resnet_flops_per_image(name, image_size, stem, width)
     dims = [encoder.num_features, *head_dims]
-    flops += sum(2 * d_in * d_out for d_in, d_out in zip(dims[:-1], dims[1:]))
+    flops += sum(2 * d_in * d_out for d_in, d_out in zip(dims[:-1], dims[1:], strict=True))
     return 2 * 3 * flops
