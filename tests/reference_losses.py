@@ -44,22 +44,24 @@ def anchors(z1, z2, variant, valid=None, labels=None, include_positive=False):
   out = []
   if variant == "image":
     z = np.concatenate([z1, z2])
+    cos = z @ z.T
     for i in range(2 * batch):
       if not _is_valid(valid, i % batch):
         continue
       pair = (i + batch) % (2 * batch)
-      negs = [z[i] @ z[j] for j in range(2 * batch)
+      negs = [j for j in range(2 * batch)
               if j not in (i, pair) and _is_valid(valid, j % batch)
               and not _same_label(labels, i % batch, j % batch)]
-      out.append((z[i] @ z[pair], np.array(negs)))
+      out.append((cos[i, pair], cos[i, negs]))
   else:
+    cos = z1 @ z2.T
     for i in range(batch):
       if not _is_valid(valid, i):
         continue
-      cands = [z1[i] @ z2[i]] if include_positive else []
-      cands += [z1[i] @ z2[j] for j in range(batch)
+      cands = [i] if include_positive else []
+      cands += [j for j in range(batch)
                 if j != i and _is_valid(valid, j) and not _same_label(labels, i, j)]
-      out.append((z1[i] @ z2[i], np.array(cands)))
+      out.append((cos[i, i], cos[i, cands]))
   return out
 
 
