@@ -5,3 +5,9 @@ Distributionally Robust Optimization" (Wu et al., NeurIPS 2023, arXiv 2310.11048
 """
 
 __version__ = "0.1.0"
+
+
+def load_encoder(workdir, *, step=None):
+  """The trained image encoder of a workdir (see `cldro_jax.encoder`)."""
+  from cldro_jax import encoder  # pylint: disable=import-outside-toplevel
+  return encoder.load_encoder(workdir, step=step)

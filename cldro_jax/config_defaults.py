@@ -1,0 +1,233 @@
+"""The full config schema, with defaults, and its validation.
+
+Every experiment config (`configs/*.py`) starts from `base_config(domain)` and overrides fields.
+`validate_config` rejects keys the schema does not know (a typo in a config file would otherwise
+be ignored silently) and values that cannot work, with a message naming the fix. Overrides on the
+command line (`--config.loss.mu=0.5`) are checked by ml_collections itself: the config is locked.
+
+Project-wide decisions: loss settings live under `config.loss` as `name, temperature, mu, sigma,
+tau_plus, beta`; the device mesh has one axis, `"data"`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+DOMAINS = ("image", "sentence", "graph")
+LOSS_NAMES = ("infonce", "adnce", "dcl", "hcl")
+# DCL and HCL are defined in the image form only (as in the paper and their reference code).
+IMAGE_ONLY_LOSSES = ("dcl", "hcl")
+
+
+def _loss_defaults() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      name="adnce",
+      temperature=0.5,
+      mu=0.7,
+      sigma=1.0,
+      tau_plus=0.1,
+      beta=1.0,
+      # Column-block size of the memory-bounded loss path; 0 uses the dense path.
+      block_size=0,
+      # Remove same-label candidates from the negatives (the "oracle" of the sampling-bias
+      # experiment; needs labels for every training example).
+      use_labels=False,
+  ))
+
+
+def _optim_defaults() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      name="adam",            # adam | adamw | lars | sgd
+      lr=1e-3,
+      weight_decay=1e-6,      # adam: coupled L2 as PyTorch's Adam(weight_decay=...); adamw: decoupled
+      momentum=0.9,           # sgd, lars
+      schedule="constant",    # constant | warmup_cosine | linear_decay
+      warmup_epochs=0.0,
+      min_lr_ratio=0.0,       # cosine floor as a fraction of lr
+      grad_clip_norm=0.0,     # 0 disables
+  ))
+
+
+def _image_defaults() -> ml_collections.ConfigDict:
+  # The data fields belong to the data module (it documents each one).
+  from cldro_jax.data import images  # pylint: disable=import-outside-toplevel
+  data = images.default_data_config()
+  model = ml_collections.ConfigDict(dict(
+      name="resnet50",        # resnet18 | resnet34 | resnet50
+      stem="cifar",           # cifar (3x3 stride 1, no max-pool) | imagenet
+      width=64,
+      head_hidden=512,
+      head_out=128,
+      dtype="float32",        # compute dtype: float32 | bfloat16 (parameters stay float32)
+      bn_over_views=False,    # False: one forward pass per view (BatchNorm per view, reference)
+  ))
+  augment = ml_collections.ConfigDict(dict(
+      crop_size=32,           # pre-training crop size (STL10 pre-trains on 32x32 crops of 96x96)
+      crop_scale=(0.08, 1.0),
+      crop_ratio=(3 / 4, 4 / 3),
+      flip_prob=0.5,
+      jitter_prob=0.8,
+      brightness=0.4,
+      contrast=0.4,
+      saturation=0.4,
+      hue=0.1,
+      grayscale_prob=0.2,
+      blur_prob=0.5,
+      blur_kernel=3,
+      blur_sigma=(0.1, 2.0),
+      mean=(0.4914, 0.4822, 0.4465),
+      std=(0.2023, 0.1994, 0.2010),
+  ))
+  evaluation = ml_collections.ConfigDict(dict(
+      every_epochs=1,         # kNN monitor + online probe accuracy (0 disables)
+      knn_k=200,
+      knn_temperature=0.0,    # 0 = the loss temperature, as the reference
+      knn_max_bank=0,         # use at most this many bank images (0 = all)
+      online_probe=True,
+      online_probe_lr=1e-3,
+      batch_size=512,
+      probe_image_size=0,     # linear-probe / kNN input size (0 = stored size; STL10: 96)
+      # Offline linear probe after training: "reference" (augmented images through the frozen
+      # encoder, as the authors' linear.py), "features" (fast, on cached features), or "none".
+      linear_probe="reference",
+      linear_probe_epochs=100,
+      linear_probe_lr=1e-3,
+      linear_probe_weight_decay=1e-6,
+      linear_probe_batch_size=512,
+      # Also probe the untrained encoder (same seed, same protocol) as a baseline.
+      untrained_baseline=False,
+  ))
+  return ml_collections.ConfigDict(dict(data=data, model=model, augment=augment,
+                                        eval=evaluation))
+
+
+def base_config(domain: str = "image") -> ml_collections.ConfigDict:
+  """Every field a config of `domain` may set, with its default."""
+  if domain not in DOMAINS:
+    raise ValueError(f"Unknown domain {domain!r}; expected one of {DOMAINS}.")
+  config = ml_collections.ConfigDict()
+  config.domain = domain
+  config.seed = 2023
+  config.batch_size = 256           # global: examples per step (each gives two views)
+  config.total_epochs = 400.0
+  config.total_steps = 0            # > 0 overrides total_epochs
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 1000
+  config.keep_checkpoints = 3
+  config.progress_bar = True
+  config.loss = _loss_defaults()
+  config.optim = _optim_defaults()
+  config.mesh = ml_collections.ConfigDict(dict(num_devices=-1))   # -1 = all devices
+  if domain == "image":
+    config.update(_image_defaults())
+  else:
+    # The sentence and graph schemas live with their tasks, which extend this base.
+    from cldro_jax import tasks  # pylint: disable=import-outside-toplevel
+    config.update(tasks.domain_defaults(domain))
+  return config
+
+
+def _unknown_keys(config: Any, schema: Any, prefix: str = "") -> list[str]:
+  problems = []
+  for key in config.keys():
+    name = f"{prefix}{key}"
+    if key not in schema:
+      close = difflib.get_close_matches(key, list(schema.keys()), n=1)
+      hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+      problems.append(f"unknown config key {name!r}{hint}")
+    elif isinstance(config[key], (ml_collections.ConfigDict, dict)) and isinstance(
+        schema[key], (ml_collections.ConfigDict, dict)):
+      problems.extend(_unknown_keys(config[key], schema[key], name + "."))
+  return problems
+
+
+def _check(condition: bool, message: str, problems: list[str]) -> None:
+  if not condition:
+    problems.append(message)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError listing every problem found (unknown keys, impossible values)."""
+  domain = config.get("domain", None)
+  if domain not in DOMAINS:
+    raise ValueError(f"config.domain must be one of {DOMAINS}, got {domain!r}.")
+  problems = _unknown_keys(config, base_config(domain))
+  loss = config.loss
+  _check(loss.name in LOSS_NAMES,
+         f"config.loss.name={loss.name!r} is not one of {LOSS_NAMES}", problems)
+  if loss.name in IMAGE_ONLY_LOSSES and domain != "image":
+    problems.append(
+        f"config.loss.name={loss.name!r} is defined for images only (as in the paper: DCL and HCL "
+        f"have no {domain} form); use --config.loss.name=adnce or --config.loss.name=infonce")
+  _check(loss.temperature > 0, f"config.loss.temperature must be > 0, got {loss.temperature}",
+         problems)
+  _check(loss.sigma > 0, f"config.loss.sigma must be > 0, got {loss.sigma}", problems)
+  _check(0 <= loss.tau_plus < 1, f"config.loss.tau_plus must be in [0, 1), got {loss.tau_plus}",
+         problems)
+  _check(loss.block_size >= 0, "config.loss.block_size must be >= 0 (0 = dense)", problems)
+  _check(config.batch_size >= 2, "config.batch_size must be >= 2", problems)
+  _check(config.total_steps > 0 or config.total_epochs > 0,
+         "set config.total_epochs or config.total_steps to a positive number", problems)
+  _check(config.optim.name in ("adam", "adamw", "lars", "sgd"),
+         f"config.optim.name={config.optim.name!r} is not one of adam, adamw, lars, sgd", problems)
+  _check(config.optim.schedule in ("constant", "warmup_cosine", "linear_decay"),
+         f"config.optim.schedule={config.optim.schedule!r} is not one of constant, warmup_cosine,"
+         " linear_decay", problems)
+  _check(config.optim.lr > 0, "config.optim.lr must be > 0", problems)
+  if domain == "image":
+    _check(config.model.dtype in ("float32", "bfloat16"),
+           "config.model.dtype must be float32 or bfloat16", problems)
+    _check(config.eval.linear_probe in ("reference", "features", "none"),
+           "config.eval.linear_probe must be reference, features or none", problems)
+  if problems:
+    raise ValueError("Invalid config:\n  " + "\n  ".join(problems))
+
+
+def placeholder(kind):
+  """A typed empty field that command-line overrides can still set."""
+  return config_dict.placeholder(kind)
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses a config file's argument, `--config=configs/x.py:runlocal,loss=infonce`.
+
+  Flags without a value are booleans set to True; `key=value` pairs are cast to the type of the
+  default. Unknown names raise, like unknown config keys.
+  """
+  values = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    if key not in values:
+      raise ValueError(f"Unknown config argument {key!r}; known: {sorted(values)}")
+    default = values[key]
+    if not value:
+      values[key] = True
+    elif isinstance(default, bool):
+      values[key] = value.lower() in ("1", "true", "yes")
+    else:
+      values[key] = type(default)(value)
+  return ml_collections.ConfigDict(values)
+
+
+def make_runlocal(config: ml_collections.ConfigDict) -> None:
+  """Shrinks an image config to seconds on a laptop CPU: same code path, tiny sizes."""
+  config.batch_size = 16
+  config.total_steps = 4
+  config.log_every_steps = 1
+  config.checkpoint_every_steps = 2
+  config.model.name = "resnet18"
+  config.model.width = 4
+  config.model.head_hidden = 16
+  config.model.head_out = 8
+  config.eval.every_epochs = 1
+  config.eval.knn_max_bank = 64
+  config.eval.batch_size = 32
+  config.eval.knn_k = 5
+  config.eval.linear_probe = "features"
+  config.eval.linear_probe_epochs = 2
+  config.eval.linear_probe_batch_size = 32
+  config.progress_bar = False

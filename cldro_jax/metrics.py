@@ -1,0 +1,91 @@
+"""Where training metrics go: JSON lines, TensorBoard events and a progress bar.
+
+Only process 0 writes (multi-host runs would otherwise write every line N times).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+
+def _to_python(value: Any) -> Any:
+  """Turns numpy/jax scalars into plain floats/ints so they serialise as JSON."""
+  if isinstance(value, (np.generic, np.ndarray, jax.Array)):
+    value = np.asarray(value)
+    return value.item() if value.ndim == 0 else value.tolist()
+  return value
+
+
+class MetricWriter:
+  """Writes scalar metrics to `<workdir>/metrics.jsonl` and TensorBoard event files.
+
+  One JSON object per line: `{"step": int, "split": str, <name>: value, ...}`. The same scalars go
+  to TensorBoard under `<split>/<name>`.
+  """
+
+  def __init__(self, workdir: str, *, enabled: bool | None = None):
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self._jsonl = None
+    self._tb = None
+    if not self.enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    try:
+      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    except ImportError:  # tensorboardX is a declared dependency; degrade to JSON lines only.
+      self._tb = None
+
+  def write(self, step: int, metrics: Mapping[str, Any], *, split: str = "train") -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), "split": split, "time": time.time()}
+    record.update({k: _to_python(v) for k, v in metrics.items()})
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for name, value in record.items():
+        if name in ("step", "split", "time"):
+          continue
+        if isinstance(value, (int, float)) and math.isfinite(value):
+          self._tb.add_scalar(f"{split}/{name}", value, int(step))
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.close()
+      self._jsonl = None
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+
+def read_metrics(workdir: str, split: str | None = None) -> list[dict[str, Any]]:
+  """Reads back `metrics.jsonl` (optionally one split), e.g. for plots and tests."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  return [r for r in records if split is None or r.get("split") == split]
+
+
+def progress_bar(total: int, *, initial: int = 0, unit: str = "img", desc: str = "train",
+                 unit_scale: int = 1):
+  """A tqdm bar counting examples (so its rate reads images/s or sentences/s).
+
+  Disabled on processes other than 0; writes to stderr so stdout stays clean for results.
+  """
+  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+  return tqdm(total=total * unit_scale, initial=initial * unit_scale, unit=unit, desc=desc,
+              unit_scale=True, dynamic_ncols=True, file=sys.stderr,
+              disable=jax.process_index() != 0, smoothing=0.1)

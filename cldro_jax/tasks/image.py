@@ -1,0 +1,245 @@
+"""The image task: ResNet + projection head, SimCLR views made on the accelerator, kNN monitor,
+online and offline linear probes.
+
+Host side: uint8 batches only (`cldro_jax.data.pipeline`); the two augmented views are made inside
+the jitted train step (`cldro_jax.data.augment`), so the accelerator is never starved by Python
+image processing.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from cldro_jax.data import augment as augment_lib
+from cldro_jax.data import images as images_lib
+from cldro_jax.data import pipeline
+from cldro_jax.evaluators import knn
+from cldro_jax.evaluators import linear_probe
+from cldro_jax.models import heads
+from cldro_jax.models import resnet
+from cldro_jax.tasks import ForwardOutput
+
+AXIS = "data"
+
+
+def build_model(model_cfg: ml_collections.ConfigDict) -> heads.ContrastiveModel:
+  dtype = jnp.bfloat16 if model_cfg.dtype == "bfloat16" else jnp.float32
+  encoder = resnet.get_encoder(model_cfg.name, stem=model_cfg.stem, width=model_cfg.width,
+                               dtype=dtype)
+  head = heads.ProjectionHead(hidden=model_cfg.head_hidden, out=model_cfg.head_out, dtype=dtype)
+  return heads.ContrastiveModel(encoder=encoder, head=head)
+
+
+def make_augment(aug_cfg: ml_collections.ConfigDict, out_size: int) -> augment_lib.SimCLRAugment:
+  return augment_lib.SimCLRAugment(
+      out_size=out_size, crop_scale=tuple(aug_cfg.crop_scale),
+      crop_ratio=tuple(aug_cfg.crop_ratio), flip_prob=aug_cfg.flip_prob,
+      jitter_prob=aug_cfg.jitter_prob, brightness=aug_cfg.brightness,
+      contrast=aug_cfg.contrast, saturation=aug_cfg.saturation, hue=aug_cfg.hue,
+      grayscale_prob=aug_cfg.grayscale_prob, blur_prob=aug_cfg.blur_prob,
+      blur_kernel=aug_cfg.blur_kernel, blur_sigma=tuple(aug_cfg.blur_sigma),
+      mean=tuple(aug_cfg.mean), std=tuple(aug_cfg.std))
+
+
+class ImageTask:
+  """Contrastive pre-training on images (see module docstring)."""
+
+  loss_variant = "image"
+  example_unit = "img"
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+    self.config = config
+    self.mesh = mesh
+    self.data_sharding = NamedSharding(mesh, P(AXIS))
+    self.replicated = NamedSharding(mesh, P())
+    self.dataset = images_lib.load_image_dataset(config.data)
+    if len(self.dataset.pretrain) < config.batch_size:
+      raise ValueError(
+          f"config.batch_size={config.batch_size} is larger than the {len(self.dataset.pretrain)} "
+          f"pre-training images of {self.dataset.name}; lower --config.batch_size.")
+    self.steps_per_epoch = len(self.dataset.pretrain) // config.batch_size
+    self.model = build_model(config.model)
+    self.model_name = f"{config.model.name}-{config.model.stem}-w{config.model.width}"
+    self.augment = make_augment(config.augment, config.augment.crop_size)
+    height = self.dataset.image_shape[0]
+    self.probe_size = config.eval.probe_image_size or height
+    self.knn_temperature = config.eval.knn_temperature or config.loss.temperature
+    self._feature_dim = None
+    self.probe_shape = (self.feature_dim, self.dataset.num_classes)
+    self._embed = jax.jit(self._embed_impl, out_shardings=self.data_sharding)
+
+  # -- model ------------------------------------------------------------------------------------
+
+  def _dummy(self, size: int) -> jax.Array:
+    return jnp.zeros((2, size, size, 3), jnp.float32)
+
+  @property
+  def feature_dim(self) -> int:
+    if self._feature_dim is None:
+      shapes = jax.eval_shape(
+          lambda: self.model.init(jax.random.PRNGKey(0), self._dummy(self.augment.out_size),
+                                  train=False))
+      out = jax.eval_shape(
+          lambda v: self.model.apply(v, self._dummy(self.augment.out_size), train=False), shapes)
+      self._feature_dim = int(out[0].shape[-1])
+    return self._feature_dim
+
+  def init(self, rng):
+    variables = self.model.init(rng, self._dummy(self.augment.out_size), train=False)
+    params = variables["params"]
+    model_state = {k: v for k, v in variables.items() if k != "params"}
+    return params, model_state
+
+  def _apply(self, params, model_state, views, *, train):
+    variables = {"params": params, **model_state}
+    if train:
+      (features, projections), updates = self.model.apply(
+          variables, views, train=True, mutable=list(model_state.keys()))
+      return features, projections, {**model_state, **updates}
+    features, projections = self.model.apply(variables, views, train=False)
+    return features, projections, model_state
+
+  def forward(self, params, model_state, batch, rng, *, train: bool) -> ForwardOutput:
+    images = batch["image"]
+    view1, view2 = augment_lib.two_views(rng, images, self.augment)
+    if self.config.model.bn_over_views:
+      both = jnp.concatenate([view1, view2], axis=0)
+      features, projections, model_state = self._apply(params, model_state, both, train=train)
+      f1, f2 = jnp.split(features, 2)
+      z1, z2 = jnp.split(projections, 2)
+    else:
+      # One forward pass per view, as the reference: BatchNorm statistics per view, and the
+      # running averages updated twice per step.
+      f1, z1, model_state = self._apply(params, model_state, view1, train=train)
+      f2, z2, model_state = self._apply(params, model_state, view2, train=train)
+    labels = batch["label"]
+    valid = jnp.ones(labels.shape, bool)
+    return ForwardOutput(
+        z1=z1, z2=z2, valid=valid, labels=labels,
+        probe_features=jnp.concatenate([f1, f2], axis=0),
+        probe_labels=jnp.concatenate([labels, labels], axis=0),
+        model_state=model_state)
+
+  # -- data -------------------------------------------------------------------------------------
+
+  def train_batches(self, *, start_step: int, num_steps: int):
+    return pipeline.train_batches(
+        self.dataset.pretrain, global_batch_size=self.config.batch_size, seed=self.config.seed,
+        start_step=start_step, num_steps=num_steps)
+
+  def to_global(self, local_batch: dict) -> dict:
+    return {k: jax.make_array_from_process_local_data(self.data_sharding, v)
+            for k, v in local_batch.items()}
+
+  # -- evaluation -------------------------------------------------------------------------------
+
+  def _embed_impl(self, params, model_state, images):
+    views = augment_lib.eval_preprocess(images, out_size=self.probe_size,
+                                        mean=self.config.augment.mean,
+                                        std=self.config.augment.std)
+    features, _, _ = self._apply(params, model_state, views, train=False)
+    return features
+
+  def extract_features(self, params, model_state, source) -> tuple[np.ndarray, np.ndarray]:
+    """Frozen-encoder features (BatchNorm in eval mode) of every example of `source`."""
+    feats, labels = [], []
+    for batch in pipeline.eval_batches(source, global_batch_size=self.config.eval.batch_size):
+      global_batch = self.to_global(batch)
+      out = self._embed(params, model_state, global_batch["image"])
+      out, lab, mask = (_to_host(x) for x in (out, global_batch["label"], global_batch["mask"]))
+      feats.append(out[mask])
+      labels.append(lab[mask])
+    return np.concatenate(feats), np.concatenate(labels)
+
+  def _bank_source(self):
+    limit = self.config.eval.knn_max_bank
+    source = self.dataset.probe_train
+    if limit and len(source) > limit:
+      return pipeline.Subset(source, np.arange(limit))
+    return source
+
+  def monitor(self, state) -> dict[str, float]:
+    """Weighted kNN (k=200, as the reference) and the online probe's test accuracy."""
+    params, model_state = state.params["model"], state.model_state
+    bank, bank_labels = self.extract_features(params, model_state, self._bank_source())
+    test, test_labels = self.extract_features(params, model_state, self.dataset.test)
+    result = knn.knn_accuracy(bank, bank_labels, test, test_labels,
+                              num_classes=self.dataset.num_classes, k=self.config.eval.knn_k,
+                              temperature=self.knn_temperature)
+    metrics = {"knn_top1": float(result["top1"]), "knn_top5": float(result["top5"])}
+    if "probe" in state.params:
+      probe = jax.device_get(state.params["probe"])
+      logits = test @ probe["kernel"] + probe["bias"]
+      metrics["online_probe_top1"] = float(np.mean(np.argmax(logits, -1) == test_labels) * 100)
+    return metrics
+
+  def _linear_probe(self, params, model_state, seed: int) -> dict[str, float]:
+    ev = self.config.eval
+    test, test_labels = self.extract_features(params, model_state, self.dataset.test)
+    if ev.linear_probe == "features":
+      train, train_labels = self.extract_features(params, model_state, self.dataset.probe_train)
+      probe = linear_probe.fit_linear_probe(
+          train, train_labels, num_classes=self.dataset.num_classes,
+          epochs=ev.linear_probe_epochs, batch_size=ev.linear_probe_batch_size,
+          learning_rate=ev.linear_probe_lr, weight_decay=ev.linear_probe_weight_decay, seed=seed)
+    else:
+      # The authors' linear.py: the linear layer trains on SimCLR-augmented crops of the train
+      # split through the frozen encoder (BatchNorm in eval mode) and is tested on whole images.
+      whole = self.dataset.probe_train[np.arange(len(self.dataset.probe_train))]
+      augment = self.augment
+
+      def embed_fn(variables, images):
+        features, _, _ = self._apply(variables["params"], variables["state"], images,
+                                     train=False)
+        return features
+
+      # The encoder's variables go in as an argument: closed over, they would be baked into the
+      # compiled program as constants.
+      probe = linear_probe.train_linear_probe_on_images(
+          embed_fn, lambda key, x: augment_lib.simclr_augment(key, x, augment),
+          whole["image"], whole["label"], num_classes=self.dataset.num_classes,
+          epochs=ev.linear_probe_epochs, batch_size=ev.linear_probe_batch_size,
+          learning_rate=ev.linear_probe_lr, weight_decay=ev.linear_probe_weight_decay, seed=seed,
+          progress=self.config.progress_bar,
+          encoder_variables={"params": params, "state": model_state})
+    scores = linear_probe.evaluate_linear_probe(probe, test, test_labels)
+    return {"top1": float(scores["top1"]), "top5": float(scores["top5"])}
+
+  def final_evaluation(self, state) -> dict[str, Any]:
+    ev = self.config.eval
+    results: dict[str, Any] = {"dataset": self.dataset.name}
+    if ev.linear_probe == "none":
+      return results
+    probe = self._linear_probe(state.params["model"], state.model_state, self.config.seed)
+    results.update({f"linear_probe_{k}": v for k, v in probe.items()})
+    results["linear_probe_protocol"] = ev.linear_probe
+    if ev.untrained_baseline:
+      from cldro_jax import train  # pylint: disable=import-outside-toplevel
+      params, model_state = jax.jit(self.init)(train.model_init_key(self.config.seed))
+      params, model_state = jax.device_put((params, model_state), self.replicated)
+      base = self._linear_probe(params, model_state, self.config.seed)
+      results.update({f"untrained_linear_probe_{k}": v for k, v in base.items()})
+    return results
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+  """All rows of a global array on every process (multi-host safe)."""
+  if jax.process_count() > 1:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def model_variables_shape(config: ml_collections.ConfigDict) -> Any:
+  """Parameter/state shapes of the config's model, without allocating (for config tests)."""
+  model = build_model(config.model)
+  size = config.augment.crop_size
+  return jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
+                        jnp.zeros((2, size, size, 3), jnp.float32))

@@ -1,0 +1,401 @@
+"""The one trainer: contrastive pre-training on a device mesh, then the domain's evaluation.
+
+`train_and_evaluate(config, workdir)` is the importable entry point (`cldro_jax.main` is a thin
+command-line wrapper). What differs between images, sentences and graphs (data, model, views,
+evaluators) lives in a `Task` (`cldro_jax/tasks/`); everything else is here:
+
+  mesh over all devices (axis "data")  ->  global batch sharded over "data", parameters replicated
+  one jitted, donated train step: task.forward -> two views' projections -> the loss inside
+  `jax.shard_map` with negatives gathered from every device -> optimizer update (+ online probe)
+  progress bar, JSON-lines + TensorBoard metrics, orbax checkpoints, resume, NaN guard
+  per-epoch monitor (kNN / online probe) and the final evaluation -> `results.json`
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from cldro_jax import checkpointing
+from cldro_jax import config_defaults
+from cldro_jax import losses
+from cldro_jax import metrics as metrics_lib
+from cldro_jax import tasks as tasks_lib
+
+AXIS = "data"
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or inf; the run stops and keeps its last good checkpoint."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array          # int32 scalar: optimizer steps taken
+  params: Any              # {"model": ..., "probe": ...}
+  model_state: Any         # non-trainable collections, e.g. {"batch_stats": ...}
+  opt_state: Any
+  rng: jax.Array           # base key; step s uses fold_in(rng, s), so resume is exact
+  finite: jax.Array        # bool scalar: every loss so far was finite
+
+
+# ----------------------------------------------------------------------------------------------
+# Mesh, optimizer, loss
+
+
+def make_mesh(num_devices: int = -1) -> jax.sharding.Mesh:
+  """A 1-D mesh over the first `num_devices` devices (all when -1), axis "data"."""
+  devices = jax.devices()
+  if num_devices > 0:
+    if num_devices > len(devices):
+      raise ValueError(f"config.mesh.num_devices={num_devices}, but only {len(devices)} devices "
+                       "are visible.")
+    devices = devices[:num_devices]
+  # Auto axes: the jitted step lets XLA propagate the batch sharding through the model.
+  return jax.sharding.Mesh(np.asarray(devices), (AXIS,),
+                           axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def make_schedule(optim: ml_collections.ConfigDict, total_steps: int,
+                  steps_per_epoch: int) -> optax.Schedule:
+  warmup = int(round(optim.warmup_epochs * steps_per_epoch))
+  if optim.schedule == "constant":
+    if warmup == 0:
+      return optax.constant_schedule(optim.lr)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, optim.lr, warmup), optax.constant_schedule(optim.lr)], [warmup])
+  if optim.schedule == "warmup_cosine":
+    return optax.warmup_cosine_decay_schedule(
+        0.0, optim.lr, warmup_steps=max(warmup, 0), decay_steps=max(total_steps, warmup + 1),
+        end_value=optim.lr * optim.min_lr_ratio)
+  if optim.schedule == "linear_decay":   # SimCSE / transformers' default: lr -> 0 linearly
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, optim.lr, warmup),
+         optax.linear_schedule(optim.lr, 0.0, max(total_steps - warmup, 1))], [warmup])
+  raise ValueError(f"Unknown schedule {optim.schedule!r}")
+
+
+def make_optimizer(optim: ml_collections.ConfigDict,
+                   schedule: optax.Schedule) -> optax.GradientTransformation:
+  """adam (PyTorch-style coupled L2, the reference), adamw, lars, sgd."""
+  chain = []
+  if optim.grad_clip_norm > 0:
+    chain.append(optax.clip_by_global_norm(optim.grad_clip_norm))
+  if optim.name == "adam":
+    # torch.optim.Adam(weight_decay=wd) adds wd * param to the gradient before the Adam moments.
+    if optim.weight_decay:
+      chain.append(optax.add_decayed_weights(optim.weight_decay))
+    chain.append(optax.adam(schedule))
+  elif optim.name == "adamw":
+    chain.append(optax.adamw(schedule, weight_decay=optim.weight_decay))
+  elif optim.name == "lars":
+    chain.append(optax.lars(schedule, weight_decay=optim.weight_decay, momentum=optim.momentum))
+  elif optim.name == "sgd":
+    if optim.weight_decay:
+      chain.append(optax.add_decayed_weights(optim.weight_decay))
+    chain.append(optax.sgd(schedule, momentum=optim.momentum))
+  else:
+    raise ValueError(f"Unknown optimizer {optim.name!r}")
+  return optax.chain(*chain)
+
+
+def make_loss_fn(loss_cfg: ml_collections.ConfigDict, variant: str) -> Callable[..., jax.Array]:
+  """`fn(z1, z2, valid, labels, axis_name) -> scalar` for `config.loss`."""
+  block = {"block_size": loss_cfg.block_size} if loss_cfg.block_size else {}
+  common = dict(temperature=loss_cfg.temperature)
+  if loss_cfg.name == "infonce":
+    fn = functools.partial(losses.infonce, variant=variant, **common, **block)
+  elif loss_cfg.name == "adnce":
+    fn = functools.partial(losses.adnce, variant=variant, mu=loss_cfg.mu, sigma=loss_cfg.sigma,
+                           **common, **block)
+  elif loss_cfg.name == "dcl":
+    fn = functools.partial(losses.dcl, tau_plus=loss_cfg.tau_plus, **common, **block)
+  elif loss_cfg.name == "hcl":
+    fn = functools.partial(losses.hcl, tau_plus=loss_cfg.tau_plus, beta=loss_cfg.beta, **common,
+                           **block)
+  else:
+    raise ValueError(f"Unknown loss {loss_cfg.name!r}")
+
+  def loss_fn(z1, z2, valid, labels, axis_name):
+    return fn(z1, z2, valid=valid, labels=labels, axis_name=axis_name)
+  return loss_fn
+
+
+def _global_loss_and_diagnostics(loss_cfg, variant, mesh, z1, z2, valid, labels):
+  """The loss and its CL-DRO diagnostics with negatives gathered from every device.
+
+  Inside `jax.shard_map` each device holds its rows of z1/z2; the loss gathers the others'
+  (`axis_name`) and returns the global mean, so the result equals one big device.
+  """
+  loss_fn = make_loss_fn(loss_cfg, variant)
+  adnce = loss_cfg.name == "adnce"
+
+  def local(z1, z2, valid, labels):
+    lab = labels if loss_cfg.use_labels else None
+    loss = loss_fn(z1, z2, valid, lab, AXIS)
+    diag = losses.diagnostics(
+        jax.lax.stop_gradient(z1), jax.lax.stop_gradient(z2),
+        temperature=loss_cfg.temperature, mu=loss_cfg.mu if adnce else None,
+        sigma=loss_cfg.sigma if adnce else None, variant=variant, valid=valid, labels=lab,
+        axis_name=AXIS)
+    return loss, diag
+
+  spec = P(AXIS)
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, spec),
+                       out_specs=(P(), P()))(z1, z2, valid, labels)
+
+
+# ----------------------------------------------------------------------------------------------
+# Train step
+
+
+def _online_probe_loss(probe_params, features, labels):
+  """Cross-entropy of a linear classifier on stop-gradient features (label < 0 = unlabelled)."""
+  features = jax.lax.stop_gradient(features.astype(jnp.float32))
+  logits = features @ probe_params["kernel"] + probe_params["bias"]
+  mask = labels >= 0
+  safe = jnp.where(mask, labels, 0)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
+  count = jnp.maximum(mask.sum(), 1)
+  loss = jnp.sum(jnp.where(mask, ce, 0.0)) / count
+  acc = jnp.sum(jnp.where(mask, jnp.argmax(logits, -1) == safe, False)) / count
+  return loss, acc
+
+
+def make_train_step(task: "tasks_lib.Task", config: ml_collections.ConfigDict, tx, schedule,
+                    mesh) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  loss_cfg = config.loss
+  variant = task.loss_variant
+
+  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    step_rng = jax.random.fold_in(state.rng, state.step)
+
+    def objective(params):
+      out = task.forward(params["model"], state.model_state, batch, step_rng, train=True)
+      loss, diag = _global_loss_and_diagnostics(
+          loss_cfg, variant, mesh, out.z1, out.z2, out.valid, out.labels)
+      total = loss
+      aux = {"diag": diag}
+      if "probe" in params:
+        probe_loss, probe_acc = _online_probe_loss(params["probe"], out.probe_features,
+                                                   out.probe_labels)
+        total = total + probe_loss   # the probe sees stop-gradient features: no encoder gradient
+        aux.update(probe_loss=probe_loss, probe_acc=probe_acc)
+      return total, (loss, out.model_state, aux)
+
+    grads, (loss, model_state, aux) = jax.grad(objective, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads["model"])
+    # A NaN can reach the parameters through the gradient while the loss still looks finite.
+    finite = state.finite & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
+                              opt_state=opt_state, finite=finite)
+    step_metrics = {"loss": loss, "lr": schedule(state.step), "grad_norm": grad_norm,
+                    "finite": finite.astype(jnp.float32)}
+    step_metrics.update({k: v for k, v in aux["diag"].items()})
+    for key in ("probe_loss", "probe_acc"):
+      if key in aux:
+        step_metrics["online_" + key] = aux[key]
+    return new_state, step_metrics
+
+  return train_step
+
+
+# ----------------------------------------------------------------------------------------------
+# State creation and restoration
+
+
+def model_init_key(seed: int) -> jax.Array:
+  """The key that initialises the model's parameters.
+
+  An RBG key, not threefry: initialising a ResNet draws one random tensor per layer, and XLA
+  compiles threefry's unrolled rounds for each, several times slower on the CPU (7 s vs 2 s for a
+  ResNet-18). Training randomness (augmentation, dropout) keeps the default threefry keys.
+  """
+  return jax.random.key(seed, impl="rbg")
+
+
+def create_train_state(task, config, tx, rng) -> TrainState:
+  probe_rng, state_rng = jax.random.split(rng)
+  model_params, model_state = task.init(model_init_key(config.seed))
+  params = {"model": model_params}
+  if task.probe_shape is not None and config.get("eval", {}).get("online_probe", False):
+    feature_dim, num_classes = task.probe_shape
+    params["probe"] = {
+        "kernel": jax.random.normal(probe_rng, (feature_dim, num_classes)) * 0.01,
+        "bias": jnp.zeros((num_classes,))}
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+                    opt_state=tx.init(params), rng=state_rng, finite=jnp.ones((), bool))
+
+
+def _full_optimizer(config, schedule):
+  """The model's optimizer, and Adam for the online probe (as solo-learn's online classifier)."""
+  model_tx = make_optimizer(config.optim, schedule)
+  probe_lr = config.get("eval", {}).get("online_probe_lr", 1e-3)
+  return optax.multi_transform(
+      {"model": model_tx, "probe": optax.adam(probe_lr)},
+      lambda params: {k: jax.tree.map(lambda _: k, v) for k, v in params.items()})
+
+
+def steps_for(config, steps_per_epoch: int) -> int:
+  if config.total_steps > 0:
+    return int(config.total_steps)
+  return max(1, int(math.ceil(config.total_epochs * steps_per_epoch)))
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Pre-trains with the configured loss, evaluates, writes `results.json`; returns the results.
+
+  Rerunning with the same workdir resumes from its last checkpoint.
+  """
+  config_defaults.validate_config(config)
+  workdir = os.path.abspath(workdir)
+  mesh = make_mesh(config.mesh.num_devices)
+  if config.batch_size % mesh.size:
+    raise ValueError(
+        f"config.batch_size={config.batch_size} does not divide over the {mesh.size} devices of "
+        f"the mesh. Use a multiple of {mesh.size} (e.g. --config.batch_size="
+        f"{max(mesh.size, config.batch_size // mesh.size * mesh.size)}) or set "
+        "--config.mesh.num_devices.")
+  if config.batch_size % jax.process_count():
+    raise ValueError(f"config.batch_size={config.batch_size} must divide over "
+                     f"{jax.process_count()} processes.")
+  checkpointing.check_or_save_config(workdir, config)
+
+  task = tasks_lib.build_task(config, mesh)
+  steps_per_epoch = task.steps_per_epoch
+  total_steps = steps_for(config, steps_per_epoch)
+  schedule = make_schedule(config.optim, total_steps, steps_per_epoch)
+  tx = _full_optimizer(config, schedule)
+
+  replicated = NamedSharding(mesh, P())
+  rng = jax.random.PRNGKey(config.seed)
+  with jax.set_mesh(mesh):
+    init = jax.jit(functools.partial(create_train_state, task, config, tx),
+                   out_shardings=replicated)
+    state = init(rng)
+    signature = checkpointing.parameter_signature(state.params["model"])
+
+    checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
+    start_step = 0
+    if checkpointer.latest_step() is not None:
+      state, meta = checkpointer.restore(state, expected_signature=signature)
+      start_step = int(meta["step"])
+      logging.info("Resumed from step %d in %s", start_step, workdir)
+      if not bool(jax.device_get(state.finite)):
+        raise NonFiniteLossError("The last checkpoint holds a non-finite state; start a new "
+                                 "--workdir.")
+
+    train_step = jax.jit(make_train_step(task, config, tx, schedule, mesh),
+                         donate_argnums=(0,), out_shardings=(replicated, replicated))
+    writer = metrics_lib.MetricWriter(workdir)
+    meta_base = {"model": task.model_name, "parameter_signature": signature}
+    results = _loop(config, task, state, train_step, checkpointer, writer, mesh, start_step,
+                    total_steps, meta_base, workdir)
+    writer.close()
+    checkpointer.close()
+  return results
+
+
+def _save(checkpointer, state, step, steps_per_epoch, meta_base):
+  if not bool(jax.device_get(state.finite)):
+    raise NonFiniteLossError(
+        f"The loss became NaN or inf before step {step}; the run stopped without saving, so the "
+        "last good checkpoint is kept. Lower --config.optim.lr, raise --config.loss.temperature, "
+        "or use --config.model.dtype=float32.")
+  checkpointer.save(step, state, meta=dict(meta_base, step=step, epoch=step / steps_per_epoch))
+
+
+def _loop(config, task, state, train_step, checkpointer, writer, mesh, start_step, total_steps,
+          meta_base, workdir):
+  steps_per_epoch = task.steps_per_epoch
+  # On the CPU, several fake devices with collectives must not run steps back to back unwaited:
+  # XLA's CPU rendezvous can deadlock. On accelerators the loop stays asynchronous.
+  block_each_step = jax.default_backend() == "cpu" and mesh.size > 1
+  batches = task.train_batches(start_step=start_step, num_steps=total_steps - start_step)
+  bar = metrics_lib.progress_bar(total_steps, initial=start_step, unit=task.example_unit,
+                                 unit_scale=config.batch_size) if config.progress_bar else None
+  pending: list[dict] = []
+  last_log_time, last_log_step = time.time(), start_step
+  step = start_step
+  try:
+    for step in range(start_step, total_steps):
+      batch = task.to_global(next(batches))
+      state, step_metrics = train_step(state, batch)
+      pending.append(step_metrics)
+      if block_each_step:
+        jax.block_until_ready(state.step)
+      if bar is not None:
+        bar.update(config.batch_size)
+      done = step + 1
+      if done % config.log_every_steps == 0 or done == total_steps:
+        fetched = jax.device_get(pending)
+        summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
+        pending.clear()
+        now = time.time()
+        summary["examples_per_sec"] = (done - last_log_step) * config.batch_size / max(
+            now - last_log_time, 1e-9)
+        last_log_time, last_log_step = now, done
+        summary["epoch"] = done / steps_per_epoch
+        writer.write(done, summary, split="train")
+        if not (math.isfinite(summary["loss"]) and summary["finite"] == 1.0):
+          raise NonFiniteLossError(
+              f"The loss or its gradient became NaN or inf by step {done} (epoch "
+              f"{summary['epoch']:.2f}; mean loss {summary['loss']}, gradient norm "
+              f"{summary['grad_norm']}); "
+              "stopping. The last good checkpoint is kept in "
+              f"{checkpointer.directory}. Lower --config.optim.lr, raise "
+              "--config.loss.temperature, or use --config.model.dtype=float32.")
+        if bar is not None:
+          bar.set_postfix(loss=f"{summary['loss']:.4f}", epoch=f"{summary['epoch']:.2f}")
+      if done % config.checkpoint_every_steps == 0 and done < total_steps:
+        _save(checkpointer, state, done, steps_per_epoch, meta_base)
+      every = config.get("eval", {}).get("every_epochs", 0)
+      if every and done % (every * steps_per_epoch) == 0 and done < total_steps:
+        monitor = task.monitor(state)
+        writer.write(done, dict(monitor, epoch=done / steps_per_epoch), split="monitor")
+        if bar is not None:
+          bar.write(f"epoch {done / steps_per_epoch:.0f}: " + ", ".join(
+              f"{k}={v:.2f}" for k, v in monitor.items()))
+  finally:
+    if bar is not None:
+      bar.close()
+    close = getattr(batches, "close", None)
+    if close is not None:
+      close()
+
+  if start_step < total_steps:
+    _save(checkpointer, state, total_steps, steps_per_epoch, meta_base)
+  checkpointer.wait()
+  results = {"step": total_steps, "epochs": total_steps / steps_per_epoch,
+             "loss": config.loss.name}
+  if config.get("eval", {}).get("every_epochs", 0):
+    monitor = task.monitor(state)
+    writer.write(total_steps, dict(monitor, epoch=total_steps / steps_per_epoch),
+                 split="monitor")
+    results.update({f"final_{k}": v for k, v in monitor.items()})
+  results.update(task.final_evaluation(state))
+  writer.write(total_steps, {k: v for k, v in results.items()
+                             if isinstance(v, (int, float))}, split="results")
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
+      json.dump(results, f, indent=2, sort_keys=True)
+  return results

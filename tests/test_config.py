@@ -1,0 +1,80 @@
+"""Config schema, validation and the saved-config check on resume."""
+
+import json
+import os
+
+import ml_collections
+import pytest
+
+from cldro_jax import checkpointing
+from cldro_jax import config_defaults
+
+
+def test_unknown_key_in_config_file_is_rejected_with_a_suggestion():
+  config = config_defaults.base_config("image")
+  config.loss.temprature = 0.2          # a typo that would otherwise be silently ignored
+  with pytest.raises(ValueError, match=r"unknown config key 'loss.temprature'.*'loss.temperature'"):
+    config_defaults.validate_config(config)
+
+
+def test_locked_config_rejects_unknown_override():
+  config = config_defaults.base_config("image")
+  config.lock()
+  with pytest.raises(AttributeError):
+    config.loss.not_a_field = 1
+
+
+@pytest.mark.parametrize("domain", ["sentence", "graph"])
+@pytest.mark.parametrize("loss", ["dcl", "hcl"])
+def test_dcl_hcl_rejected_outside_images(domain, loss):
+  config = config_defaults.base_config(domain)
+  config.loss.name = loss
+  with pytest.raises(ValueError, match=f"{loss}.*defined for images only.*loss.name=adnce"):
+    config_defaults.validate_config(config)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("temperature", 0.0, "temperature must be > 0"),
+    ("sigma", -1.0, "sigma must be > 0"),
+    ("tau_plus", 1.0, r"tau_plus must be in \[0, 1\)"),
+    ("name", "simclr", "is not one of"),
+])
+def test_impossible_loss_values_are_rejected(field, value, message):
+  config = config_defaults.base_config("image")
+  config.loss[field] = value
+  with pytest.raises(ValueError, match=message):
+    config_defaults.validate_config(config)
+
+
+def test_parse_arg_casts_to_default_types_and_rejects_unknown_names():
+  arg = config_defaults.parse_arg("runlocal,seed=3,loss=infonce", runlocal=False, seed=0,
+                                  loss="adnce")
+  assert arg.runlocal is True and arg.seed == 3 and arg.loss == "infonce"
+  with pytest.raises(ValueError, match="Unknown config argument 'sed'"):
+    config_defaults.parse_arg("sed=3", seed=0)
+
+
+def test_saved_config_mismatch_names_the_fields(tmp_path):
+  workdir = str(tmp_path)
+  config = config_defaults.base_config("image")
+  checkpointing.check_or_save_config(workdir, config)
+  saved = json.load(open(os.path.join(workdir, "config.json")))
+  assert saved["loss"]["temperature"] == config.loss.temperature
+
+  # Fields that may change on resume (duration, logging, data location) are accepted...
+  longer = ml_collections.ConfigDict(config.to_dict())
+  longer.total_epochs = 800.0
+  longer.data.data_dir = "/elsewhere"
+  checkpointing.check_or_save_config(workdir, longer)
+
+  # ...but another experiment in the same workdir is refused, naming every differing field.
+  other = ml_collections.ConfigDict(config.to_dict())
+  other.loss.mu = 0.1
+  other.batch_size = 512
+  with pytest.raises(checkpointing.CheckpointMismatchError) as err:
+    checkpointing.check_or_save_config(workdir, other)
+  assert "loss.mu: saved 0.7, now 0.1" in str(err.value)
+  assert "batch_size: saved 256, now 512" in str(err.value)
+  assert "new --workdir" in str(err.value)
+  # Nothing was overwritten.
+  assert json.load(open(os.path.join(workdir, "config.json"))) == saved

@@ -1,0 +1,178 @@
+"""The image train-then-probe path end to end, on tiny configs (the same code as the full runs)."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from cldro_jax import checkpointing
+from cldro_jax import config_defaults
+from cldro_jax import metrics as metrics_lib
+from cldro_jax import train
+from configs import cifar10 as cifar10_config
+from configs import quickstart as quickstart_config
+from configs import stl10 as stl10_config
+
+
+def tiny_config(**overrides):
+  """The quick start at toy size: 40 shipped Fashion-MNIST images, 2-4 steps, no final probe."""
+  config = quickstart_config.get_config("runlocal")
+  config.data.train_per_class = 4
+  config.data.test_per_class = 4
+  config.batch_size = 8
+  config.total_steps = 4
+  config.eval.every_epochs = 0
+  config.eval.linear_probe = "none"
+  config.eval.untrained_baseline = False
+  config.mesh.num_devices = 1
+  for key, value in overrides.items():
+    node = config
+    *path, leaf = key.split(".")
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+def saved_arrays(workdir, step=None):
+  checkpointer = checkpointing.Checkpointer(workdir)
+  try:
+    state, meta = checkpointer.restore_raw(step=step)
+  finally:
+    checkpointer.close()
+  return state, meta
+
+
+def assert_trees_close(a, b, rtol, atol):
+  flat_a, flat_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(flat_a) == len(flat_b)
+  for x, y in zip(flat_a, flat_b):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("config_module,num_examples", [(cifar10_config, 48),
+                                                        (stl10_config, 48)])
+def test_runlocal_configs_end_to_end_on_mock_tfds(tmp_path, config_module, num_examples):
+  config = config_module.get_config("runlocal")
+  config.mesh.num_devices = 1
+  with tfds.testing.mock_data(num_examples=num_examples):
+    results = train.train_and_evaluate(config, str(tmp_path))
+  saved = json.load(open(tmp_path / "results.json"))
+  assert saved == json.loads(json.dumps(results))
+  assert saved["step"] == config.total_steps
+  for key in ("linear_probe_top1", "final_knn_top1", "final_online_probe_top1"):
+    assert 0.0 <= saved[key] <= 100.0
+  train_lines = metrics_lib.read_metrics(str(tmp_path), "train")
+  assert [r["step"] for r in train_lines] == list(range(1, config.total_steps + 1))
+  for record in train_lines:
+    assert np.isfinite(record["loss"]) and record["lr"] == pytest.approx(config.optim.lr)
+    # ADNCE weight statistics and the robust-radius estimate are logged every step.
+    assert record["eta_hat"] > 0 and record["adnce_w_max"] >= 1.0
+  assert os.listdir(tmp_path / "tensorboard")
+  assert checkpointing.Checkpointer(str(tmp_path)).all_steps()[-1] == config.total_steps
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  train.train_and_evaluate(tiny_config(total_steps=4), straight)
+  train.train_and_evaluate(tiny_config(total_steps=2), resumed)
+  assert saved_arrays(resumed)[1]["step"] == 2
+  train.train_and_evaluate(tiny_config(total_steps=4), resumed)   # the same command, longer
+
+  a, meta_a = saved_arrays(straight)
+  b, meta_b = saved_arrays(resumed)
+  assert meta_a["step"] == meta_b["step"] == 4
+  # Same data order, same augmentation keys, same optimizer state: bitwise on the CPU.
+  assert_trees_close(a, b, rtol=0, atol=0)
+
+
+def test_eight_devices_equal_one_device(tmp_path):
+  one, eight = str(tmp_path / "one"), str(tmp_path / "eight")
+  train.train_and_evaluate(tiny_config(total_steps=2, **{"mesh.num_devices": 1}), one)
+  train.train_and_evaluate(tiny_config(total_steps=2, **{"mesh.num_devices": 8}), eight)
+  a, _ = saved_arrays(one)
+  b, _ = saved_arrays(eight)
+  # Negatives gathered from all devices and BatchNorm over the global batch: the 8-device step
+  # computes the same function; only the order of floating-point reductions differs.
+  assert_trees_close(a["params"], b["params"], rtol=2e-4, atol=2e-5)
+  assert_trees_close(a["model_state"], b["model_state"], rtol=2e-4, atol=2e-5)
+  lines_one = metrics_lib.read_metrics(one, "train")
+  lines_eight = metrics_lib.read_metrics(eight, "train")
+  np.testing.assert_allclose([r["loss"] for r in lines_one], [r["loss"] for r in lines_eight],
+                             rtol=1e-5)
+
+
+def test_batch_not_divisible_over_devices_is_refused(tmp_path):
+  config = tiny_config(batch_size=12, **{"mesh.num_devices": 8})
+  with pytest.raises(ValueError, match=r"batch_size=12 does not divide over the 8 devices.*"
+                                       r"--config.batch_size=8"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_missing_tfds_dataset_fails_fast_with_the_fix(tmp_path):
+  config = cifar10_config.get_config("runlocal")
+  config.data.data_dir = str(tmp_path / "empty")
+  with pytest.raises(FileNotFoundError) as err:
+    train.train_and_evaluate(config, str(tmp_path / "work"))
+  message = str(err.value)
+  assert "--config.data.data_dir" in message and "tfds-prepare" in message
+  assert "make quickstart" in message
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  workdir = str(tmp_path)
+  train.train_and_evaluate(tiny_config(total_steps=2), workdir)
+  good, _ = saved_arrays(workdir)
+  # A learning rate that blows the parameters up: from the second step on the loss is NaN.
+  config = tiny_config(total_steps=6, **{"optim.lr": float("inf"), "checkpoint_every_steps": 1})
+  # The learning rate is not a resumable field, so a changed one is refused first...
+  with pytest.raises(checkpointing.CheckpointMismatchError, match="optim.lr"):
+    train.train_and_evaluate(config, workdir)
+  # ...and in a fresh workdir the NaN guard stops the run before saving a bad state.
+  fresh = str(tmp_path / "fresh")
+  with pytest.raises(train.NonFiniteLossError, match="NaN or inf"):
+    train.train_and_evaluate(config, fresh)
+  steps = checkpointing.Checkpointer(fresh).all_steps()
+  for step in steps:
+    state, _ = saved_arrays(fresh, step)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+  # The first workdir still holds its good checkpoint, untouched.
+  assert_trees_close(saved_arrays(workdir)[0], good, rtol=0, atol=0)
+
+
+def test_checkpoint_from_another_model_is_refused(tmp_path):
+  workdir = str(tmp_path)
+  train.train_and_evaluate(tiny_config(total_steps=2), workdir)
+  # Same workdir, a different network: the saved config check names the field.
+  with pytest.raises(checkpointing.CheckpointMismatchError, match="model.width"):
+    train.train_and_evaluate(tiny_config(total_steps=2, **{"model.width": 8}), workdir)
+
+
+def test_full_configs_match_the_paper(tmp_path):
+  """The full configs build (shapes only, via jax.eval_shape) with LOSSES.md's settings."""
+  from cldro_jax.tasks import image  # pylint: disable=import-outside-toplevel
+  expected = {"cifar10": (0.4, 0.7, 0.5), "cifar100": (0.3, 0.5, 1.0), "stl10": (0.2, 0.8, 1.0)}
+  import configs.cifar100 as cifar100_config  # pylint: disable=import-outside-toplevel
+  for module in (cifar10_config, cifar100_config, stl10_config):
+    config = module.get_config()
+    config_defaults.validate_config(config)
+    t, mu, sigma = expected[config.data.name]
+    assert (config.loss.name, config.loss.temperature, config.loss.mu, config.loss.sigma) == (
+        "adnce", t, mu, sigma)
+    assert (config.optim.name, config.optim.lr, config.optim.weight_decay,
+            config.optim.schedule) == ("adam", 1e-3, 1e-6, "constant")
+    assert (config.batch_size, config.total_epochs, config.seed) == (256, 400, 2023)
+    assert (config.model.name, config.model.stem, config.model.head_hidden,
+            config.model.head_out) == ("resnet50", "cifar", 512, 128)
+    assert config.augment.crop_size == 32 and config.eval.knn_k == 200
+    shapes = image.model_variables_shape(config)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))
+    # torchvision ResNet-50 without fc, CIFAR stem (23,500,352) + the reference head
+    # Linear(2048,512,no bias) + BN(512) + Linear(512,128).
+    assert n_params == 23_500_352 + 2048 * 512 + 2 * 512 + 512 * 128 + 128
+  assert stl10_config.get_config().data.pretrain_split == "train+unlabelled"
+  assert stl10_config.get_config().eval.probe_image_size == 96
