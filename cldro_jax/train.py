@@ -368,8 +368,8 @@ def _loop(config, task, state, train_step, checkpointer, writer, mesh, start_ste
           bar.set_postfix(loss=f"{summary['loss']:.4f}", epoch=f"{summary['epoch']:.2f}")
       if done % config.checkpoint_every_steps == 0 and done < total_steps:
         _save(checkpointer, state, done, steps_per_epoch, meta_base)
-      every = config.get("eval", {}).get("every_epochs", 0)
-      if every and done % (every * steps_per_epoch) == 0 and done < total_steps:
+      every = task.monitor_every_steps
+      if every and done % every == 0 and done < total_steps:
         monitor = task.monitor(state)
         writer.write(done, dict(monitor, epoch=done / steps_per_epoch), split="monitor")
         if bar is not None:
@@ -387,7 +387,7 @@ def _loop(config, task, state, train_step, checkpointer, writer, mesh, start_ste
   checkpointer.wait()
   results = {"step": total_steps, "epochs": total_steps / steps_per_epoch,
              "loss": config.loss.name}
-  if config.get("eval", {}).get("every_epochs", 0):
+  if task.monitor_every_steps:
     monitor = task.monitor(state)
     writer.write(total_steps, dict(monitor, epoch=total_steps / steps_per_epoch),
                  split="monitor")

@@ -9,7 +9,8 @@ two views and the evaluators:
   to_global(local batch)          -> global jax arrays sharded over the mesh axis "data"
   monitor(state)                  -> per-epoch metrics (kNN, online probe, STS-B dev...)
   final_evaluation(state)         -> final scores for results.json
-and the attributes model_name, loss_variant, example_unit, steps_per_epoch, probe_shape.
+and the attributes model_name, loss_variant, example_unit, steps_per_epoch, probe_shape,
+monitor_every_steps.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class Task(Protocol):
   example_unit: str           # "img", "sent", "graph": the progress bar's rate unit
   steps_per_epoch: int
   probe_shape: tuple[int, int] | None   # (feature dim, classes) of the online probe, or None
+  monitor_every_steps: int    # run monitor(state) every this many steps and at the end (0: never)
 
   def init(self, rng: jax.Array) -> tuple[Any, Any]: ...
   def forward(self, params, model_state, batch, rng, *, train: bool) -> ForwardOutput: ...

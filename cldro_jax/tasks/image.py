@@ -66,6 +66,7 @@ class ImageTask:
           f"config.batch_size={config.batch_size} is larger than the {len(self.dataset.pretrain)} "
           f"pre-training images of {self.dataset.name}; lower --config.batch_size.")
     self.steps_per_epoch = len(self.dataset.pretrain) // config.batch_size
+    self.monitor_every_steps = config.eval.every_epochs * self.steps_per_epoch
     self.model = build_model(config.model)
     self.model_name = f"{config.model.name}-{config.model.stem}-w{config.model.width}"
     self.augment = make_augment(config.augment, config.augment.crop_size)
