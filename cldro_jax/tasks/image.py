@@ -55,12 +55,14 @@ class ImageTask:
   loss_variant = "image"
   example_unit = "img"
 
-  def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+  def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+               dataset: images_lib.ImageDataset | None = None):
+    """`dataset` replaces `config.data` (benchmarks and tests with synthetic images)."""
     self.config = config
     self.mesh = mesh
     self.data_sharding = NamedSharding(mesh, P(AXIS))
     self.replicated = NamedSharding(mesh, P())
-    self.dataset = images_lib.load_image_dataset(config.data)
+    self.dataset = dataset if dataset is not None else images_lib.load_image_dataset(config.data)
     if len(self.dataset.pretrain) < config.batch_size:
       raise ValueError(
           f"config.batch_size={config.batch_size} is larger than the {len(self.dataset.pretrain)} "
@@ -134,7 +136,8 @@ class ImageTask:
   def train_batches(self, *, start_step: int, num_steps: int):
     return pipeline.train_batches(
         self.dataset.pretrain, global_batch_size=self.config.batch_size, seed=self.config.seed,
-        start_step=start_step, num_steps=num_steps)
+        start_step=start_step, num_steps=num_steps,
+        classes_per_batch=self.config.data.get("classes_per_batch", 0))
 
   def to_global(self, local_batch: dict) -> dict:
     return {k: jax.make_array_from_process_local_data(self.data_sharding, v)

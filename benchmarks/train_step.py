@@ -1,0 +1,187 @@
+r"""Image training-step throughput: images/s and model FLOP utilisation (MFU).
+
+  python benchmarks/train_step.py                       # GPU: ResNet-18 and -50, batch 512, bf16
+  python benchmarks/train_step.py --models resnet18 --batch 32 --width 16 --dtype float32  # CPU
+
+What is timed is the project's real train step (`cldro_jax.train.make_train_step` with the image
+task): uint8 batches already on the device, both SimCLR views made inside the jitted step, two
+forward passes (BatchNorm per view), the ADNCE loss in `shard_map`, diagnostics, Adam and the
+online probe. Median step time after warm-up. Also reported:
+  - the share of the step spent in augmentation (the augmentation alone, jitted, same batch),
+  - a plain baseline measured in the same process: the same network and optimizer in one jitted
+    step with a naive transcription of the reference loss and views made by a cheap flip only —
+    the "plain JAX/Flax, no tuning" row of ANCHORS.md; on the CPU only the ratio means anything,
+  - the host input pipeline's images/s (uint8 batches from an in-memory CIFAR-sized array).
+FLOPs per image per step are counted analytically (2 views x forward+backward ~ 3x forward;
+ANCHORS.md: ResNet-18 CIFAR 6.7 GFLOP, ResNet-50 CIFAR 15.6 GFLOP); MFU uses the measured bf16
+matrix rate of an H200 (790 TFLOP/s, ANCHORS.md) on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from cldro_jax import config_defaults
+from cldro_jax import train
+from cldro_jax.data import augment as augment_lib
+from cldro_jax.data import images as images_lib
+from cldro_jax.data import pipeline
+from cldro_jax.models import resnet
+from cldro_jax.tasks import image as image_task
+
+H200_BF16_FLOPS = 790e12   # measured bf16 matmul rate, ANCHORS.md
+
+
+def synthetic_dataset(n: int, size: int) -> images_lib.ImageDataset:
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+  labels = rng.integers(0, 10, n).astype(np.int32)
+  source = images_lib.InMemorySource(images, labels)
+  return images_lib.ImageDataset(name="synthetic", pretrain=source, probe_train=source,
+                                 test=source, num_classes=10, image_shape=(size, size, 3))
+
+
+def median_time(fn, args_fn, warmup: int, iters: int) -> float:
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args_fn()))
+  times = []
+  for _ in range(iters):
+    args = args_fn()
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def plain_step_fn(model, tx, temperature):
+  """A plain transcription: flip-only views, the reference's naive NT-Xent, Adam."""
+  def loss_fn(params, batch_stats, images):
+    x = images.astype(jnp.float32) / 255.0
+    v1, v2 = x, x[:, :, ::-1]
+    (_, z1), upd = model.apply({"params": params, "batch_stats": batch_stats}, v1, train=True,
+                               mutable=["batch_stats"])
+    (_, z2), upd = model.apply({"params": params, **upd}, v2, train=True,
+                               mutable=["batch_stats"])
+    z = jnp.concatenate([z1, z2])
+    z = z / jnp.linalg.norm(z, axis=1, keepdims=True)
+    n = z1.shape[0]
+    sim = jnp.exp(z @ z.T / temperature)
+    mask = ~jnp.eye(2 * n, dtype=bool)
+    neg = jnp.sum(jnp.where(mask, sim, 0.0), axis=1)
+    pos = jnp.exp(jnp.sum(z1 * z2, axis=1) / temperature)
+    pos = jnp.concatenate([pos, pos])
+    return -jnp.mean(jnp.log(pos / neg)), upd["batch_stats"]
+
+  @jax.jit
+  def step(params, batch_stats, opt_state, images):
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, batch_stats, images)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), batch_stats, opt_state, loss
+  return step
+
+
+def bench_model(name: str, args) -> dict:
+  config = config_defaults.base_config("image")
+  config.model.name, config.model.width, config.model.dtype = name, args.width, args.dtype
+  config.batch_size = args.batch
+  config.mesh.num_devices = -1
+  config.eval.online_probe = True
+  mesh = train.make_mesh(-1)
+  dataset = synthetic_dataset(max(args.batch, 1024), 32)
+  task = image_task.ImageTask(config, mesh, dataset=dataset)
+  schedule = train.make_schedule(config.optim, 1000, task.steps_per_epoch)
+  tx = train._full_optimizer(config, schedule)   # pylint: disable=protected-access
+  with jax.set_mesh(mesh):
+    state = jax.jit(lambda k: train.create_train_state(task, config, tx, k))(
+        jax.random.PRNGKey(0))
+    step = jax.jit(train.make_train_step(task, config, tx, schedule, mesh), donate_argnums=0)
+    batch = task.to_global(dataset.pretrain[np.arange(args.batch)])
+    holder = {"state": state}
+
+    def run_step(batch):
+      holder["state"], metrics = step(holder["state"], batch)
+      return metrics["loss"]
+
+    t_step = median_time(run_step, lambda: (batch,), args.warmup, args.iters)
+    aug = task.augment
+    aug_fn = jax.jit(lambda key, x: augment_lib.two_views(key, x, aug))
+    key = jax.random.PRNGKey(1)
+    t_aug = median_time(aug_fn, lambda: (key, batch["image"]), args.warmup, args.iters)
+
+  plain_model = image_task.build_model(config.model)
+  variables = plain_model.init(jax.random.PRNGKey(0), jnp.zeros((2, 32, 32, 3)), train=False)
+  plain_tx = optax.chain(optax.add_decayed_weights(1e-6), optax.adam(1e-3))
+  plain = plain_step_fn(plain_model, plain_tx, 0.5)
+  images = jnp.asarray(dataset.pretrain[np.arange(args.batch)]["image"])
+  plain_state = {"p": variables["params"], "b": variables["batch_stats"],
+                 "o": plain_tx.init(variables["params"])}
+
+  def run_plain(images):
+    plain_state["p"], plain_state["b"], plain_state["o"], loss = plain(
+        plain_state["p"], plain_state["b"], plain_state["o"], images)
+    return loss
+
+  t_plain = median_time(run_plain, lambda: (images,), args.warmup, args.iters)
+  flops = resnet.contrastive_step_flops_per_image(name, image_size=32, stem="cifar",
+                                                  width=args.width)
+  ips = args.batch / t_step
+  return {"model": name, "step_ms": t_step * 1e3, "images_per_s": ips,
+          "plain_images_per_s": args.batch / t_plain, "ratio_vs_plain": t_plain / t_step,
+          "augment_share": t_aug / t_step, "gflop_per_image": flops / 1e9,
+          "mfu": ips * flops / H200_BF16_FLOPS if jax.default_backend() == "gpu" else None}
+
+
+def bench_host_pipeline(batch: int, steps: int = 50) -> float:
+  dataset = synthetic_dataset(50_000, 32)
+  batches = pipeline.train_batches(dataset.pretrain, global_batch_size=batch, seed=0,
+                                   start_step=0, num_steps=steps + 5)
+  for _ in range(5):
+    next(batches)
+  start = time.perf_counter()
+  for _ in range(steps):
+    next(batches)
+  elapsed = time.perf_counter() - start
+  batches.close()
+  return steps * batch / elapsed
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  on_gpu = jax.default_backend() == "gpu"
+  parser.add_argument("--models", default="resnet18,resnet50")
+  parser.add_argument("--batch", type=int, default=512 if on_gpu else 32)
+  parser.add_argument("--width", type=int, default=64 if on_gpu else 16)
+  parser.add_argument("--dtype", default="bfloat16" if on_gpu else "float32")
+  parser.add_argument("--warmup", type=int, default=5 if on_gpu else 2)
+  parser.add_argument("--iters", type=int, default=30 if on_gpu else 5)
+  args = parser.parse_args()
+  device = jax.devices()[0]
+  print(f"# {datetime.date.today()}  {device.device_kind} x{jax.device_count()} "
+        f"({jax.default_backend()}), jax {jax.__version__}, {platform.processor() or 'cpu'}")
+  print(f"# batch {args.batch} images ({2 * args.batch} views), width {args.width}, "
+        f"{args.dtype}, median of {args.iters} steps after {args.warmup} warm-up")
+  rows = [bench_model(name, args) for name in args.models.split(",")]
+  print("| model | step ms | images/s | plain-step images/s | ours / plain speed | augment share "
+        "| GFLOP/img | MFU |")
+  print("|---|---|---|---|---|---|---|---|")
+  for r in rows:
+    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (CPU)"
+    print(f"| {r['model']} | {r['step_ms']:.1f} | {r['images_per_s']:,.0f} | "
+          f"{r['plain_images_per_s']:,.0f} | {r['ratio_vs_plain']:.2f}x | "
+          f"{100 * r['augment_share']:.1f}% | {r['gflop_per_image']:.2f} | {mfu} |")
+  print(f"\nhost input pipeline (uint8, in memory, batch {args.batch}): "
+        f"{bench_host_pipeline(args.batch):,.0f} images/s")
+
+
+if __name__ == "__main__":
+  main()
