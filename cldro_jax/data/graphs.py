@@ -42,7 +42,8 @@ __all__ = [
     "Graph", "GraphBatch", "GraphBudget", "TUDataset", "load_tu_dataset", "read_tu_directory",
     "budget_for_graphs", "pack_graphs", "view_one",
     "add_reference_self_loops", "remove_edgeless_nodes_and_self_loops", "make_views",
-    "view_budget", "make_view_batches", "epoch_view_batches", "eval_batches",
+    "view_budget", "make_view_batches", "epoch_order", "epoch_augment_seed", "epoch_view_batches",
+    "eval_batches",
 ]
 
 # The reference loop cleans view 2 only for these `--aug` values (dnodes, subgraph, random2-4).
@@ -120,6 +121,21 @@ def make_view_batches(graphs: Sequence[Graph], indices: Sequence[int], *, seed: 
     return pack_graphs(firsts, budget), pack_graphs(seconds, budget)
 
 
+def epoch_order(num_graphs: int, *, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """The order in which epoch ``epoch`` visits the graphs: a permutation drawn from
+    ``(seed, epoch)``, or dataset order without ``shuffle``. A pure function of its arguments, so
+    a resumed run (or a per-device packer) can find any step's graphs without replaying."""
+    if not shuffle:
+        return np.arange(num_graphs)
+    return np.random.default_rng((int(seed), int(epoch), 0)).permutation(num_graphs)
+
+
+def epoch_augment_seed(seed: int, epoch: int) -> int:
+    """The augmentation seed of epoch ``epoch`` (pass it to `make_view_batches`): one per epoch,
+    so a graph's views change from epoch to epoch but not with the batch it lands in."""
+    return int(np.random.default_rng((int(seed), int(epoch), 1)).integers(2**31))
+
+
 def epoch_view_batches(graphs: Sequence[Graph], *, batch_size: int, seed: int, epoch: int,
                        aug: str, mode: str, budget: GraphBudget, shuffle: bool = True,
                        drop_remainder: bool = False,
@@ -129,12 +145,9 @@ def epoch_view_batches(graphs: Sequence[Graph], *, batch_size: int, seed: int, e
 
     The last partial batch is padded (its missing slots are masked) unless ``drop_remainder``.
     """
-    order = np.arange(len(graphs))
-    if shuffle:
-        order = np.random.default_rng((int(seed), int(epoch), 0)).permutation(len(graphs))
+    order = epoch_order(len(graphs), seed=seed, epoch=epoch, shuffle=shuffle)
     stop = len(order) - (len(order) % batch_size if drop_remainder else 0)
-    # A seed per epoch for the augmentations: a graph's views change from epoch to epoch.
-    augment_seed = int(np.random.default_rng((int(seed), int(epoch), 1)).integers(2**31))
+    augment_seed = epoch_augment_seed(seed, epoch)
     for start in range(0, stop, batch_size):
         yield make_view_batches(graphs, order[start:start + batch_size], seed=augment_seed,
                                 aug=aug, mode=mode, budget=budget, ratios=ratios)

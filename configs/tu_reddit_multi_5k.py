@@ -1,0 +1,34 @@
+r"""REDDIT-MULTI-5K (TU): GIN + ADNCE in GraphCL's unsupervised setting, then the SVM evaluation.
+
+Data: 4,999 discussion threads, 5 classes, no node labels (constant feature). Not bundled: the
+first run downloads the official archive into $CLDRO_JAX_TU_DIR (default ~/.cache/cldro_jax/tu);
+offline it stops within seconds and prints the manual command, i.e. on a machine with internet:
+  mkdir -p ~/.cache/cldro_jax/tu && cd ~/.cache/cldro_jax/tu && \
+      curl -LO https://www.chrsmrrs.com/graphkerneldatasets/REDDIT-MULTI-5K.zip && \
+      unzip REDDIT-MULTI-5K.zip
+(or point --config.data.data_dir at a folder holding REDDIT-MULTI-5K/REDDIT-MULTI-5K_A.txt etc.)
+
+Command:
+  python -m cldro_jax.main --config=configs/tu_reddit_multi_5k.py \
+      --workdir=workdirs/tu_reddit_multi_5k_adnce
+  # InfoNCE: :loss=infonce ; seeds 0-4: :seed=S ; the reference code's augmentations:
+  # :aug_mode=faithful ; smoke run: :runlocal
+
+Memory: the guaranteed per-device budget (the sum of the largest graphs' sizes) is large for
+REDDIT; --config.data.budget_quantile=0.99 packs smaller arrays (a batch that does not fit then
+raises, naming the fix).
+
+Recipe (the authors' graph scripts, LOSSES.md): GIN 3 x 32, Adam lr 0.01, batch 128, 20 epochs,
+view 2 = random2 (node drop or subgraph, one per graph); ADNCE mu=0.8 sigma=1.0 t=0.15; seeds 0-4.
+Score: `svm_accuracy` in results.json (SVM outer 10-fold CV accuracy of the original graphs'
+embeddings, percent), next to `untrained_svm_accuracy`.
+
+Expected: GraphCL reports 55.99 (mean over 5 seeds; its std was not checked here). Not measured
+here yet (no offline copy of REDDIT-MULTI-5K).
+"""
+
+from cldro_jax.tasks import graph
+
+
+def get_config(arg=None):
+  return graph.tu_config("REDDIT-MULTI-5K", arg)

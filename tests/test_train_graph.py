@@ -1,0 +1,277 @@
+"""The graph track through the trainer: GraphCL-style GIN pre-training on MUTAG (real data shipped
+in grakel), per-device packed batches, the SVM evaluation, and the TU configs."""
+
+import functools
+import importlib
+import json
+
+import jax
+import numpy as np
+import pytest
+from sklearn.model_selection import GridSearchCV, StratifiedKFold
+from sklearn.svm import SVC
+
+import reference_losses as ref
+from cldro_jax import checkpointing
+from cldro_jax import config_defaults
+from cldro_jax import metrics as metrics_lib
+from cldro_jax import train
+from cldro_jax.data import graphs as graphs_lib
+from cldro_jax.models import gin
+from cldro_jax.tasks import graph as graph_task
+
+# LOSSES.md, "Graphs": (aug, mu, sigma, t) per dataset, typed here independently of the code.
+PAPER_TABLE = {
+    "nci1": ("NCI1", "random3", 0.7, 1.0, 0.05),
+    "proteins": ("PROTEINS", "random4", 1.5, 1.0, 0.05),
+    "dd": ("DD", "random2", 0.2, 1.0, 0.2),
+    "mutag": ("MUTAG", "random2", 0.7, 1.0, 0.15),
+    "collab": ("COLLAB", "random4", 0.3, 1.0, 0.1),
+    "reddit_binary": ("REDDIT-BINARY", "random2", 0.3, 1.0, 0.15),
+    "reddit_multi_5k": ("REDDIT-MULTI-5K", "random2", 0.8, 1.0, 0.15),
+    "imdb_binary": ("IMDB-BINARY", "random2", 0.7, 1.0, 0.55),
+}
+MUTAG_GRAPHS, MUTAG_POSITIVE = 188, 125   # LOSSES.md: 188 graphs, labels 1 (125) and -1 (63)
+
+
+def mutag_config(arg="runlocal", **overrides):
+  config = importlib.import_module("configs.tu_mutag").get_config(arg)
+  config.mesh.num_devices = 1
+  for key, value in overrides.items():
+    node = config
+    *path, leaf = key.split(".")
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+def saved_arrays(workdir):
+  checkpointer = checkpointing.Checkpointer(workdir)
+  try:
+    return checkpointer.restore_raw()
+  finally:
+    checkpointer.close()
+
+
+def assert_trees_close(a, b, rtol, atol):
+  flat_a, flat_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(flat_a) == len(flat_b)
+  for x, y in zip(flat_a, flat_b):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+def unsharded_gin(config):
+  """The same network without the "data" axis name: applies outside shard_map."""
+  return gin.GIN(num_layers=config.model.num_layers, hidden=config.model.hidden)
+
+
+def tight_pack(graph_list):
+  """All graphs in one batch whose budget they fill exactly (no per-device layout)."""
+  budget = graphs_lib.GraphBudget(sum(g.num_nodes for g in graph_list) + 1,
+                                  sum(g.num_edges for g in graph_list) + 1, len(graph_list) + 1)
+  return graphs_lib.pack_graphs(graph_list, budget)
+
+
+def direct_svm_accuracy(x, y, seed, folds, inner_folds):
+  """GraphCL's svc_classify(search=True), written out with scikit-learn (percent)."""
+  accuracies = []
+  outer = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+  for train_idx, test_idx in outer.split(x, y):
+    search = GridSearchCV(SVC(), {"C": [0.001, 0.01, 0.1, 1, 10, 100, 1000]}, cv=inner_folds,
+                          scoring="accuracy")
+    search.fit(x[train_idx], y[train_idx])
+    accuracies.append(np.mean(search.predict(x[test_idx]) == y[test_idx]))
+  return 100.0 * float(np.mean(accuracies))
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end
+
+
+def test_runlocal_end_to_end_and_svm_wiring(tmp_path):
+  config = mutag_config()
+  results = train.train_and_evaluate(config, str(tmp_path))
+  saved = json.load(open(tmp_path / "results.json"))
+  assert saved == json.loads(json.dumps(results))
+  assert saved["dataset"] == "MUTAG" and saved["num_graphs"] == MUTAG_GRAPHS
+  assert saved["step"] == config.total_steps == 4
+  assert 50.0 <= saved["svm_accuracy"] <= 100.0
+  assert 50.0 <= saved["untrained_svm_accuracy"] <= 100.0
+  train_lines = metrics_lib.read_metrics(str(tmp_path), "train")
+  assert [r["step"] for r in train_lines] == [1, 2, 3, 4]
+  assert all(np.isfinite(r["loss"]) and r["adnce_w_max"] >= 1.0 for r in train_lines)
+
+  # The evaluation's embeddings: the saved encoder applied to every original graph, BatchNorm in
+  # eval mode, equal to a direct unpadded forward pass, also through an 8-device mesh.
+  state, _ = saved_arrays(str(tmp_path))
+  params, model_state = state["params"]["model"], state["model_state"]
+  one = graph_task.GraphTask(config, train.make_mesh(1))
+  emb_one, labels = one.embeddings(params, model_state)
+  assert emb_one.shape == (MUTAG_GRAPHS, 96) and int(labels.sum()) == MUTAG_POSITIVE
+  dataset = graphs_lib.load_tu_dataset("MUTAG")
+  direct, _ = jax.jit(functools.partial(unsharded_gin(config).apply, train=False))(
+      {"params": params, **model_state}, tight_pack(dataset.graphs))
+  np.testing.assert_allclose(emb_one, np.asarray(direct)[:MUTAG_GRAPHS], rtol=1e-5, atol=1e-5)
+  # 128 evaluation graphs over 8 devices: the last batch (60 graphs) leaves 4 devices empty.
+  eight = graph_task.GraphTask(mutag_config(**{"eval.batch_size": 128, "mesh.num_devices": 8}),
+                               train.make_mesh(8))
+  emb_eight, labels_eight = eight.embeddings(params, model_state)
+  np.testing.assert_array_equal(labels_eight, labels)
+  np.testing.assert_allclose(emb_eight, emb_one, rtol=1e-5, atol=1e-5)
+
+  # The reported score is scikit-learn's CV on exactly these embeddings (seed = config.seed).
+  expected = direct_svm_accuracy(emb_one.astype(np.float64), labels, config.seed,
+                                 config.eval.folds, config.eval.inner_folds)
+  assert saved["svm_accuracy"] == pytest.approx(expected, abs=1e-9)
+  assert saved["svm_cv_seeds"] == [config.seed]
+
+
+def test_logged_loss_is_the_graph_adnce_of_original_vs_augmented_views_and_it_decreases():
+  """Step 0's loss equals the float64 GraphCL-form ADNCE of an independent forward pass: view 1 =
+  the original graphs of the step, view 2 = their augmentations, padding slots left out. Then a
+  few steps on that fixed batch lower it."""
+  config = mutag_config(**{"batch_size": 32})
+  mesh = train.make_mesh(1)
+  task = graph_task.GraphTask(config, mesh)
+  schedule = train.make_schedule(config.optim, 10, task.steps_per_epoch)
+  tx = train.make_optimizer(config.optim, schedule)
+  state = jax.jit(lambda rng: train.create_train_state(task, config, tx, rng))(
+      jax.random.PRNGKey(0))
+  step_fn = jax.jit(train.make_train_step(task, config, tx, schedule, mesh))
+  batch = task.to_global(task.host_batch(0))
+  initial_variables = {"params": state.params["model"], **state.model_state}
+  losses = []
+  for _ in range(10):
+    state, step_metrics = step_fn(state, batch)
+    losses.append(float(step_metrics["loss"]))   # the loss before this step's update
+  assert np.all(np.isfinite(losses))
+  assert losses[-1] < losses[0] - 0.3, losses
+
+  indices = task.step_graph_indices(0)
+  dataset = graphs_lib.load_tu_dataset("MUTAG")
+  augment_seed = graphs_lib.epoch_augment_seed(config.seed, 0)
+  views = [graphs_lib.make_views(dataset.graphs[i], config.data.aug,
+                                 np.random.default_rng((augment_seed, int(i))),
+                                 config.data.aug_mode) for i in indices]
+  apply = jax.jit(functools.partial(unsharded_gin(config).apply, train=True,
+                                    mutable=["batch_stats"]))
+  (_, z1), _ = apply(initial_variables, tight_pack([v[0] for v in views]))
+  (_, z2), _ = apply(initial_variables, tight_pack([v[1] for v in views]))
+  n = len(indices)
+  expected = ref.weighted_nce(np.asarray(z1, np.float64)[:n], np.asarray(z2, np.float64)[:n],
+                              t=config.loss.temperature, variant="graph", mu=config.loss.mu,
+                              sigma=config.loss.sigma)
+  assert losses[0] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+
+def test_eight_devices_equal_one_device(tmp_path):
+  # Batch 128 over 8 devices = 16 graph slots each; step 2 is the epoch's last batch (60 of 188
+  # graphs): 3 full devices, one with 12 graphs and 4 empty ones.
+  # SGD, not Adam: Adam's first updates are ~lr * sign(gradient), so a gradient element that is
+  # zero up to float noise (e.g. a bias whose unit BatchNorm makes it irrelevant; 3e-7 vs -2e-7
+  # here) moves by +-lr depending on the reduction order. SGD keeps the comparison proportional.
+  overrides = {"batch_size": 128, "total_steps": 2, "eval.folds": 2, "eval.inner_folds": 2,
+               "eval.untrained_baseline": False, "optim.name": "sgd", "optim.lr": 0.1}
+  one, eight = str(tmp_path / "one"), str(tmp_path / "eight")
+  train.train_and_evaluate(mutag_config(**overrides, **{"mesh.num_devices": 1}), one)
+  train.train_and_evaluate(mutag_config(**overrides, **{"mesh.num_devices": 8}), eight)
+  a, _ = saved_arrays(one)
+  b, _ = saved_arrays(eight)
+  # Same graphs in the same global slots, BatchNorm over the global batch's real nodes, negatives
+  # gathered from every device: the same function up to the order of float reductions.
+  assert_trees_close(a["params"], b["params"], rtol=2e-4, atol=2e-5)
+  assert_trees_close(a["model_state"], b["model_state"], rtol=2e-4, atol=2e-5)
+  np.testing.assert_allclose([r["loss"] for r in metrics_lib.read_metrics(one, "train")],
+                             [r["loss"] for r in metrics_lib.read_metrics(eight, "train")],
+                             rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host batches
+
+
+def slot_sizes(batch, devices):
+  """(real nodes, real edges) of every GLOBAL graph slot of a per-device-packed batch.
+
+  Device d's block holds rows [d * n, (d + 1) * n) with local ids; global slot = d * G_d + local.
+  """
+  nodes_per = batch.node_mask.size // devices
+  edges_per = batch.edge_mask.size // devices
+  slots_per = batch.graph_mask.size // devices
+  node_device = np.arange(batch.node_mask.size) // nodes_per
+  node_slot = batch.node_graph + node_device * slots_per
+  edge_device = np.arange(batch.edge_mask.size) // edges_per
+  assert np.all(batch.senders < nodes_per) and np.all(batch.receivers < nodes_per)
+  edge_slot = node_slot[edge_device * nodes_per + batch.receivers]
+  slots = batch.graph_mask.size
+  return (np.bincount(node_slot[batch.node_mask], minlength=slots).tolist(),
+          np.bincount(edge_slot[batch.edge_mask], minlength=slots).tolist())
+
+
+def test_per_device_packing_puts_each_step_graph_in_the_same_global_slot():
+  config1 = mutag_config(**{"batch_size": 128})
+  config8 = mutag_config(**{"batch_size": 128, "mesh.num_devices": 8})
+  one = graph_task.GraphTask(config1, train.make_mesh(1))
+  eight = graph_task.GraphTask(config8, train.make_mesh(8))
+  assert one.steps_per_epoch == eight.steps_per_epoch == 2    # ceil(188 / 128), as the reference
+  seen = []
+  for step in range(2):                                        # epoch 0
+    a, b = one.host_batch(step), eight.host_batch(step)
+    for view in ("view1", "view2"):
+      np.testing.assert_array_equal(a[view].graph_mask, b[view].graph_mask)
+      np.testing.assert_array_equal(a[view].labels, b[view].labels)
+      assert slot_sizes(a[view], 1) == slot_sizes(b[view], 8)
+    seen.extend(one.step_graph_indices(step).tolist())
+  assert sorted(seen) == list(range(MUTAG_GRAPHS))             # every graph once per epoch
+  assert int(one.host_batch(1)["view1"].graph_mask.sum()) == MUTAG_GRAPHS - 128
+
+  # The position is a function of the step: resuming at step 3 yields batches 3 and 4.
+  resumed = list(one.train_batches(start_step=3, num_steps=2))
+  for got, step in zip(resumed, (3, 4)):
+    jax.tree.map(np.testing.assert_array_equal, got, one.host_batch(step))
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs and errors
+
+
+@pytest.mark.parametrize("module", sorted(PAPER_TABLE))
+def test_tu_configs_carry_the_papers_recipe(module):
+  name, aug, mu, sigma, t = PAPER_TABLE[module]
+  config = importlib.import_module(f"configs.tu_{module}").get_config()
+  config_defaults.validate_config(config)
+  assert (config.data.name, config.data.aug) == (name, aug)
+  assert (config.loss.name, config.loss.mu, config.loss.sigma, config.loss.temperature) == (
+      "adnce", mu, sigma, t)
+  assert (config.batch_size, config.total_epochs, config.optim.name, config.optim.lr) == (
+      128, 20, "adam", 0.01)
+  assert (config.model.num_layers, config.model.hidden) == (3, 32)
+  infonce = importlib.import_module(f"configs.tu_{module}").get_config(
+      "runlocal,loss=infonce,aug_mode=faithful,seed=3")
+  assert (infonce.loss.name, infonce.data.aug_mode, infonce.seed) == ("infonce", "faithful", 3)
+
+
+def test_dataset_not_on_disk_fails_fast_with_the_download_command(tmp_path):
+  config = importlib.import_module("configs.tu_nci1").get_config("runlocal")
+  config.data.data_dir = str(tmp_path)
+  config.data.source = "local"
+  with pytest.raises(FileNotFoundError) as err:
+    graph_task.GraphTask(config, train.make_mesh(1))
+  assert "curl -LO https://www.chrsmrrs.com/graphkerneldatasets/NCI1.zip" in str(err.value)
+  assert str(tmp_path) in str(err.value)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("data.aug", "random5", "config.data.aug='random5' is not one of"),
+    ("data.aug_mode", "exact", "config.data.aug_mode='exact' is not one of"),
+])
+def test_bad_graph_settings_are_rejected(field, value, message):
+  with pytest.raises(ValueError, match=message):
+    graph_task.GraphTask(mutag_config(**{field: value}), train.make_mesh(1))
+
+
+def test_dcl_is_rejected_for_graphs():
+  config = mutag_config("loss=dcl")
+  with pytest.raises(ValueError, match="dcl.*defined for images only"):
+    config_defaults.validate_config(config)
