@@ -8,11 +8,13 @@ the scalar mean loss is returned. See ``docs/losses.md`` for the formulas, the r
 each variant matches, the masking conventions and a ``jax.shard_map`` example.
 """
 from cldro_jax.losses._common import VARIANTS, l2_normalize_rows
+from cldro_jax.losses.adaptive import adaptive_mu_sigma
 from cldro_jax.losses.contrastive import adnce, dcl, hcl, infonce
 from cldro_jax.losses.dro import chi2_dro, diagnostics, kl_dro, mean_variance
 
 __all__ = [
     "VARIANTS",
+    "adaptive_mu_sigma",
     "adnce",
     "chi2_dro",
     "dcl",

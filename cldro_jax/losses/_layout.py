@@ -38,7 +38,15 @@ def _gather(x, axis_name):
 
 
 def axis_size(axis_name) -> int:
-  return 1 if axis_name is None else jax.lax.axis_size(axis_name)
+  if axis_name is None:
+    return 1
+  try:
+    return jax.lax.axis_size(axis_name)
+  except NameError as err:
+    raise ValueError(
+        f"axis_name={axis_name!r} is not a bound mesh axis: call the loss inside "
+        f"jax.shard_map(..., mesh=mesh, in_specs=P({axis_name!r}), ...) over a mesh with that "
+        "axis, or pass axis_name=None on one device.") from err
 
 
 def validate(z1, z2, variant, valid, labels, axis_name) -> None:

@@ -63,12 +63,34 @@ def _reduce(kind: str, x: jax.Array) -> jax.Array:
   return {"sum": jnp.sum, "max": jnp.max, "min": jnp.min}[kind](x, axis=-1)
 
 
+def count_without_labels(rows, cols, n_cols, dtype):
+  """Candidate counts in O(R) when no labels are given: valid columns minus the excluded ones.
+
+  Saves a full R x C pass (the mask sum) in the dense path.
+  """
+  valid = cols.get("valid")
+
+  def is_valid_column(ids):
+    inside = (ids >= 0) & (ids < n_cols)
+    if valid is None:
+      return inside
+    return inside & valid[jnp.clip(ids, 0, n_cols - 1)]
+
+  total = n_cols if valid is None else jnp.sum(valid)
+  excluded = (is_valid_column(rows["ex1"]).astype(dtype)
+              + (is_valid_column(rows["ex2"]) & (rows["ex2"] != rows["ex1"])).astype(dtype))
+  return jnp.asarray(total, dtype) - excluded
+
+
 def _dense(stats_fn, kinds, q, k, rows, cols, params):
   sim = q @ k.T
   mask = candidate_mask(rows, cols)
   values = stats_fn(sim, params)
   outs = tuple(_reduce(kind, jnp.where(mask, v, _fill(kind))) for kind, v in zip(kinds, values))
-  count = jnp.sum(mask, axis=-1, dtype=q.dtype)
+  if "label" in rows:
+    count = jnp.sum(mask, axis=-1, dtype=q.dtype)
+  else:
+    count = count_without_labels(rows, cols, k.shape[0], q.dtype)
   return outs, count
 
 
@@ -203,4 +225,7 @@ def row_reduce(stats_fn: StatsFn, kinds: Sequence[str], q: jax.Array, k: jax.Arr
     return _dense(stats_fn, kinds, q, k, rows, cols, params)
   block_size = min(int(block_size), k.shape[0])
   k_blocks, col_blocks = _split_columns(k, cols, block_size)
-  return _blockwise(stats_fn, kinds, q, k_blocks, dict(rows), col_blocks, dict(params))
+  outs, count = _blockwise(stats_fn, kinds, q, k_blocks, dict(rows), col_blocks, dict(params))
+  if "label" not in rows:  # same numbers; lets XLA drop the per-block mask sums
+    count = count_without_labels(rows, cols, k.shape[0], q.dtype)
+  return outs, count
