@@ -6,12 +6,16 @@ stored in `tokenizer.json` (all-MiniLM-L6-v2 ships padding and truncation to 128
 the `max_length` of each call.
 
 `SentenceCorpus` is a one-sentence-per-line text file (SimCSE's wiki1m) with random access by
-index, for the generic host input pipeline.
+index; `SentenceList` the same for sentences in memory, e.g. `sklearn_descr_sentences()` (real
+English shipped with scikit-learn, for the offline quick start). `TokenizedSource` turns either
+into a source for the generic host input pipeline (`cldro_jax.data.pipeline`): index array ->
+fixed-shape int32 `input_ids` / `attention_mask`.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Sequence
 
 import numpy as np
@@ -206,3 +210,100 @@ class SentenceCorpus:
   def batch(self, indices: Sequence[int]) -> list[str]:
     """The sentences at `indices`, in that order."""
     return [self[int(i)] for i in indices]
+
+
+class SentenceList:
+  """Sentences held in memory (a list of str), with the interface of SentenceCorpus."""
+
+  def __init__(self, sentences: Sequence[str], *, name: str = "in-memory sentences"):
+    self._sentences = [s for s in sentences if s.strip()]
+    if not self._sentences:
+      raise ValueError(f"{name}: no sentences.")
+    self.path = name
+
+  def __len__(self) -> int:
+    return len(self._sentences)
+
+  def __getitem__(self, index: int) -> str:
+    return self._sentences[index]
+
+  def batch(self, indices: Sequence[int]) -> list[str]:
+    return [self._sentences[int(i)] for i in indices]
+
+
+# reStructuredText lines that are markup, not prose: section underlines and table borders.
+_RST_RULE = re.compile(r"[=\-~^*#+]{3,}( +[=\-]+)*")
+# `text <url>`_ -> text; then drop the remaining emphasis/literal markers.
+_RST_LINK = re.compile(r"`([^`<]*?)\s*<[^>]*>`_+")
+_RST_MARKERS = re.compile(r"[`*]+")
+# A sentence ends at . ! or ? followed by whitespace and a capital letter or an opening bracket.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z(])")
+
+
+def sentences_from_rst(text: str, *, min_words: int = 4) -> list[str]:
+  """Prose sentences of a reStructuredText document.
+
+  Paragraphs that are directives, field lists, bullet lists, tables or headings are skipped; the
+  rest is joined and split at sentence ends. Only sentences of at least `min_words` words that
+  end with . ! or ? are kept. A heuristic (abbreviations like "M. Smith" may split a sentence),
+  good enough for a small offline corpus of real English.
+  """
+  sentences = []
+  for paragraph in re.split(r"\n\s*\n", text):
+    lines = [line.strip() for line in paragraph.splitlines() if line.strip()]
+    if not lines or lines[0].startswith(("..", ":", "=", "-", "*", "|", ">>>")):
+      continue
+    if any(_RST_RULE.fullmatch(line) for line in lines):
+      continue
+    prose = _RST_MARKERS.sub("", _RST_LINK.sub(r"\1", " ".join(lines)))
+    for sentence in _SENTENCE_END.split(prose):
+      sentence = sentence.strip()
+      if len(sentence.split()) >= min_words and sentence[-1] in ".!?":
+        sentences.append(sentence)
+  return sentences
+
+
+def sklearn_descr_sentences() -> list[str]:
+  """English sentences from the dataset descriptions shipped with scikit-learn (offline text).
+
+  `sklearn/datasets/descr/*.rst` (iris, digits, diabetes, ...; about 110 sentences), in file
+  name order. Used by the offline sentence quick start (configs/sts_minilm.py); it is no
+  substitute for wiki1m.
+  """
+  from importlib import resources  # pylint: disable=import-outside-toplevel
+  try:
+    folder = resources.files("sklearn.datasets") / "descr"
+  except ModuleNotFoundError as err:
+    raise FileNotFoundError("scikit-learn is not installed: pip install scikit-learn") from err
+  files = sorted((f for f in folder.iterdir() if f.name.endswith(".rst")), key=lambda f: f.name)
+  if not files:
+    raise FileNotFoundError(f"No .rst dataset descriptions in {folder}.")
+  sentences = []
+  for f in files:
+    sentences.extend(sentences_from_rst(f.read_text(encoding="utf-8")))
+  return sentences
+
+
+class TokenizedSource:
+  """A random-access training source for `cldro_jax.data.pipeline`: indices -> int32 token ids.
+
+  `source[indices]` returns {"input_ids", "attention_mask"} of shape (len(indices), max_length),
+  tokenised on the host when the batch is read (in the pipeline's prefetch thread), so the
+  device only ever sees fixed-shape integer arrays.
+  """
+
+  def __init__(self, corpus, tokenizer: SentenceTokenizer, max_length: int):
+    if max_length < 2:
+      raise ValueError(f"max_length must be >= 2 (room for the special tokens), got {max_length}.")
+    self.corpus = corpus
+    self.tokenizer = tokenizer
+    self.max_length = int(max_length)
+
+  def __len__(self) -> int:
+    return len(self.corpus)
+
+  def __getitem__(self, indices) -> dict[str, np.ndarray]:
+    indices = np.asarray(indices)
+    if indices.ndim != 1:
+      raise ValueError(f"index a TokenizedSource with a 1-D integer array, got {indices.shape}")
+    return self.tokenizer.encode_batch(self.corpus.batch(indices), self.max_length)

@@ -21,8 +21,10 @@ The evaluator only needs `embed_fn(list[str]) -> np.ndarray (n, d)`; `encoder_em
 one from a `SentenceEncoder` and its params (evaluation pooler: CLS WITHOUT the training MLP by
 default, SimCSE's `cls_before_pooler`; evaluating with the MLP is a classic reproduction bug).
 
-Run on a Hugging Face folder:
+Run on a Hugging Face folder, or on a cldro_jax sentence run (its best STS dev model when it kept
+one, else its last checkpoint; the run's config gives the pooler and the data folder):
     python -m cldro_jax.evaluators.sts --model_dir=HF_FOLDER --sts_root=DIR [--pooler=cls|mean|cls_mlp]
+    python -m cldro_jax.evaluators.sts --workdir=RUN_DIR [--checkpoint=auto|best|latest|STEP]
 """
 from __future__ import annotations
 
@@ -359,37 +361,72 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
       prog="python -m cldro_jax.evaluators.sts",
       description="STS12-16 / STS-B / SICK-R Spearman x100 of a BERT/RoBERTa sentence encoder.")
-  parser.add_argument("--model_dir", required=True,
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument("--model_dir",
                       help="local Hugging Face model folder (config.json, model.safetensors, tokenizer)")
-  parser.add_argument("--sts_root", required=True, help="SentEval's data/downstream folder")
-  parser.add_argument("--pooler", default="cls", choices=("cls", "mean", "cls_mlp"),
-                      help="cls = CLS without the training MLP (SimCSE's evaluation)")
+  source.add_argument("--workdir",
+                      help="a `python -m cldro_jax.main` sentence run: evaluates its encoder "
+                           "(see --checkpoint) with the run's config.json")
+  parser.add_argument("--checkpoint", default="auto",
+                      help="with --workdir: best (the best STS dev model), latest (the last "
+                           "training checkpoint), a step number, or auto (best if kept, else latest)")
+  parser.add_argument("--sts_root", default=None,
+                      help="SentEval's data/downstream folder (with --workdir, default: the "
+                           "run's config.data.sts_root)")
+  parser.add_argument("--pooler", default=None, choices=("cls", "mean", "cls_mlp"),
+                      help="cls = CLS without the training MLP (SimCSE's evaluation; the default "
+                           "with --model_dir); with --workdir the default is the run's evaluation pooler")
   parser.add_argument("--max_length", type=int, default=None,
                       help="truncate to this many tokens (default: the model's maximum)")
   parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument("--split", default="test", choices=("test", "dev"))
   parser.add_argument("--tasks", default=None,
                       help=f"comma-separated subset of {','.join(TASKS)} (default: all of the split)")
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  if args.model_dir and args.sts_root is None:
+    parser.error("--sts_root is required with --model_dir")
+  return args
+
+
+def _encoder_from_args(args: argparse.Namespace):
+  """(model config, params, tokenizer folder, pooler, description) for --model_dir/--workdir."""
+  from cldro_jax.models import bert
+  if args.model_dir:
+    config, params = bert.load_pretrained(args.model_dir)
+    return config, params, args.model_dir, args.pooler or "cls", f"model {args.model_dir}"
+  from cldro_jax.tasks import sentence
+  trained = sentence.load_trained_encoder(args.workdir, args.checkpoint)
+  if args.sts_root is None:
+    args.sts_root = trained.config.data.sts_root
+    if not args.sts_root:
+      raise FileNotFoundError(f"The run's config.data.sts_root is empty: pass --sts_root. "
+                              f"{GET_DATA_HELP}")
+  pooler = args.pooler or sentence.eval_pooler(trained.config)
+  return (trained.encoder_config, trained.params, trained.tokenizer_folder, pooler,
+          trained.description)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-  """Command line entry point; prints the pooler line and the table, returns the results."""
+  """Command line entry point; prints the pooler line, the model and the table; returns results."""
   args = _parse_args(argv)
   from cldro_jax.data.text import SentenceTokenizer
   from cldro_jax.models import bert
 
   tasks = tuple(args.tasks.split(",")) if args.tasks else None
-  load_tasks(args.sts_root, tasks, args.split)  # missing data fails before the model loads
-  config, pretrained = bert.load_pretrained(args.model_dir)
-  pooling, use_mlp = bert.pooler_settings(args.pooler)
-  if use_mlp and "pooler" not in pretrained:
-    raise ValueError(f"--pooler=cls_mlp needs pooler.dense weights, which {args.model_dir} lacks.")
+  if args.model_dir:   # missing data fails before the model loads
+    load_tasks(args.sts_root, tasks, args.split)
+  config, params, tokenizer_folder, pooler, description = _encoder_from_args(args)
+  if args.workdir:     # sts_root came from the run's config
+    load_tasks(args.sts_root, tasks, args.split)
+  pooling, use_mlp = bert.pooler_settings(pooler)
+  if use_mlp and "pooler" not in params:
+    raise ValueError(f"--pooler=cls_mlp needs pooler.dense weights, which {description} lacks.")
   model = bert.SentenceEncoder(config, pooling=pooling)
-  tokenizer = SentenceTokenizer(args.model_dir)
-  embed_fn = encoder_embed_fn(model, pretrained, tokenizer, use_mlp=use_mlp,
+  tokenizer = SentenceTokenizer(tokenizer_folder)
+  embed_fn = encoder_embed_fn(model, params, tokenizer, use_mlp=use_mlp,
                               max_length=args.max_length, batch_size=args.batch_size)
-  print(f"pooler: {describe_pooler(args.pooler)}", flush=True)
+  print(f"pooler: {describe_pooler(pooler)}", flush=True)
+  print(f"model: {description}", flush=True)
   results = evaluate_sts(embed_fn, args.sts_root, tasks, split=args.split)
   print(format_results(results))
   return results

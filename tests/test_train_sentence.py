@@ -1,0 +1,382 @@
+"""The sentence track through the trainer: SimCSE-style training, STS model selection, export.
+
+Runs on the tiny RoBERTa fixture (tests/fixtures/sentence/roberta_tiny, random weights, written by
+transformers) with corpora and SentEval-format STS files written here, and once on the shipped
+MiniLM (the offline quick start, configs/sts_minilm.py:runlocal).
+"""
+
+import io
+import json
+import os
+import pathlib
+import types
+from contextlib import redirect_stdout
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+
+from cldro_jax import checkpointing
+from cldro_jax import config_defaults
+from cldro_jax import losses
+from cldro_jax import metrics as metrics_lib
+from cldro_jax import train
+from cldro_jax.data import text
+from cldro_jax.evaluators import sts
+from cldro_jax.models import bert
+from cldro_jax.tasks import sentence
+from configs import sts_bert as sts_bert_config
+from configs import sts_minilm as sts_minilm_config
+from configs import sts_roberta as sts_roberta_config
+
+ROBERTA_DIR = pathlib.Path(__file__).parent / "fixtures" / "sentence" / "roberta_tiny"
+WORDS = ("a man woman child plays guitar piano dog cat runs sleeps eats food the on in park "
+         "house red blue small big quickly slowly sings reads book").split()
+
+
+def _sentence(rng):
+  return " ".join(rng.choice(WORDS, size=int(rng.integers(3, 10)))).capitalize() + "."
+
+
+def write_corpus(path, n=64, seed=0):
+  rng = np.random.default_rng(seed)
+  lines = [_sentence(rng) for _ in range(n)]
+  # Blank lines are not sentences (wiki1m has none; the reader skips them anyway).
+  path.write_text("\n".join(lines[:5] + [""] + lines[5:]) + "\n", encoding="utf-8")
+  return lines
+
+
+def write_sts(root, seed=1):
+  """A SentEval data/downstream tree in the real formats (every file the 7 tasks read)."""
+  rng = np.random.default_rng(seed)
+  pairs = lambda n: [(_sentence(rng), _sentence(rng), float(np.round(rng.uniform(0, 5), 2)))  # noqa: E731
+                     for _ in range(n)]
+  for year, subsets in sts.STS_YEAR_SUBSETS.items():
+    folder = root / "STS" / f"{year}-en-test"
+    folder.mkdir(parents=True)
+    for subset in subsets:
+      rows = pairs(6)
+      (folder / f"STS.input.{subset}.txt").write_text(
+          "".join(f"{a}\t{b}\n" for a, b, _ in rows), encoding="utf-8")
+      (folder / f"STS.gs.{subset}.txt").write_text(
+          "".join(f"{s}\n" for _, _, s in rows), encoding="utf-8")
+  stsb = root / "STS" / "STSBenchmark"
+  stsb.mkdir(parents=True)
+  (root / "SICK").mkdir()
+  for split, stsb_file, sick_file in (("train", "sts-train.csv", "SICK_train.txt"),
+                                      ("dev", "sts-dev.csv", "SICK_trial.txt"),
+                                      ("test", "sts-test.csv", "SICK_test_annotated.txt")):
+    (stsb / stsb_file).write_text("".join(
+        f"main-captions\tMSRvid\t2012test\t{i:04d}\t{s}\t{a}\t{b}\n"
+        for i, (a, b, s) in enumerate(pairs(24))), encoding="utf-8")
+    (root / "SICK" / sick_file).write_text(
+        "pair_ID\tsentence_A\tsentence_B\trelatedness_score\tentailment_judgment\n" + "".join(
+            f"{i}\t{a}\t{b}\t{1 + 0.8 * s:.1f}\tNEUTRAL\n" for i, (a, b, s) in enumerate(pairs(24))),
+        encoding="utf-8")
+  return root
+
+
+def tiny_config(tmp_path, **overrides):
+  """The BERT recipe (ADNCE sentence form, cls+MLP, AdamW linear decay) on the tiny RoBERTa."""
+  config = sts_bert_config.get_config()
+  config.model.path = str(ROBERTA_DIR)
+  config.model.dtype = "float32"
+  corpus = tmp_path / "corpus.txt"
+  if not corpus.exists():
+    write_corpus(corpus)
+  config.data.path = str(corpus)
+  config.data.sts_root = ""
+  config.batch_size = 16
+  config.total_steps = 4
+  config.log_every_steps = 1
+  config.checkpoint_every_steps = 2
+  config.progress_bar = False
+  config.eval.every_steps = 0
+  config.eval.final_tasks = ()
+  config.mesh.num_devices = 1
+  for key, value in overrides.items():
+    node = config
+    *path, leaf = key.split(".")
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+def saved_arrays(workdir, step=None):
+  checkpointer = checkpointing.Checkpointer(workdir)
+  try:
+    return checkpointer.restore_raw(step=step)
+  finally:
+    checkpointer.close()
+
+
+def encode(config, params, tokenizer_dir, sentences, pooling, max_length=64):
+  model = bert.SentenceEncoder(config, pooling=pooling)
+  batch = text.SentenceTokenizer(str(tokenizer_dir)).encode_batch(sentences, max_length)
+  return np.asarray(model.apply({"params": jax.tree.map(jnp.asarray, params)},
+                                batch["input_ids"], batch["attention_mask"], train=False,
+                                use_mlp=False), np.float64)
+
+
+def spearman_all_setting(emb_fn, subsets):
+  """Independent STS score: numpy cosine, scipy Spearman over all subsets' pairs concatenated."""
+  sims, gold = [], []
+  for pairs in subsets.values():
+    a, b = emb_fn(pairs.sentences1), emb_fn(pairs.sentences2)
+    sims.append((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1))
+    gold.append(pairs.scores)
+  return 100 * scipy.stats.spearmanr(np.concatenate(sims), np.concatenate(gold)).statistic
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def test_training_lowers_the_loss(tmp_path):
+  config = tiny_config(tmp_path, total_steps=30, checkpoint_every_steps=1000,
+                       **{"optim.lr": 3e-3})
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+  logged = [r["loss"] for r in metrics_lib.read_metrics(workdir, "train")]
+  assert len(logged) == 30 and np.all(np.isfinite(logged))
+  assert np.mean(logged[-5:]) < np.mean(logged[:5])
+
+  # The ADNCE loss of the whole 64-sentence corpus as one batch, same dropout keys, before and
+  # after training (the per-step losses above are of different batches, hence noisy).
+  task = sentence.SentenceTask(config, train.make_mesh(1))
+  batch = task.source[np.arange(64)]
+  initial, _ = jax.jit(task.init)(train.model_init_key(config.seed))
+  trained = saved_arrays(workdir)[0]["params"]["model"]
+
+  @jax.jit
+  def corpus_loss(params, key):
+    out = task.forward(params, {}, batch, key, train=True)
+    return losses.adnce(out.z1, out.z2, temperature=0.07, mu=0.4, sigma=1.0, variant="sentence")
+
+  keys = [jax.random.key(i) for i in range(2)]
+  before = np.mean([corpus_loss(initial, k) for k in keys])
+  after = np.mean([corpus_loss(trained, k) for k in keys])
+  # Random weights start worse than chance (log 64 = 4.16): dropout noise dominates.
+  assert before > np.log(64) and after < np.log(64) - 0.2 and after < before - 0.5, (before, after)
+
+
+def test_eight_devices_equal_one_device(tmp_path):
+  # SGD, not AdamW: Adam divides by sqrt(v), which turns float reduction-order noise in
+  # near-zero gradient coordinates into visible parameter differences; with SGD a parameter
+  # difference is the learning rate times a gradient difference, so a tight tolerance means
+  # something. The loss and the gradient norm of each step are compared as well.
+  settings = {"optim.name": "sgd", "optim.lr": 0.5, "optim.momentum": 0.9, "total_steps": 2,
+              "checkpoint_every_steps": 1000}
+  one, eight = str(tmp_path / "one"), str(tmp_path / "eight")
+  train.train_and_evaluate(tiny_config(tmp_path, **settings), one)
+  train.train_and_evaluate(tiny_config(tmp_path, **settings, **{"mesh.num_devices": 8}), eight)
+  a, _ = saved_arrays(one)
+  b, _ = saved_arrays(eight)
+  _, initial = bert.load_pretrained(str(ROBERTA_DIR))
+  moved = max(np.abs(np.asarray(x) - y).max() for x, y in zip(
+      jax.tree.leaves(a["params"]["model"]["encoder"]), jax.tree.leaves(initial["encoder"])))
+  assert moved > 1e-3   # the steps did change the encoder
+  # Same batches, same dropout masks (partitionable threefry), negatives gathered across the 8
+  # devices: the same function; only floating-point reduction orders differ.
+  for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"])):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+  lines_one = metrics_lib.read_metrics(one, "train")
+  lines_eight = metrics_lib.read_metrics(eight, "train")
+  for key in ("loss", "grad_norm"):
+    np.testing.assert_allclose([r[key] for r in lines_one], [r[key] for r in lines_eight],
+                               rtol=1e-5)
+
+
+def test_missing_sts_data_fail_at_start_with_the_download(tmp_path):
+  config = tiny_config(tmp_path, **{"eval.every_steps": 2,
+                                    "data.sts_root": str(tmp_path / "no_senteval")})
+  with pytest.raises(FileNotFoundError) as err:
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  message = str(err.value)
+  assert "sts-dev.csv" in message and "get_transfer_data.bash" in message
+  assert "--config.data.sts_root" in message and "--config.eval.missing_sts=skip" in message
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")   # before any training step
+
+
+def test_dev_selection_final_sts_and_workdir_evaluation(tmp_path):
+  root = write_sts(tmp_path / "downstream")
+  workdir = str(tmp_path / "run")
+  config = tiny_config(tmp_path, total_steps=6, checkpoint_every_steps=1000, **{
+      "eval.every_steps": 2, "data.sts_root": str(root), "eval.final_tasks": sts.TASKS,
+      "eval.batch_size": 16, "optim.lr": 1e-3})
+  out = io.StringIO()
+  with redirect_stdout(out):
+    results = train.train_and_evaluate(config, workdir)
+  printed = out.getvalue()
+  assert "pooler: cls (without the training MLP)" in printed    # SimCSE's evaluation, said so
+  assert "STS-B" in printed and "SICK-R" in printed
+
+  # Model selection: the dev score is logged at steps 2, 4 and 6; the best one is kept.
+  monitor = metrics_lib.read_metrics(workdir, "monitor")
+  assert [r["step"] for r in monitor] == [2, 4, 6]
+  dev = [r["sts_dev_avg"] for r in monitor]
+  best_step = [2, 4, 6][int(np.argmax(dev))]
+  assert monitor[-1]["sts_dev_best"] == pytest.approx(max(dev))
+  assert monitor[-1]["sts_dev_best_step"] == best_step
+  record = json.load(open(os.path.join(workdir, "best_dev", "best.json")))
+  assert record["step"] == best_step and results["sts_model_step"] == best_step
+
+  # The dev score of the kept model, recomputed independently from its exported weights.
+  enc_config, best_params = bert.load_pretrained(os.path.join(workdir, "best_dev"))
+  emb = lambda s: encode(enc_config, best_params, ROBERTA_DIR, s, "cls")  # noqa: E731
+  stsb_dev = sts.load_task(str(root), "STSBenchmark", "dev")
+  assert record["score"] == pytest.approx(spearman_all_setting(emb, stsb_dev), abs=1e-3)
+  # The 7 test tasks in the "all" setting, on the best model, against the same reference.
+  for task in sts.TASKS:
+    expected = spearman_all_setting(emb, sts.load_task(str(root), task, "test"))
+    assert results[f"sts_{task}"] == pytest.approx(expected, abs=1e-3), task
+  assert results["sts_avg"] == pytest.approx(np.mean([results[f"sts_{t}"] for t in sts.TASKS]))
+
+  # The export is the evaluated (best) model.
+  _, exported = bert.load_pretrained(results["hf_export"])
+  for x, y in zip(jax.tree.leaves(exported), jax.tree.leaves(best_params)):
+    np.testing.assert_array_equal(x, y)
+
+  # A resumed run's task finds the kept model on disk (best score, step and weights).
+  task = sentence.SentenceTask(config, train.make_mesh(1))
+  task.set_workdir(workdir)
+  state, _ = saved_arrays(workdir)
+  final_state = types.SimpleNamespace(step=np.int32(6), params=state["params"])
+  with redirect_stdout(io.StringIO()):
+    resumed = task.final_evaluation(final_state)
+  assert resumed["sts_model_step"] == best_step
+  assert resumed["sts_avg"] == pytest.approx(results["sts_avg"], abs=1e-6)
+
+  # `python -m cldro_jax.evaluators.sts --workdir`: the best model by default...
+  with redirect_stdout(io.StringIO()) as cli_out:
+    again = sts.main([f"--workdir={workdir}", "--batch_size=16"])
+  assert "best STS dev model" in cli_out.getvalue()
+  for task in sts.TASKS + ("avg",):
+    assert again[task] == pytest.approx(results[f"sts_{task}"], abs=1e-4)
+  # ...or the last training checkpoint, restored from orbax.
+  final_params = state["params"]["model"]
+  with redirect_stdout(io.StringIO()):
+    latest = sts.main([f"--workdir={workdir}", "--checkpoint=latest", "--tasks=STSBenchmark",
+                       "--batch_size=16"])
+  emb_final = lambda s: encode(enc_config, final_params, ROBERTA_DIR, s, "cls")  # noqa: E731
+  assert latest["STSBenchmark"] == pytest.approx(
+      spearman_all_setting(emb_final, sts.load_task(str(root), "STSBenchmark", "test")), abs=1e-3)
+
+
+def test_runlocal_minilm_offline_end_to_end_and_export_reload(tmp_path):
+  config = sts_minilm_config.get_config("runlocal")
+  config.total_steps = 2
+  config.batch_size = 8
+  config.mesh.num_devices = 1
+  workdir = str(tmp_path / "run")
+  out = io.StringIO()
+  with redirect_stdout(out):
+    results = train.train_and_evaluate(config, workdir)
+  # No STS data offline: said clearly, with how to get them, and the model is still exported.
+  assert "STS evaluation skipped" in results["sts_skipped"]
+  assert "get_transfer_data.bash" in results["sts_skipped"]
+  assert "STS evaluation skipped" in out.getvalue()
+  export = results["hf_export"]
+  modules = json.load(open(os.path.join(export, "modules.json")))
+  assert [m["type"].rsplit(".", 1)[-1] for m in modules] == ["Transformer", "Pooling"]
+  pooling = json.load(open(os.path.join(export, "1_Pooling", "config.json")))
+  assert pooling["pooling_mode_mean_tokens"] and not pooling["pooling_mode_cls_token"]
+
+  # The export reloads with our loader and embeds like the trained checkpoint.
+  state, meta = saved_arrays(workdir)
+  assert meta["step"] == 2
+  enc_config, exported = bert.load_pretrained(export)
+  trained = state["params"]["model"]
+  for x, y in zip(jax.tree.leaves(exported), jax.tree.leaves(trained)):
+    np.testing.assert_array_equal(x, np.asarray(y))
+  sentences = text.sklearn_descr_sentences()[:6]
+  tok = text.SentenceTokenizer(export)
+  batch = tok.encode_batch(sentences, 32)
+  model = bert.SentenceEncoder(enc_config, pooling="mean")
+  run = lambda p: np.asarray(model.apply(  # noqa: E731
+      {"params": jax.tree.map(jnp.asarray, p)}, batch["input_ids"], batch["attention_mask"],
+      train=False, use_mlp=False))
+  np.testing.assert_allclose(run(exported), run(trained), rtol=0, atol=0)
+  # Training changed the shipped MiniLM, and the tokenizer travelled with the weights.
+  _, original = bert.load_pretrained(sentence.shipped_minilm_dir())
+  assert np.abs(run(exported) - run(original)).max() > 1e-6
+  assert tok.encode_batch(sentences, 32)["input_ids"].tolist() == text.SentenceTokenizer(
+      sentence.shipped_minilm_dir()).encode_batch(sentences, 32)["input_ids"].tolist()
+
+
+def test_full_configs_match_the_paper():
+  """sts_bert / sts_roberta: LOSSES.md hyperparameters; bert-base / roberta-base by shapes."""
+  expected = {
+      sts_bert_config: ("bert-base-uncased", 0.07, 0.4, 1.0, 64, 3e-5, 109_482_240),
+      sts_roberta_config: ("roberta-base", 0.06, 2.0, 1.0, 512, 1e-5, 124_645_632),
+  }
+  for module, (arch, t, mu, sigma, batch, lr, n_params) in expected.items():
+    config = module.get_config()
+    config_defaults.validate_config(config)
+    sentence.validate(config)
+    assert os.path.basename(config.model.path) == arch
+    assert (config.loss.name, config.loss.temperature, config.loss.mu, config.loss.sigma) == (
+        "adnce", t, mu, sigma)
+    assert (config.batch_size, config.optim.lr, config.total_epochs) == (batch, lr, 1.0)
+    assert (config.optim.name, config.optim.schedule, config.optim.warmup_epochs,
+            config.optim.weight_decay, config.optim.grad_clip_norm) == (
+                "adamw", "linear_decay", 0.0, 0.0, 1.0)
+    assert (config.data.max_length, config.model.pooler, config.model.mlp_init) == (
+        32, "cls_mlp", "fresh")
+    assert sentence.eval_pooler(config) == "cls"          # evaluation without the MLP
+    assert (config.eval.every_steps, tuple(config.eval.dev_tasks), config.eval.keep_best) == (
+        125, ("STSBenchmark",), True)
+    assert tuple(config.eval.final_tasks) == sts.TASKS and config.eval.missing_sts == "error"
+    # SimCSE's baseline variant: InfoNCE at t = 0.05.
+    baseline = module.get_config("loss=infonce")
+    assert (baseline.loss.name, baseline.loss.temperature) == ("infonce", 0.05)
+    shapes = sentence.model_params_shape(config, sentence.KNOWN_ARCHITECTURES[arch])
+    # HF BertModel / RobertaModel incl. the pooler (our training MLP has the pooler's shapes).
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == n_params
+    local = module.get_config("runlocal")
+    assert local.loss.to_dict() == config.loss.to_dict()
+    assert local.model.path == sentence.shipped_minilm_dir() and local.data.source == "sklearn_descr"
+
+
+def test_flops_per_sentence_matches_anchor_and_xla():
+  arch = sentence.KNOWN_ARCHITECTURES["bert-base-uncased"]
+  assert sentence.flops_per_sentence(arch, 32) / 1e9 == pytest.approx(33, abs=0.5)  # ANCHORS.md
+  # Against XLA's own count of a forward pass (a mid-size encoder, where matmuls dominate).
+  small = bert.EncoderConfig(model_type="bert", vocab_size=100, hidden_size=256,
+                             num_hidden_layers=2, num_attention_heads=4, intermediate_size=1024)
+  model = bert.SentenceEncoder(small)
+  ids = jnp.ones((4, 32), jnp.int32)
+  params = jax.eval_shape(lambda k: bert.init_params(model, k), jax.random.key(0))
+  cost = jax.jit(lambda p, i: model.apply({"params": p}, i, jnp.ones_like(i), train=False,
+                                          use_mlp=True)).lower(params, ids).compile()
+  cost = cost.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  # flops_per_sentence counts 2 views x (forward + backward) = 6 forward passes.
+  analytic = sentence.flops_per_sentence(small, 32) / 6 * 4
+  assert cost["flops"] == pytest.approx(analytic, rel=0.1)
+
+
+def test_rst_sentences_and_the_offline_corpus():
+  rst = ("Title\n=====\n\n:Field: value\n\n.. note:: skipped\n\n"
+         "The first sentence is here. A second one follows `with a link <http://x.org>`_!\n"
+         "It wraps over two lines.\n\n- a bullet item. Not taken.\n\n=== ===\n a   b\n=== ===\n")
+  assert text.sentences_from_rst(rst) == [
+      "The first sentence is here.", "A second one follows with a link!", "It wraps over two lines."]
+  corpus = text.sklearn_descr_sentences()
+  assert len(corpus) > 100 and all(s[-1] in ".!?" and len(s.split()) >= 4 for s in corpus)
+  assert any("Fisher" in s for s in corpus)   # the iris description is in
+
+
+def test_bad_sentence_settings_are_refused(tmp_path):
+  config = tiny_config(tmp_path, **{"model.pooler": "max", "eval.dev_tasks": ("STS12",)})
+  with pytest.raises(ValueError) as err:
+    sentence.validate(config)
+  assert "config.model.pooler='max'" in str(err.value) and "dev split" in str(err.value)
+  config = tiny_config(tmp_path, **{"data.max_length": 80})
+  with pytest.raises(ValueError, match="exceeds the 64 positions"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  config = tiny_config(tmp_path, **{"model.path": ""})
+  with pytest.raises(FileNotFoundError, match="huggingface-cli download bert-base-uncased"):
+    train.train_and_evaluate(config, str(tmp_path / "run2"))
