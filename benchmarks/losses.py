@@ -47,7 +47,8 @@ def plain_adnce(out_1, out_2):
   out = jnp.concatenate([out_1, out_2], axis=0)
   neg = jnp.exp(out @ out.T / TEMPERATURE)
   idx = jnp.arange(2 * batch_size)
-  mask = (idx[:, None] != idx[None, :]) & (idx[None, :] != (idx[:, None] + batch_size) % (2 * batch_size))
+  pair = (idx + batch_size) % (2 * batch_size)
+  mask = (idx[:, None] != idx[None, :]) & (idx[None, :] != pair[:, None])
   pos = jnp.exp(jnp.sum(out_1 * out_2, axis=-1) / TEMPERATURE)
   pos = jnp.concatenate([pos, pos], axis=0)
   n = 2 * batch_size - 2

@@ -172,7 +172,7 @@ def test_dcl_hcl_clamp_active_matches_reference():
     hp = dict(tau_plus=tau_plus, beta=beta)
     value, (g1, g2, _) = run_x64("hcl-image", z1, z2, t, hp)
     np.testing.assert_allclose(value, ref.hcl(z1, z2, t=t, **hp), rtol=1e-10)
-    expected = ref.numeric_grad(lambda a, b: ref.hcl(a, b, t=t, **hp), z1, z2)
+    expected = ref.numeric_grad(functools.partial(ref.hcl, t=t, **hp), z1, z2)
     np.testing.assert_allclose(g1, expected[0], atol=2e-7)
     np.testing.assert_allclose(g2, expected[1], atol=2e-7)
 
@@ -180,8 +180,8 @@ def test_dcl_hcl_clamp_active_matches_reference():
 # ---------------------------------------------------------------------------------- identities
 @jax.jit
 def _dcl_value_and_grad(z1, z2, t, tau_plus):
-  fn = lambda a, b: losses.dcl(a, b, temperature=t, tau_plus=tau_plus)
-  return jax.value_and_grad(fn, (0, 1))(z1, z2)
+  return jax.value_and_grad(functools.partial(losses.dcl, temperature=t, tau_plus=tau_plus),
+                            (0, 1))(z1, z2)
 
 
 def test_dcl_with_zero_tau_plus_is_image_infonce():

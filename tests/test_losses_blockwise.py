@@ -41,9 +41,9 @@ def dense_and_blockwise(family):
   def program(z1, z2, t, beta, valid, labels):
     out = []
     for block_size in (None,) + BLOCK_SIZES:
-      fn = functools.partial(family_loss, family, block_size=block_size)
-      out.append(jax.value_and_grad(
-          lambda a, b, t, beta: fn(a, b, t, beta, valid, labels), (0, 1, 2, 3))(z1, z2, t, beta))
+      fn = functools.partial(family_loss, family, valid=valid, labels=labels,
+                             block_size=block_size)
+      out.append(jax.value_and_grad(fn, (0, 1, 2, 3))(z1, z2, t, beta))
     return out
   return jax.jit(program)
 
@@ -84,8 +84,9 @@ def test_blockwise_under_vmap_and_low_temperature():
   z2 = z1 + 0.05 * jnp.asarray(rng.normal(size=(3, 8, 4)), jnp.float32)
 
   def both(a, b):
-    fn = lambda bs: lambda x, y: losses.adnce(x, y, temperature=0.01, mu=0.7, sigma=0.5,
-                                              block_size=bs)
+    def fn(block_size):
+      return functools.partial(losses.adnce, temperature=0.01, mu=0.7, sigma=0.5,
+                               block_size=block_size)
     return (jax.value_and_grad(fn(None), (0, 1))(a, b), jax.value_and_grad(fn(3), (0, 1))(a, b))
 
   (dense, dense_grads), (block, block_grads) = jax.jit(jax.vmap(both))(z1, z2)

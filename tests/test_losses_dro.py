@@ -172,9 +172,10 @@ def test_kl_dro_is_the_kl_ball_worst_case_at_alpha_t():
     q_star = np.exp(f / t) / np.exp(f / t).sum()
     eta = np.sum(q_star * np.log(len(f) * q_star))
     sup = _kl_worst_case(f, eta)
-    dual = optimize.minimize_scalar(
-        lambda a: a * np.log(np.mean(np.exp(f / a))) + a * eta, bounds=(0.01, 10.0),
-        method="bounded", options={"xatol": 1e-10})
+    def dual_objective(alpha, f=f, eta=eta):
+      return alpha * np.log(np.mean(np.exp(f / alpha))) + alpha * eta
+    dual = optimize.minimize_scalar(dual_objective, bounds=(0.01, 10.0), method="bounded",
+                                    options={"xatol": 1e-10})
     np.testing.assert_allclose(dual.x, t, rtol=1e-4)
     np.testing.assert_allclose(dual.fun, sup, rtol=1e-6)
     per_anchor.append(-s_pos + sup - t * eta)

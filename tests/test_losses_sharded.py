@@ -65,15 +65,16 @@ def compare_program(case, block_size):
     return loss_fn(z1, z2, valid=valid, labels=labels)
 
   def inner_body(z1, z2, valid, labels):
-    local = lambda a, b: loss_fn(a, b, valid=valid, labels=labels, axis_name="data",
-                                 **_kw(block_size))
+    local = functools.partial(loss_fn, valid=valid, labels=labels, axis_name="data",
+                              **_kw(block_size))
     value, grads = jax.value_and_grad(local, (0, 1))(z1, z2)
     return value[None], grads
 
   inner = jax.shard_map(inner_body, mesh=mesh(), in_specs=(P("data"),) * 4,
                         out_specs=(P("data"), (P("data"), P("data"))))
   outer = jax.shard_map(
-      lambda a, b, v, l: loss_fn(a, b, valid=v, labels=l, axis_name="data", **_kw(block_size)),
+      lambda a, b, v, lab: loss_fn(a, b, valid=v, labels=lab, axis_name="data",
+                                   **_kw(block_size)),
       mesh=mesh(), in_specs=(P("data"),) * 4, out_specs=P())
 
   def program(*args):
@@ -119,7 +120,7 @@ def test_diagnostics_inside_shard_map():
   args = (jnp.asarray(z1), jnp.asarray(z2), jnp.asarray(valid), jnp.asarray(labels))
   kw = dict(temperature=0.3, mu=0.6, sigma=0.5, variant="sentence")
   sharded = jax.jit(jax.shard_map(
-      lambda a, b, v, l: losses.diagnostics(a, b, valid=v, labels=l, axis_name="data", **kw),
+      lambda a, b, v, lab: losses.diagnostics(a, b, valid=v, labels=lab, axis_name="data", **kw),
       mesh=mesh(), in_specs=(P("data"),) * 4, out_specs=P()))
   got = jax.block_until_ready(sharded(*args))
   expected = ref.diagnostics(z1, z2, t=0.3, mu=0.6, sigma=0.5, variant="sentence", valid=valid,

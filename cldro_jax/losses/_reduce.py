@@ -49,7 +49,8 @@ def candidate_mask(rows: Mapping[str, jax.Array], cols: Mapping[str, jax.Array])
   if "label" in rows:
     # Same-label candidates are false negatives (the oracle / supervised setting): removed,
     # except the anchor's own positive where the variant keeps it inside the set (SimCSE).
-    mask = mask & ((rows["label"][:, None] != cols["label"][None, :]) | (idx == rows["pos"][:, None]))
+    other_label = rows["label"][:, None] != cols["label"][None, :]
+    mask = mask & (other_label | (idx == rows["pos"][:, None]))
   return mask
 
 

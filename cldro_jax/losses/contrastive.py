@@ -142,8 +142,9 @@ def hcl(z1, z2, *, temperature, tau_plus, beta, valid=None, labels=None, axis_na
         block_size=None):
   """HCL (Robinson et al. 2021), image form, as in the reference code.
 
-  ``imp_ij = exp(beta s_ij / t)`` (differentiated), ``R_i = sum_j imp_ij exp(s_ij/t) / mean_j imp_ij``
-  over the 2B-2 negatives, ``Ng_i = max((R_i - tau_plus N_i pos_i) / (1 - tau_plus), N_i e^{-1/t})``,
+  ``imp_ij = exp(beta s_ij / t)`` (differentiated),
+  ``R_i = sum_j imp_ij exp(s_ij/t) / mean_j imp_ij`` over the 2B-2 negatives,
+  ``Ng_i = max((R_i - tau_plus N_i pos_i) / (1 - tau_plus), N_i e^{-1/t})``,
   ``L_i = -log(pos_i / (pos_i + Ng_i))``, all in the log domain. N_i counts the anchor's negatives
   (2B-2 without masks). beta = 0 is DCL. Arguments as :func:`infonce`; tau_plus in [0, 1).
   """
