@@ -99,7 +99,7 @@ def bench_size(batch, dim, block_size, warmup, repeats, memory_budget):
   rows, values = [], {}
   for name, (fn, is_dense) in impls.items():
     if is_dense and dense_bytes > memory_budget:
-      rows.append((name, None, None, f"skipped: needs ~{dense_bytes / 2 ** 30:.0f} GiB"))
+      rows.append((name, None, None, f"skipped: needs ~{dense_bytes / 2 ** 30:.1f} GiB"))
       continue
     program = jax.jit(jax.value_and_grad(fn, (0, 1)))
     compiled = program.lower(z1, z2, valid).compile()
