@@ -287,7 +287,7 @@ def test_numerics_float32(family):
     ("infonce-sentence", jnp.bfloat16)])
 def test_half_precision_inputs_are_upcast(family, dtype):
   hp = FAMILIES[family][-1]
-  z1, z2 = make_views("random", seed=10)
+  z1, z2 = make_views("random", batch=10, seed=10)  # another batch size, too
   value, grads = run(family, z1, z2, 0.05, hp, dtype=dtype)
   assert value.dtype == jnp.float32 and grads[0].dtype == dtype
   assert all(np.all(np.isfinite(np.asarray(g, np.float32))) for g in grads)
@@ -319,19 +319,16 @@ def test_check_grads_x64(family):
                     atol=1e-6, rtol=1e-6)
 
 
-def test_jit_and_vmap_match_eager():
+def test_jit_and_vmap_match_reference():
   rng = np.random.default_rng(15)
-  z1 = rng.normal(size=(3, BATCH, DIM))
-  z2 = rng.normal(size=(3, BATCH, DIM))
+  z1 = rng.normal(size=(3, 5, DIM))
+  z2 = rng.normal(size=(3, 5, DIM))
   family = "hcl-image"
   hp = FAMILIES[family][-1]
   expected = [reference_loss(family, 0.3, hp)(z1[i], z2[i]) for i in range(3)]
   batched = jax.jit(jax.vmap(lambda a, b: library_loss(family, a, b, 0.3, hp)))
   np.testing.assert_allclose(np.asarray(batched(jnp.asarray(z1, jnp.float32),
                                                 jnp.asarray(z2, jnp.float32))), expected, rtol=1e-5)
-  for i in range(3):  # the per-example jitted program agrees
-    np.testing.assert_allclose(float(run(family, z1[i], z2[i], 0.3, hp)[0]), expected[i],
-                               rtol=1e-5)
 
 
 def test_array_hyperparameters_do_not_recompile():
