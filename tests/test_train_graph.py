@@ -57,7 +57,7 @@ def saved_arrays(workdir):
 def assert_trees_close(a, b, rtol, atol):
   flat_a, flat_b = jax.tree.leaves(a), jax.tree.leaves(b)
   assert len(flat_a) == len(flat_b)
-  for x, y in zip(flat_a, flat_b):
+  for x, y in zip(flat_a, flat_b, strict=True):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
@@ -228,7 +228,7 @@ def test_per_device_packing_puts_each_step_graph_in_the_same_global_slot():
 
   # The position is a function of the step: resuming at step 3 yields batches 3 and 4.
   resumed = list(one.train_batches(start_step=3, num_steps=2))
-  for got, step in zip(resumed, (3, 4)):
+  for got, step in zip(resumed, (3, 4), strict=True):
     jax.tree.map(np.testing.assert_array_equal, got, one.host_batch(step))
 
 

@@ -201,7 +201,7 @@ def empty_block(budget: graphs_lib.GraphBudget, feature_dim: int) -> graphs_lib.
 
 def concat_blocks(blocks: list[graphs_lib.GraphBatch]) -> graphs_lib.GraphBatch:
   """Per-device blocks stacked along axis 0 (ids stay local to each block)."""
-  return graphs_lib.GraphBatch(*(np.concatenate(parts) for parts in zip(*blocks)))
+  return graphs_lib.GraphBatch(*(np.concatenate(parts) for parts in zip(*blocks, strict=True)))
 
 
 def local_device_positions(mesh: jax.sharding.Mesh) -> list[int]:
@@ -256,7 +256,6 @@ class GraphTask:
         data.name, root=data.data_dir or None, source=data.source, download=data.download,
         use_node_attributes=data.use_node_attributes, node_features=data.node_features)
     self.graphs = self.dataset.graphs
-    self.labels = np.asarray([g.label for g in self.graphs])
     self.feature_dim = int(self.graphs[0].node_features.shape[1])
     num_graphs, devices = len(self.graphs), mesh.size
     if num_graphs < 2:
