@@ -36,6 +36,13 @@ def _loss_defaults() -> ml_collections.ConfigDict:
       # Remove same-label candidates from the negatives (the "oracle" of the sampling-bias
       # experiment; needs labels for every training example).
       use_labels=False,
+      # Adaptive ADNCE (cldro_jax/losses/adaptive.py): mu and sigma recomputed every step from
+      # the batch's negative cosines instead of fixed. mu_rule "quantile": mu = the mu_quantile
+      # quantile of the negatives; sigma_rule "std": sigma = sigma_scale x their std.
+      mu_rule="fixed",
+      mu_quantile=0.9,
+      sigma_rule="fixed",
+      sigma_scale=1.0,
   ))
 
 
@@ -169,6 +176,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check(0 <= loss.tau_plus < 1, f"config.loss.tau_plus must be in [0, 1), got {loss.tau_plus}",
          problems)
   _check(loss.block_size >= 0, "config.loss.block_size must be >= 0 (0 = dense)", problems)
+  _check(loss.mu_rule in ("fixed", "quantile"),
+         f"config.loss.mu_rule={loss.mu_rule!r} is not one of fixed, quantile", problems)
+  _check(loss.sigma_rule in ("fixed", "std"),
+         f"config.loss.sigma_rule={loss.sigma_rule!r} is not one of fixed, std", problems)
+  _check(0.0 <= loss.mu_quantile <= 1.0,
+         f"config.loss.mu_quantile must be in [0, 1], got {loss.mu_quantile}", problems)
+  _check(loss.sigma_scale > 0, f"config.loss.sigma_scale must be > 0, got {loss.sigma_scale}",
+         problems)
+  if (loss.mu_rule, loss.sigma_rule) != ("fixed", "fixed") and loss.name != "adnce":
+    problems.append(
+        f"config.loss.mu_rule/sigma_rule adapt ADNCE's weights, but config.loss.name="
+        f"{loss.name!r}; use --config.loss.name=adnce or leave both rules 'fixed'")
   _check(config.batch_size >= 2, "config.batch_size must be >= 2", problems)
   _check(config.total_steps > 0 or config.total_epochs > 0,
          "set config.total_epochs or config.total_steps to a positive number", problems)

@@ -129,8 +129,9 @@ def make_loss_fn(loss_cfg: ml_collections.ConfigDict, variant: str) -> Callable[
   else:
     raise ValueError(f"Unknown loss {loss_cfg.name!r}")
 
-  def loss_fn(z1, z2, valid, labels, axis_name):
-    return fn(z1, z2, valid=valid, labels=labels, axis_name=axis_name)
+  def loss_fn(z1, z2, valid, labels, axis_name, **hyper):
+    # `hyper` overrides bound hyperparameters per step (adaptive ADNCE's traced mu and sigma).
+    return fn(z1, z2, valid=valid, labels=labels, axis_name=axis_name, **hyper)
   return loss_fn
 
 
@@ -142,15 +143,25 @@ def _global_loss_and_diagnostics(loss_cfg, variant, mesh, z1, z2, valid, labels)
   """
   loss_fn = make_loss_fn(loss_cfg, variant)
   adnce = loss_cfg.name == "adnce"
+  adaptive = adnce and (loss_cfg.get("mu_rule", "fixed"), loss_cfg.get("sigma_rule", "fixed")) != (
+      "fixed", "fixed")
 
   def local(z1, z2, valid, labels):
     lab = labels if loss_cfg.use_labels else None
-    loss = loss_fn(z1, z2, valid, lab, AXIS)
+    mu, sigma = loss_cfg.mu, loss_cfg.sigma
+    if adaptive:   # adaptive ADNCE: this step's mu/sigma from its negatives (stop-gradient)
+      mu, sigma = losses.adaptive_mu_sigma(
+          z1, z2, mu=mu, sigma=sigma, mu_rule=loss_cfg.mu_rule, mu_quantile=loss_cfg.mu_quantile,
+          sigma_rule=loss_cfg.sigma_rule, sigma_scale=loss_cfg.sigma_scale, variant=variant,
+          valid=valid, labels=lab, axis_name=AXIS)
+    loss = loss_fn(z1, z2, valid, lab, AXIS, **({"mu": mu, "sigma": sigma} if adaptive else {}))
     diag = losses.diagnostics(
         jax.lax.stop_gradient(z1), jax.lax.stop_gradient(z2),
-        temperature=loss_cfg.temperature, mu=loss_cfg.mu if adnce else None,
-        sigma=loss_cfg.sigma if adnce else None, variant=variant, valid=valid, labels=lab,
+        temperature=loss_cfg.temperature, mu=mu if adnce else None,
+        sigma=sigma if adnce else None, variant=variant, valid=valid, labels=lab,
         axis_name=AXIS)
+    if adaptive:
+      diag = dict(diag, adnce_mu=mu, adnce_sigma=sigma)
     return loss, diag
 
   spec = P(AXIS)

@@ -44,6 +44,9 @@ train_per_class    keep only the first n train images of each class (in stored o
                    sources only. None: all.
 test_per_class     the same for the test split.
 num_classes        ``npz``: number of classes (None: max label + 1).
+classes_per_batch  0 (default): batches in uniformly shuffled epoch order. k > 0: each training
+                   batch holds batch_size / k examples of each of k random classes
+                   (``pipeline.class_batch_indices``; the sampling-bias experiment).
 =================  ===========================================================================
 
 Unset optional fields may also be written as ``""`` or ``0``; ``image_size`` may be one int (a
@@ -142,6 +145,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     cfg.train_per_class = config_dict.placeholder(int)
     cfg.test_per_class = config_dict.placeholder(int)
     cfg.num_classes = config_dict.placeholder(int)
+    cfg.classes_per_batch = 0
     return cfg
 
 

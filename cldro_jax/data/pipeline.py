@@ -11,6 +11,12 @@ Each process reads only its contiguous slice of every global batch (rows ``[p * 
 (p + 1) * local)``), which is what ``jax.make_array_from_process_local_data`` expects when the
 batch axis is sharded over processes in order.
 
+Class-stratified batches (``classes_per_batch=k``, the sampling-bias experiment): each global
+batch holds ``global_batch_size / k`` examples of each of ``k`` classes, both drawn at random from
+``(seed, step)`` alone, so resume stays exact. A label-blind contrastive loss then sees about
+``1/k`` of each anchor's negatives from its own class (false negatives), a share the experiment
+controls; with 10 balanced classes and ``k = 0`` (uniform order) it is about 1/10.
+
 Evaluation visits every example exactly once: the last global batch is padded to full size and
 carries a boolean ``mask`` (False on padding rows, whose arrays are zeros), so metrics summed
 over ``mask`` count each example once on any number of processes and devices.
@@ -130,6 +136,99 @@ def train_indices(
             _cache.update(epoch=epoch, order=order)
     start = position * global_batch_size + process_index * local
     return order[start : start + local]
+
+
+def source_labels(source: Any, *, chunk_size: int = 4096) -> np.ndarray:
+    """The int label of every example of ``source`` (-1 = unlabelled), in index order.
+
+    Uses the source's ``labels`` array when it has one (in-memory sources); otherwise reads the
+    ``label`` entry in chunks (which also reads the images: lazy sources pay one pass).
+    """
+    if isinstance(source, Subset):  # checked first: a Subset forwards `labels` to its parent
+        return source_labels(source.source, chunk_size=chunk_size)[source.indices]
+    labels = getattr(source, "labels", None)
+    if labels is None:
+        parts = []
+        for start in range(0, len(source), chunk_size):
+            batch = source[np.arange(start, min(start + chunk_size, len(source)))]
+            if "label" not in batch:
+                raise ValueError(
+                    "classes_per_batch needs labelled examples, but the source returns no "
+                    f"'label' entry (entries: {sorted(batch)}); set classes_per_batch=0"
+                )
+            parts.append(np.asarray(batch["label"]))
+        labels = np.concatenate(parts) if parts else np.zeros((0,), np.int64)
+    labels = np.asarray(labels)
+    if labels.shape != (len(source),) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"source labels must be integers of shape ({len(source)},), got {labels.dtype} "
+            f"{labels.shape}"
+        )
+    return labels
+
+
+def class_pools(labels: np.ndarray) -> dict[int, np.ndarray]:
+    """``{class: indices of its examples}`` over the labelled examples (label >= 0)."""
+    labels = np.asarray(labels)
+    classes = np.unique(labels[labels >= 0])
+    return {int(c): np.flatnonzero(labels == c) for c in classes}
+
+
+def check_classes_per_batch(
+    pools: dict[int, np.ndarray], global_batch_size: int, classes_per_batch: int
+) -> int:
+    """Examples per class in each batch; raises ValueError when the request cannot be met."""
+    k = classes_per_batch
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"classes_per_batch must be a positive int (0 = off), got {k!r}")
+    if global_batch_size % k:
+        raise ValueError(
+            f"classes_per_batch={k} must divide the global batch size {global_batch_size}; "
+            f"e.g. use --config.batch_size={global_batch_size // k * k or k}"
+        )
+    per_class = global_batch_size // k
+    eligible = [c for c, idx in pools.items() if idx.size >= per_class]
+    if len(eligible) < k:
+        raise ValueError(
+            f"classes_per_batch={k} with {per_class} examples per class needs {k} classes with "
+            f"at least {per_class} labelled examples each; the source has {len(eligible)} such "
+            f"classes (of {len(pools)} labelled classes). Lower classes_per_batch or the batch "
+            "size, or use more data per class"
+        )
+    return per_class
+
+
+def class_batch_indices(
+    pools: dict[int, np.ndarray],
+    *,
+    global_batch_size: int,
+    classes_per_batch: int,
+    seed: int,
+    step: int,
+    process_index: int,
+    process_count: int,
+) -> np.ndarray:
+    """Source indices this process reads at ``step`` of a class-stratified run.
+
+    The global batch is ``classes_per_batch`` classes drawn uniformly without replacement (among
+    classes with enough examples), then ``global_batch_size / classes_per_batch`` examples of
+    each drawn uniformly without replacement, then shuffled so that every process and device
+    slice mixes the classes. A pure function of ``(seed, step)``: no epoch state, exact resume.
+    Over an epoch each example is visited once in expectation (not exactly once).
+    """
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    per_class = check_classes_per_batch(pools, global_batch_size, classes_per_batch)
+    local = local_batch_size(global_batch_size, process_count)
+    eligible = np.array(sorted(c for c, idx in pools.items() if idx.size >= per_class))
+    # The trailing constant separates this stream from epoch_permutation's (seed, epoch) one.
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(step), 0xC1A55]))
+    chosen = rng.choice(eligible, size=classes_per_batch, replace=False)
+    rows = np.concatenate([rng.choice(pools[int(c)], size=per_class, replace=False)
+                           for c in chosen])
+    rows = rows[rng.permutation(global_batch_size)]
+    start = process_index * local
+    return rows[start : start + local]
 
 
 def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
@@ -262,12 +361,15 @@ def train_batches(
     process_index: int | None = None,
     process_count: int | None = None,
     prefetch: int = 2,
+    classes_per_batch: int = 0,
 ) -> Iterator[Batch]:
     """Local training batches for steps ``start_step .. start_step + num_steps - 1``.
 
     Batch ``s`` depends only on ``(seed, s)``: resuming at ``start_step`` reproduces the batches
     of an uninterrupted run. Each yielded dict holds this process's ``global_batch_size /
     process_count`` rows. ``process_index``/``process_count`` default to jax's.
+    ``classes_per_batch=k > 0`` draws class-stratified batches (``class_batch_indices``; needs
+    labels) instead of epoch permutations.
     """
     process_index, process_count = _resolve_processes(process_index, process_count)
     num_examples = len(source)
@@ -275,19 +377,34 @@ def train_batches(
     steps_per_epoch(num_examples, global_batch_size)  # fail now, not in the thread
     if start_step < 0 or num_steps < 0:
         raise ValueError(f"start_step and num_steps must be >= 0, got {start_step}, {num_steps}")
+    pools = None
+    if classes_per_batch:
+        pools = class_pools(source_labels(source))
+        check_classes_per_batch(pools, global_batch_size, classes_per_batch)  # fail now
 
     def produce() -> Iterator[Batch]:
         cache: dict = {}
         for step in range(start_step, start_step + num_steps):
-            index = train_indices(
-                num_examples,
-                global_batch_size=global_batch_size,
-                seed=seed,
-                step=step,
-                process_index=process_index,
-                process_count=process_count,
-                _cache=cache,
-            )
+            if pools is not None:
+                index = class_batch_indices(
+                    pools,
+                    global_batch_size=global_batch_size,
+                    classes_per_batch=classes_per_batch,
+                    seed=seed,
+                    step=step,
+                    process_index=process_index,
+                    process_count=process_count,
+                )
+            else:
+                index = train_indices(
+                    num_examples,
+                    global_batch_size=global_batch_size,
+                    seed=seed,
+                    step=step,
+                    process_index=process_index,
+                    process_count=process_count,
+                    _cache=cache,
+                )
             yield _check_batch(source[index], local)
 
     return _background(produce, prefetch)

@@ -1,0 +1,1 @@
+"""Scripts that turn the paper's claims into rerunnable experiments (see docs/results.md)."""

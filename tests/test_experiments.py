@@ -1,0 +1,265 @@
+"""The experiment scripts' quick modes, each checked against a known answer, and the adaptive
+ADNCE rule against NumPy.
+
+Each quick mode trains tiny real runs (shipped Fashion-MNIST images, ResNet-18 width 4, 10 steps)
+through the trainer; the known answers are recomputed here in float64 NumPy from what the
+scripts dump (the projections of a replayed training step), independently of cldro_jax.losses.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import reference_losses as ref
+from cldro_jax import config_defaults
+from cldro_jax import losses
+from cldro_jax import metrics as metrics_lib
+from experiments import adaptive_adnce
+from experiments import common
+from experiments import compare_losses
+from experiments import sampling_bias
+from experiments import temperature_radius
+from experiments import weights_plot
+
+
+def image_negatives(z1, z2):
+  """float64 cosines of the image layout (2B anchors over concat(z1, z2)) and the mask of each
+  anchor's 2B-2 negatives (itself and its pair excluded)."""
+  z = ref.normalize(np.concatenate([z1, z2]))
+  n = z.shape[0]
+  mask = ~np.eye(n, dtype=bool)
+  mask[np.arange(n), (np.arange(n) + n // 2) % n] = False
+  return z @ z.T, mask
+
+
+def run_quick(module, out, *extra):
+  return module.main(["--out", str(out), "--quick", "--seeds", "0", *extra])
+
+
+# ------------------------------------------------------------------------------ quick modes
+
+
+@pytest.fixture(scope="module")
+def compare_out(tmp_path_factory):
+  out = tmp_path_factory.mktemp("compare")
+  return out, run_quick(compare_losses, out)
+
+
+def test_compare_losses_quick_adnce_with_huge_sigma_is_infonce(compare_out):
+  out, summary = compare_out
+  runs = {r["overrides"]["loss.name"]: r for r in summary["runs"]}
+  assert set(runs) == {"infonce", "adnce"} and runs["adnce"]["overrides"]["loss.sigma"] == 1e6
+  lines = {name: metrics_lib.read_metrics(r["workdir"], "train") for name, r in runs.items()}
+  info = np.array([r["loss"] for r in lines["infonce"]])
+  adn = np.array([r["loss"] for r in lines["adnce"]])
+  assert info.shape == adn.shape == (10,)
+  # Same seed, same batches: the first steps agree to float32 rounding (the two programs are
+  # compiled separately, so rounding differs in the last bits and Adam amplifies it slowly).
+  np.testing.assert_allclose(adn[:3], info[:3], rtol=1e-5)
+  np.testing.assert_allclose(adn, info, rtol=2e-2)
+  # ADNCE's weights at sigma = 1e6 are all 1: the logged weight range says so.
+  assert all(abs(r["adnce_w_max"] - 1) < 1e-5 and abs(r["adnce_w_min"] - 1) < 1e-5
+             for r in lines["adnce"])
+  res_i, res_a = runs["infonce"]["results"], runs["adnce"]["results"]
+  for key in ("final_knn_top1", "linear_probe_top1"):
+    assert abs(res_i[key] - res_a[key]) <= 2.5 + 1e-9   # at most one of 40 test images flips
+  # The table and the figures exist and the table holds both losses' scores.
+  text = (out / "compare_losses.md").read_text()
+  assert "| infonce | t=0.2 |" in text and "adnce (sigma=1e+06)" in text
+  for key in ("knn_top1", "online_probe_top1", "train_loss"):
+    assert (out / f"compare_losses_{key}.png").stat().st_size > 10_000
+  saved = json.loads((out / "compare_losses.json").read_text())
+  assert len(saved["curves"]["infonce"]["knn_top1"]["epochs"]) == 2   # epochs 1 and 2
+
+
+def test_compare_losses_reruns_skip_finished_runs(compare_out):
+  out, first = compare_out
+  again = run_quick(compare_losses, out)
+  assert [r["wall_s"] for r in again["runs"]] == [r["wall_s"] for r in first["runs"]]
+  for r in again["runs"]:   # no second training: one train line per step
+    steps = [x["step"] for x in metrics_lib.read_metrics(r["workdir"], "train")]
+    assert steps == list(range(1, 11))
+
+
+def test_sampling_bias_quick_oracle_loss_is_masked_infonce(tmp_path):
+  summary = run_quick(sampling_bias, tmp_path)
+  # Batch 16 from 2 classes: 8 per class, so 7 of each anchor's 15 other examples share its class.
+  assert summary["shares"]["2"] == pytest.approx(7 / 15, abs=1e-12)
+  dump = np.load(tmp_path / "oracle_replay.npz")
+  z1, z2, labels = dump["z1"], dump["z2"], dump["labels"]
+  t = float(dump["temperature"])
+  assert np.bincount(labels).max() == 8 and len(np.unique(labels)) == 2
+  masked = ref.weighted_nce(z1, z2, t=t, variant="image", labels=labels)
+  assert float(dump["logged_loss"]) == pytest.approx(masked, rel=2e-5)
+  # Not vacuous: with half the negatives from the anchor's class, masking changes the loss.
+  assert abs(ref.weighted_nce(z1, z2, t=t, variant="image") - masked) > 0.05
+  assert (tmp_path / "sampling_bias.png").stat().st_size > 10_000
+  assert "oracle InfoNCE" in (tmp_path / "sampling_bias.md").read_text()
+
+
+def test_temperature_radius_quick_logged_radius_matches_numpy(tmp_path):
+  summary = run_quick(temperature_radius, tmp_path)
+  dump = np.load(tmp_path / "radius_replay.npz")
+  t = float(dump["temperature"])
+  sims, mask = image_negatives(dump["z1"], dump["z2"])
+  np.testing.assert_array_equal(dump["negatives"], mask)
+  np.testing.assert_allclose(dump["sims"], sims, atol=2e-6)
+  var = np.array([sims[i][mask[i]].var() for i in range(sims.shape[0])])
+  assert float(dump["logged_eta_hat"]) == pytest.approx(var.mean() / (2 * t * t), rel=1e-4)
+  assert float(dump["logged_s_neg_var"]) == pytest.approx(var.mean(), rel=1e-4)
+  # The replayed objectives: KL-DRO and mean-variance against the float64 reference.
+  replays = summary["per_temperature"][str(t)]["replays"][0]
+  assert [r["step"] for r in replays] == [5, 10]
+  assert all(r["premium_exact"] > 0 for r in replays)   # Jensen: t log E e^(f/t) >= E f
+  assert (tmp_path / "temperature_radius_objectives.png").stat().st_size > 10_000
+
+
+def test_weights_plot_quick_infonce_weights_are_the_softmax(tmp_path):
+  run_quick(weights_plot, tmp_path)
+  dump = np.load(tmp_path / "weights.npz")
+  t = float(dump["temperature"])
+  sims, mask = image_negatives(dump["z1"], dump["z2"])
+  n = mask.sum(1, keepdims=True)
+  logits = np.where(mask, sims / t, -np.inf)
+  softmax = np.exp(logits - logits.max(1, keepdims=True))
+  softmax /= softmax.sum(1, keepdims=True)
+  np.testing.assert_allclose(dump["infonce_weights"] / n, softmax, rtol=2e-4, atol=1e-9)
+  for i, (mu, sigma) in enumerate(dump["adnce_settings"]):
+    g = np.where(mask, np.exp(-(sims - mu) ** 2 / (2 * sigma ** 2)), 0.0)
+    q = g * np.exp(np.where(mask, sims / t, 0.0))
+    q /= q.sum(1, keepdims=True)
+    np.testing.assert_allclose(dump[f"adnce_{i}_weights"] / n, q, rtol=2e-4, atol=1e-9)
+  for name in ("vs_similarity", "binned", "gaussian"):
+    assert (tmp_path / f"weights_plot_{name}.png").stat().st_size > 10_000
+
+
+def test_adaptive_quick_mu_and_sigma_move_and_match_numpy(tmp_path):
+  summary = run_quick(adaptive_adnce, tmp_path)
+  run = summary["runs"][0]
+  lines = metrics_lib.read_metrics(run["workdir"], "train")
+  mu = np.array([r["adnce_mu"] for r in lines])
+  sigma = np.array([r["adnce_sigma"] for r in lines])
+  assert mu.size == sigma.size == 10
+  assert np.ptp(mu) > 1e-3 and np.ptp(sigma) > 1e-3            # they really move
+  assert np.unique(np.round(mu, 6)).size >= 5
+  dump = np.load(tmp_path / "adaptive_replay.npz")
+  assert str(dump["mu_rule"]) == "quantile" and str(dump["sigma_rule"]) == "std"
+  sims, mask = image_negatives(dump["z1"], dump["z2"])
+  negatives = sims[mask]
+  assert float(dump["logged_mu"]) == pytest.approx(
+      np.quantile(negatives, float(dump["mu_quantile"])), abs=2e-5)
+  assert float(dump["logged_sigma"]) == pytest.approx(
+      float(dump["sigma_scale"]) * negatives.std(), rel=1e-4)
+  assert (tmp_path / "adaptive_adnce_mu_sigma.png").stat().st_size > 10_000
+
+
+# ------------------------------------------------------------------------- adaptive rule
+
+
+def _random_views(batch=6, dim=5, seed=0):
+  rng = np.random.default_rng(seed)
+  return (rng.normal(size=(batch, dim)).astype(np.float32),
+          rng.normal(size=(batch, dim)).astype(np.float32))
+
+
+@pytest.mark.parametrize("variant", ["image", "sentence", "graph"])
+def test_adaptive_mu_sigma_match_numpy_quantile_and_std(variant):
+  z1, z2 = _random_views(batch=7)
+  valid = np.array([True, True, False, True, True, True, True])
+  labels = np.array([0, 1, 0, 2, 1, 2, 0], np.int32)
+  mu, sigma = losses.adaptive_mu_sigma(
+      jnp.asarray(z1), jnp.asarray(z2), mu=0.7, sigma=1.0, mu_rule="quantile", mu_quantile=0.8,
+      sigma_rule="std", sigma_scale=1.5, variant=variant, valid=jnp.asarray(valid),
+      labels=jnp.asarray(labels))
+  # The pooled negatives of every valid anchor, from the float64 reference's candidate lists.
+  pooled = np.concatenate([c for _, c in ref.anchors(z1, z2, variant, valid, labels)])
+  assert float(mu) == pytest.approx(np.quantile(pooled, 0.8), abs=2e-6)
+  assert float(sigma) == pytest.approx(1.5 * pooled.std(), rel=2e-5)
+
+
+def test_adaptive_fixed_rules_return_the_given_values_and_stop_gradients():
+  z1, z2 = (jnp.asarray(x) for x in _random_views())
+  mu, sigma = losses.adaptive_mu_sigma(z1, z2, mu=0.3, sigma=0.6)
+  assert (float(mu), float(sigma)) == pytest.approx((0.3, 0.6))
+
+  def total(z):
+    m, s = losses.adaptive_mu_sigma(z, z2, mu=0.0, sigma=1.0, mu_rule="quantile",
+                                    sigma_rule="std")
+    return m + s
+  np.testing.assert_array_equal(np.asarray(jax.grad(total)(z1)), 0.0)
+
+
+def test_adaptive_rule_under_shard_map_std_is_global_quantile_is_device_mean():
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  z1, z2 = _random_views(batch=16, seed=3)
+
+  def local(a, b):
+    return losses.adaptive_mu_sigma(a, b, mu=0.0, sigma=1.0, mu_rule="quantile",
+                                    mu_quantile=0.5, sigma_rule="std", variant="graph",
+                                    axis_name="data")
+  mu, sigma = jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P("data")),
+                            out_specs=(P(), P()))(jnp.asarray(z1), jnp.asarray(z2))
+  mu, sigma = jax.block_until_ready((mu, sigma))
+  cos = ref.normalize(z1) @ ref.normalize(z2).T
+  off = ~np.eye(16, dtype=bool)
+  assert float(sigma) == pytest.approx(cos[off].std(), rel=2e-5)
+  per_device = [np.quantile(cos[2 * d:2 * d + 2][off[2 * d:2 * d + 2]], 0.5) for d in range(8)]
+  assert float(mu) == pytest.approx(np.mean(per_device), abs=2e-6)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(mu_rule="median"), "mu_rule must be one of"),
+    (dict(sigma_rule="iqr"), "sigma_rule must be one of"),
+    (dict(mu_rule="quantile", mu_quantile=1.5), "mu_quantile must lie in"),
+    (dict(sigma_rule="std", sigma_scale=0.0), "sigma_scale must be > 0"),
+])
+def test_adaptive_rule_rejects_bad_settings(kwargs, match):
+  z1, z2 = (jnp.asarray(x) for x in _random_views())
+  with pytest.raises(ValueError, match=match):
+    losses.adaptive_mu_sigma(z1, z2, mu=0.5, sigma=1.0, **kwargs)
+
+
+def test_config_validation_knows_the_adaptive_fields():
+  config = config_defaults.base_config("image")
+  config.loss.mu_rule = "quantile"
+  config.loss.sigma_rule = "std"
+  config_defaults.validate_config(config)
+  config.loss.name = "infonce"
+  with pytest.raises(ValueError, match="use --config.loss.name=adnce"):
+    config_defaults.validate_config(config)
+  config.loss.name = "adnce"
+  config.loss.mu_quantile = 2.0
+  with pytest.raises(ValueError, match="mu_quantile must be in"):
+    config_defaults.validate_config(config)
+
+
+# ------------------------------------------------------------------------- shared helpers
+
+
+def test_method_specs_and_overrides():
+  method = common.parse_method("adnce:sigma=1e6,mu_rule=quantile,data.classes_per_batch=2")
+  assert dict(method.overrides) == {"loss.name": "adnce", "loss.sigma": 1e6,
+                                    "loss.mu_rule": "quantile", "data.classes_per_batch": 2}
+  assert method.label == "adnce (sigma=1e+06, mu_rule=quantile, data.classes_per_batch=2)"
+  assert common.parse_method("infonce:use_labels=True,label=oracle").label == "oracle"
+  config = common.load_config("configs/quickstart.py")
+  changed = common.with_overrides(config, dict(method.overrides))
+  assert changed.loss.sigma == 1e6 and config.loss.sigma == 1.0   # the original is untouched
+  with pytest.raises(ValueError, match="did you mean 'sigma'"):
+    common.with_overrides(config, {"loss.sigmma": 1.0})
+  with pytest.raises(ValueError, match="expects a bool"):
+    common.with_overrides(config, {"loss.use_labels": "maybe"})
+  with pytest.raises(FileNotFoundError, match="--config configs/quickstart.py"):
+    common.load_config("configs/no_such_config.py")
+
+
+def test_mean_std_is_the_sample_std():
+  values = [70.0, 72.0, 74.5]
+  mean, std = common.mean_std(values)
+  assert mean == pytest.approx(np.mean(values)) and std == pytest.approx(np.std(values, ddof=1))
+  assert common.mean_std([3.0]) == (3.0, 0.0)
+  assert common.fmt(values) == f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
