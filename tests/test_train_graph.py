@@ -259,7 +259,7 @@ def test_dataset_not_on_disk_fails_fast_with_the_download_command(tmp_path):
   with pytest.raises(FileNotFoundError) as err:
     graph_task.GraphTask(config, train.make_mesh(1))
   assert "curl -LO https://www.chrsmrrs.com/graphkerneldatasets/NCI1.zip" in str(err.value)
-  assert str(tmp_path) in str(err.value)
+  assert str(tmp_path) in str(err.value) and "--config.data.data_dir" in str(err.value)
 
 
 @pytest.mark.parametrize("field,value,message", [
