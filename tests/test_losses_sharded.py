@@ -27,11 +27,10 @@ CASES = {
                                                         sigma=1.0, variant="sentence", **kw),
     "adnce-image": lambda z1, z2, **kw: losses.adnce(z1, z2, temperature=0.4, mu=0.7, sigma=0.5,
                                                      **kw),
-    "adnce-graph": lambda z1, z2, **kw: losses.adnce(z1, z2, temperature=0.2, mu=0.7, sigma=1.0,
-                                                     variant="graph", **kw),
     "hcl-image": lambda z1, z2, **kw: losses.hcl(z1, z2, temperature=0.5, tau_plus=0.1, beta=1.0,
                                                  **kw),
-    "chi2_dro-image": lambda z1, z2, **kw: losses.chi2_dro(z1, z2, eta=0.3, **kw),
+    "chi2_dro-graph": lambda z1, z2, **kw: losses.chi2_dro(z1, z2, eta=0.3, variant="graph",
+                                                           **kw),
 }
 
 
@@ -101,7 +100,7 @@ def check_case(case, block_size, seed):
   return z1, z2, valid, labels, float(value)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c != "adnce-sentence"])
+@pytest.mark.parametrize("case", ["adnce-image", "hcl-image", "chi2_dro-graph"])
 def test_shard_map_matches_one_device(case):
   z1, z2, valid, labels, value = check_case(case, None, seed=0)
   if case == "adnce-image":  # and the one-device value is the reference's
