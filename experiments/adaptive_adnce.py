@@ -20,15 +20,17 @@ step equal the quantile / std recomputed in NumPy from the dumped projections
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from experiments import common  # noqa: E402
-from experiments import compare_losses  # noqa: E402
+from experiments import (
+  common,
+  compare_losses,
+)
 
 QUANTILE = "adnce:mu_rule=quantile,mu_quantile=0.9,label=ADNCE mu=q0.9(s_neg)"
 BOTH = ("adnce:mu_rule=quantile,mu_quantile=0.9,sigma_rule=std,sigma_scale=1.0,"

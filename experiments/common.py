@@ -6,7 +6,7 @@ A script builds a list of `RunSpec`s (a label, a seed, config overrides), hands 
 (skipping runs whose `results.json` was written with the same config, resuming interrupted ones),
 and then turns the `RunRecord`s into a table, figures and a JSON of the raw numbers.
 
-Workdirs are named by the label, the seed and a hash of the full config, so two scripts that
+Workdirs are named by the loss, the seed and a hash of the full config, so two scripts that
 share `--runs DIR` reuse each other's identical runs (e.g. the fixed-ADNCE runs of
 compare_losses.py serve adaptive_adnce.py).
 """
@@ -26,22 +26,23 @@ import json
 import math
 import os
 import platform
-import re
 import sys
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # `python experiments/x.py` puts experiments/ first, not the root
+# `python experiments/x.py` puts experiments/ on the path, not the root that holds configs/.
+if str(REPO_ROOT) not in sys.path:
   sys.path.insert(0, str(REPO_ROOT))
 
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")  # files only, no display (CI, servers)
-import matplotlib.pyplot as plt  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import ml_collections
+import numpy as np
 
 # ------------------------------------------------------------------------------------ configs
 
@@ -223,7 +224,7 @@ def setup(args: argparse.Namespace) -> None:
   logging.set_verbosity(logging.INFO if args.verbose else logging.WARNING)
   if args.jit_cache:
     import jax  # pylint: disable=import-outside-toplevel
-    from jax.experimental.compilation_cache import compilation_cache  # noqa: E501 pylint: disable=import-outside-toplevel
+    from jax.experimental.compilation_cache import compilation_cache
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(args.jit_cache))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     compilation_cache.reset_cache()  # pick the folder up even if something compiled already
@@ -294,10 +295,6 @@ def config_hash(config: ml_collections.ConfigDict) -> str:
   return hashlib.sha1(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:8]
 
 
-def slug(text: str) -> str:
-  return re.sub(r"[^A-Za-z0-9.=-]+", "_", text).strip("_")[:60]
-
-
 def run_config(base: ml_collections.ConfigDict, spec: RunSpec) -> ml_collections.ConfigDict:
   config = with_overrides(base, dict(spec.overrides))
   config.seed = spec.seed
@@ -351,7 +348,9 @@ def run_all(base: ml_collections.ConfigDict, specs: Sequence[RunSpec], runs_dir:
   bar = tqdm(list(zip(specs, configs)), desc=desc, unit="run", file=sys.stderr)
   for spec, config in bar:
     bar.set_postfix_str(f"{spec.label} seed {spec.seed}")
-    workdir = os.path.join(runs_dir, f"{slug(spec.label)}-seed{spec.seed}-{config_hash(config)}")
+    # Named by what defines the run (loss, seed, config hash), not by the script's label, so
+    # that scripts sharing --runs reuse each other's identical runs.
+    workdir = os.path.join(runs_dir, f"{config.loss.name}-seed{spec.seed}-{config_hash(config)}")
     results, wall = run_one(config, workdir)
     records.append(RunRecord(spec, workdir, results, wall, config))
   bar.close()
@@ -439,6 +438,7 @@ class Replayer:
 
   def __init__(self, workdir: str):
     import jax  # pylint: disable=import-outside-toplevel
+
     from cldro_jax import checkpointing, train  # pylint: disable=import-outside-toplevel
     from cldro_jax import tasks as tasks_lib  # pylint: disable=import-outside-toplevel
     self.workdir = workdir
@@ -520,6 +520,7 @@ def negative_similarities(z1: np.ndarray, z2: np.ndarray, variant: str, valid=No
   excluded; sentence/graph: z1 x z2, diagonal excluded), cosines computed by the library's
   normalisation in float32, as in training."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
   from cldro_jax import losses  # pylint: disable=import-outside-toplevel
   a = np.asarray(losses.l2_normalize_rows(jnp.asarray(z1, jnp.float32)))
   b = np.asarray(losses.l2_normalize_rows(jnp.asarray(z2, jnp.float32)))

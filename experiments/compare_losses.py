@@ -23,20 +23,21 @@ Writes OUT/compare_losses.md, OUT/compare_losses.json and OUT/compare_losses_*.p
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from experiments import common  # noqa: E402
+from experiments import common
 
 DEFAULT_LOSSES = {"image": ["infonce", "dcl", "hcl", "adnce"],
                   "graph": ["infonce", "adnce"], "sentence": ["infonce", "adnce"]}
 QUICK_LOSSES = ["infonce", "adnce:sigma=1e6"]
 # The per-epoch curves worth plotting, by domain (the first present one also gets the AUC column).
-CURVE_KEYS = {"image": [("knn_top1", "kNN top-1 (%)"), ("online_probe_top1", "online probe top-1 (%)")],
+CURVE_KEYS = {"image": [("knn_top1", "kNN top-1 (%)"),
+                        ("online_probe_top1", "online probe top-1 (%)")],
               "graph": [("svm_accuracy", "SVM accuracy (%)")],
               "sentence": [("sts_dev_avg", "STS dev avg Spearman x100")]}
 

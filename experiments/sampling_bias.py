@@ -27,14 +27,14 @@ option).
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from experiments import common  # noqa: E402
+from experiments import common
 
 ORACLE = "infonce:use_labels=True,label=oracle InfoNCE (no same-class negatives)"
 DEFAULT_METHODS = [
@@ -81,6 +81,7 @@ def measured_share(config, steps: int = 50) -> float:
 def oracle_replay(records, out: str) -> dict | None:
   """Replays one step of the first oracle run and saves what the NumPy check needs."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
   from cldro_jax import losses  # pylint: disable=import-outside-toplevel
   oracle = [r for r in records if r.config.loss.use_labels]
   if not oracle:

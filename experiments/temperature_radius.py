@@ -24,14 +24,14 @@ similarities (OUT/radius_replay.npz; tests/test_experiments.py).
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from experiments import common  # noqa: E402
+from experiments import common
 
 DEFAULT_TEMPERATURES = [0.1, 0.2, 0.5, 1.0]
 
@@ -46,9 +46,10 @@ def parse_args(argv):
 def objectives(z1, z2, t: float, variant: str, valid) -> dict[str, float]:
   """The CL-DRO quantities of one batch, from the library (float32, as in training)."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
   from cldro_jax import losses  # pylint: disable=import-outside-toplevel
   z1, z2, valid = jnp.asarray(z1), jnp.asarray(z2), jnp.asarray(valid)
-  kw = dict(variant=variant, valid=valid)
+  kw = {"variant": variant, "valid": valid}
   base = float(losses.chi2_dro(z1, z2, eta=0.0, **kw))      # -f+ + mean f
   kl = float(losses.kl_dro(z1, z2, temperature=t, **kw))
   mv = float(losses.mean_variance(z1, z2, temperature=t, **kw))
@@ -134,7 +135,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
       ["t", "eta_hat (end)", "Var(s_neg) (end)", "mean-variance − KL-DRO",
        "premium ratio MV / exact", score_name], table_rows) + "\n"
   if check:
-    text += (f"\nCheck: logged eta_hat at step {check['step'] + 1} = {check['logged_eta_hat']:.6f}; "
+    text += (f"\nCheck: logged eta_hat at step {check['step'] + 1} = "
+             f"{check['logged_eta_hat']:.6f}; "
              f"from the dumped similarities {check['eta_hat_from_sims']:.6f}.\n")
   text += "\n" + "".join(f"![{Path(p).stem}]({Path(p).name})\n" for p in figures)
   common.write_text(f"{args.out}/temperature_radius.md", text)

@@ -20,14 +20,14 @@ recomputed in NumPy from the dumped projections (OUT/weights.npz; tests/test_exp
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from experiments import common  # noqa: E402
+from experiments import common
 
 # (mu, sigma) of the paper's image settings (LOSSES.md): CIFAR10, CIFAR100, STL10.
 PAPER_SETTINGS = [(0.7, 0.5), (0.5, 1.0), (0.8, 1.0)]
@@ -79,7 +79,7 @@ def weight_stats(rel: np.ndarray, mask: np.ndarray, sims: np.ndarray,
   top = np.zeros_like(mask)
   for i in range(mask.shape[0]):   # each anchor's 5% most similar negatives
     idx = np.flatnonzero(mask[i])
-    k = max(1, int(round(0.05 * idx.size)))
+    k = max(1, round(0.05 * idx.size))
     top[i, idx[np.argsort(sims[i, idx])[-k:]]] = True
   return {"ess": float(ess.mean()),
           "mass_same_class": float((q * (same & mask)).sum(1).mean()),

@@ -62,7 +62,7 @@ def test_same_class_share_of_negatives_is_exact():
 
 def test_order_is_a_function_of_seed_and_step_and_resume_is_exact():
   src = LabelledSource(balanced_labels(6, 20))
-  kw = dict(global_batch_size=12, classes_per_batch=3, process_index=0, process_count=1)
+  kw = {"global_batch_size": 12, "classes_per_batch": 3, "process_index": 0, "process_count": 1}
   full = collect(src, seed=1, start_step=0, num_steps=30, **kw)
   head = collect(src, seed=1, start_step=0, num_steps=13, **kw)
   tail = collect(src, seed=1, start_step=13, num_steps=17, **kw)
@@ -75,7 +75,7 @@ def test_order_is_a_function_of_seed_and_step_and_resume_is_exact():
 
 def test_process_slices_tile_the_global_batch():
   src = LabelledSource(balanced_labels(5, 40))
-  kw = dict(global_batch_size=20, classes_per_batch=2, seed=9, start_step=4, num_steps=6)
+  kw = {"global_batch_size": 20, "classes_per_batch": 2, "seed": 9, "start_step": 4, "num_steps": 6}
   whole = collect(src, process_index=0, process_count=1, **kw)
   parts = [collect(src, process_index=p, process_count=4, **kw) for p in range(4)]
   for step, batch in enumerate(whole):

@@ -12,18 +12,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference_losses as ref
 from jax.sharding import PartitionSpec as P
 
-import reference_losses as ref
-from cldro_jax import config_defaults
-from cldro_jax import losses
+from cldro_jax import config_defaults, losses
 from cldro_jax import metrics as metrics_lib
-from experiments import adaptive_adnce
-from experiments import common
-from experiments import compare_losses
-from experiments import sampling_bias
-from experiments import temperature_radius
-from experiments import weights_plot
+from experiments import (
+  adaptive_adnce,
+  common,
+  compare_losses,
+  sampling_bias,
+  temperature_radius,
+  weights_plot,
+)
 
 
 def image_negatives(z1, z2):
@@ -212,10 +213,10 @@ def test_adaptive_rule_under_shard_map_std_is_global_quantile_is_device_mean():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(mu_rule="median"), "mu_rule must be one of"),
-    (dict(sigma_rule="iqr"), "sigma_rule must be one of"),
-    (dict(mu_rule="quantile", mu_quantile=1.5), "mu_quantile must lie in"),
-    (dict(sigma_rule="std", sigma_scale=0.0), "sigma_scale must be > 0"),
+    ({"mu_rule": "median"}, "mu_rule must be one of"),
+    ({"sigma_rule": "iqr"}, "sigma_rule must be one of"),
+    ({"mu_rule": "quantile", "mu_quantile": 1.5}, "mu_quantile must lie in"),
+    ({"sigma_rule": "std", "sigma_scale": 0.0}, "sigma_scale must be > 0"),
 ])
 def test_adaptive_rule_rejects_bad_settings(kwargs, match):
   z1, z2 = (jnp.asarray(x) for x in _random_views())
