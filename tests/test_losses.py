@@ -192,6 +192,10 @@ def test_dcl_with_zero_tau_plus_is_image_infonce():
     b, gb = run_x64("infonce-image", z1, z2, t, {})
     np.testing.assert_allclose(float(a), b, rtol=1e-12)
     np.testing.assert_allclose(np.asarray(ga[0]), gb[0], atol=1e-12)
+  # a Python tau_plus=0 skips the debiasing term altogether
+  with jax.enable_x64(True):
+    c = jax.jit(lambda a, b: losses.dcl(a, b, temperature=0.5, tau_plus=0))(z1, z2)
+  np.testing.assert_allclose(float(c), b, rtol=1e-12)
 
 
 def test_hcl_with_zero_beta_is_dcl():

@@ -168,14 +168,17 @@ def hcl(z1, z2, *, temperature, tau_plus, beta, valid=None, labels=None, axis_na
     log_count = jnp.log(jnp.maximum(count, 1.0))
     log_r = lse_a - lse_b + log_count
 
-  tau_plus = _layout.as_param(tau_plus, dtype)
   pos_logit = layout.pos_cos * params["inv_t"]
-  # Debiased estimate (R - tau N pos) / (1 - tau), where positive; x = log(tau N pos / R).
-  x = jnp.log(tau_plus) + log_count + pos_logit - log_r
-  debiasable = x < 0
-  log_debiased = jnp.where(
-      debiasable, log_r + _log1mexp(jnp.where(debiasable, x, -1.0)) - jnp.log1p(-tau_plus),
-      _common.NEG_FILL)
+  if _common.concrete_scalar(tau_plus, "tau_plus") == 0.0:
+    log_debiased = log_r  # no debiasing (and no log(0) = -inf on the way)
+  else:
+    tau_plus = _layout.as_param(tau_plus, dtype)
+    # Debiased estimate (R - tau N pos) / (1 - tau), where positive; x = log(tau N pos / R).
+    x = jnp.log(tau_plus) + log_count + pos_logit - log_r
+    debiasable = x < 0
+    log_debiased = jnp.where(
+        debiasable, log_r + _log1mexp(jnp.where(debiasable, x, -1.0)) - jnp.log1p(-tau_plus),
+        _common.NEG_FILL)
   log_ng = jnp.maximum(log_debiased, log_count - params["inv_t"])  # the clamp N e^{-1/t}
   per_anchor = jax.nn.softplus(log_ng - pos_logit)
   weight = _layout.anchor_weight(layout, count)
