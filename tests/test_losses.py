@@ -310,6 +310,19 @@ def test_l2_normalize_rows():
                              [[0.6, -0.8], [2 ** -0.5, 2 ** -0.5], [0, 0]], rtol=1e-6)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("name", ["infonce", "adnce", "dcl", "hcl"])
+def test_nan_or_inf_projection_gives_nan_loss_not_a_silent_number(name, bad):
+  # A diverged model's NaN/inf projections must surface as a NaN loss (the trainer stops on it),
+  # never be normalised away as if the rows were zero.
+  z1, z2 = (jnp.asarray(v, jnp.float32) for v in make_views("random", seed=3))
+  z1 = z1.at[1, 0].set(bad)
+  extra = {"infonce": {}, "adnce": dict(mu=0.7, sigma=1.0), "dcl": dict(tau_plus=0.1),
+           "hcl": dict(tau_plus=0.1, beta=1.0)}[name]
+  loss = getattr(losses, name)(z1, z2, temperature=0.5, **extra)
+  assert np.isnan(float(loss))
+
+
 # ------------------------------------------------------------------------- transformations
 @pytest.mark.parametrize("family", ["infonce-graph", "hcl-image"])
 def test_check_grads_x64(family):

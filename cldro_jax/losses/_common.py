@@ -34,9 +34,11 @@ def l2_normalize_rows(z: jax.Array) -> jax.Array:
   The row is first divided by its largest absolute entry (a stop-gradient scale: the result is
   scale invariant, so this changes no derivative) so that the squared norm neither overflows nor
   underflows for any finite input. The gradient with respect to an all-zero row is defined as 0.
+  A row holding NaN or inf becomes NaN, so the loss is NaN: a diverged model must not look like
+  one whose projections are zero.
   """
   scale = jax.lax.stop_gradient(jnp.max(jnp.abs(z), axis=-1, keepdims=True))
-  nonzero = scale > 0
+  nonzero = scale != 0   # NaN != 0 holds: NaN rows take the division path and stay NaN
   scaled = z / jnp.where(nonzero, scale, 1.0)
   sq_norm = jnp.sum(scaled * scaled, axis=-1, keepdims=True)  # in [1, d] for nonzero rows
   return jnp.where(nonzero, scaled * jax.lax.rsqrt(jnp.where(nonzero, sq_norm, 1.0)), 0.0)
