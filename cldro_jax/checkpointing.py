@@ -11,6 +11,11 @@ the input pipeline needs to resume.
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a
 process killed while writing leaves the previous checkpoints intact; unfinished temporary
 directories are ignored and cleaned up on the next start.
+
+Damage after the fact (a truncated or deleted file, flipped bits on disk) is caught on restore:
+`meta` also holds an exact integer checksum of every saved array (`state_checksums`), because
+orbax/TensorStore read some corrupted chunks back without complaint. A damaged checkpoint raises
+CheckpointCorruptError naming the step and the earlier checkpoints; nothing is deleted.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 
 import flax
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -40,6 +46,10 @@ RESUMABLE_FIELDS = (
 
 class CheckpointMismatchError(ValueError):
   """A checkpoint or saved config that does not belong to the current run."""
+
+
+class CheckpointCorruptError(ValueError):
+  """A checkpoint whose files are unreadable or whose arrays fail their saved checksums."""
 
 
 def _flatten(config: dict, prefix: str = "") -> dict[str, Any]:
@@ -105,6 +115,43 @@ def parameter_signature(params: Any) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _leaf_bits(x: jax.Array) -> jax.Array:
+  """The raw bits of an array as a flat uint32 vector (any dtype; 8-byte types give 2 words)."""
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32).reshape(-1)
+  word = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+  return jax.lax.bitcast_convert_type(x, word).astype(jnp.uint32).reshape(-1)
+
+
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+  # A position-weighted sum of the bit patterns, modulo 2**32. Integer arithmetic is exact and
+  # associative, so the value does not depend on how the array is sharded or on the reduction
+  # order (the same on 1 device, 8 devices or several processes); odd weights make every
+  # single-bit flip change it, and position weights catch swapped elements. (A hash of the bytes,
+  # e.g. hashlib, would need every array on one host: not possible for arrays sharded over hosts.)
+  bits = _leaf_bits(jnp.asarray(x))
+  weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(0x9E3779B1) | jnp.uint32(1)
+  return jnp.sum(bits * weights, dtype=jnp.uint32)
+
+
+_checksums_jit = jax.jit(lambda tree: jax.tree.map(_leaf_checksum, tree))
+
+
+def state_checksums(state_dict: Any) -> dict[str, int]:
+  """`{path: uint32 checksum}` of every array of a (nested-dict) state; equal bits, equal sums."""
+  sums = jax.device_get(_checksums_jit(state_dict))
+  return {jax.tree_util.keystr(path): int(value)
+          for path, value in jax.tree_util.tree_flatten_with_path(sums)[0]}
+
+
+def _shape_table(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+  """`{path: (shape, dtype name)}` of a tree of arrays or array metadata."""
+  return {jax.tree_util.keystr(path): (tuple(leaf.shape), np.dtype(leaf.dtype).name)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 class Checkpointer:
   """Saves and restores the train state of one workdir (all processes call every method)."""
 
@@ -113,7 +160,12 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, cleanup_tmp_directories=True,
         enable_async_checkpointing=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    # Handlers declared up front so that a checkpoint's array metadata can be read (to compare
+    # shapes before restoring) without restoring it.
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -122,22 +174,84 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def save(self, step: int, state: Any, *, meta: dict[str, Any]) -> None:
-    """Starts an asynchronous save; training continues while it is written."""
+    """Starts an asynchronous save; training continues while it is written.
+
+    `meta` is stored with the arrays' checksums added (verified on restore).
+    """
+    state_dict = flax.serialization.to_state_dict(state)
+    meta = dict(meta, checksums=state_checksums(state_dict))
     self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(flax.serialization.to_state_dict(state)),
-        meta=ocp.args.JsonSave(meta)))
+        state=ocp.args.StandardSave(state_dict), meta=ocp.args.JsonSave(meta)))
+
+  def _corrupt(self, step: int, problem: str) -> CheckpointCorruptError:
+    """The error for a damaged checkpoint, naming the earlier ones and how to fall back."""
+    earlier = [s for s in self.all_steps() if s < step]
+    path = os.path.join(self.directory, str(step))
+    if earlier:
+      fix = (f"The earlier checkpoints (steps {earlier}) are untouched. To resume from step "
+             f"{earlier[-1]}, move the damaged one out of the checkpoints folder, e.g. "
+             f"`mv {path} {os.path.dirname(self.directory)}/damaged-checkpoint-{step}`, and "
+             "rerun the same command.")
+    else:
+      fix = (f"There is no earlier checkpoint: move {path} away to restart from scratch, or "
+             "use a new --workdir.")
+    return CheckpointCorruptError(
+        f"The checkpoint at step {step} in {self.directory} is damaged ({problem}). Nothing was "
+        f"changed or deleted. {fix}")
 
   def read_meta(self, step: int | None = None) -> dict[str, Any]:
     step = self.latest_step() if step is None else step
-    restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    try:
+      restored = self._manager.restore(
+          step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    except FileNotFoundError as e:
+      raise self._corrupt(step, f"its metadata file is missing: {e}") from e
+    except ValueError as e:   # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+      raise self._corrupt(step, f"its metadata file is unreadable: {e}") from e
+    if not isinstance(restored["meta"], dict):
+      raise self._corrupt(step, "its metadata file does not hold a JSON object")
     return dict(restored["meta"])
+
+  def _verify_checksums(self, step: int, state_dict: Any, meta: dict[str, Any]) -> None:
+    saved = meta.get("checksums")
+    if saved is None:   # written before checksums existed: nothing to compare with
+      return
+    now = state_checksums(state_dict)
+    bad = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if bad:
+      shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+      raise self._corrupt(step, f"{len(bad)} arrays differ from the checksums saved with them: "
+                                f"{shown}")
+
+  def _saved_array_metadata(self, step: int) -> Any:
+    """The saved `state` tree with each array's shape and dtype (read without the arrays)."""
+    try:
+      tree = self._manager.item_metadata(step)["state"]
+    except Exception as e:  # orbax and TensorStore raise assorted types for bad files
+      raise self._corrupt(step, f"its array metadata cannot be read: {e}") from e
+    if tree is None:
+      raise self._corrupt(step, "its array metadata is missing")
+    return tree
+
+  def _read_arrays(self, step: int, abstract: Any) -> Any:
+    """The `state` item, into `abstract`'s structure, shapes and shardings.
+
+    Called once the structure is known to match, so a failure here means damaged files.
+    """
+    try:
+      return self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract)))["state"]
+    except Exception as e:  # TensorStore raises a bare Exception for a missing or short chunk
+      first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise self._corrupt(step, f"its array files cannot be read: {first_line}") from e
 
   def restore(self, target_state: Any, *, step: int | None = None,
               expected_signature: str | None = None) -> tuple[Any, dict[str, Any]]:
     """Restores into `target_state`'s structure, shapes and shardings.
 
     `target_state` may hold arrays or `jax.ShapeDtypeStruct`s (with shardings). Raises
-    CheckpointMismatchError when the checkpoint was written by a different model.
+    CheckpointMismatchError when the checkpoint was written by a different model or holds a
+    differently shaped state, CheckpointCorruptError when its files are damaged.
     """
     step = self.latest_step() if step is None else step
     if step is None:
@@ -154,23 +268,45 @@ class Checkpointer:
         lambda x: x if isinstance(x, jax.ShapeDtypeStruct)
         else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
         flax.serialization.to_state_dict(target_state))
-    try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract)))
-    except (ValueError, KeyError, TypeError) as e:
+    # Compare the saved arrays' paths, shapes and dtypes with the target's first, so that a state
+    # of another structure (e.g. the online probe switched on or off) is reported as a mismatch,
+    # and any later read error can only be damage.
+    saved_table = _shape_table(self._saved_array_metadata(step))
+    target_table = _shape_table(abstract)
+    differences = [f"  {k}: saved {saved_table.get(k, '<absent>')}, now "
+                   f"{target_table.get(k, '<absent>')}"
+                   for k in sorted(set(saved_table) | set(target_table))
+                   if saved_table.get(k) != target_table.get(k)]
+    if differences:
+      shown = differences[:10] + ([f"  ... and {len(differences) - 10} more"]
+                                  if len(differences) > 10 else [])
       raise CheckpointMismatchError(
-          f"Could not restore the checkpoint at step {step} in {self.directory} into the current "
-          f"model: {e}. Use the config it was trained with, or a new --workdir.") from e
-    return flax.serialization.from_state_dict(target_state, restored["state"]), meta
+          f"The checkpoint at step {step} in {self.directory} holds a differently shaped train "
+          "state (path: saved (shape, dtype), now (shape, dtype)):\n" + "\n".join(shown)
+          + "\nNothing was changed. Use the config it was trained with, or a new --workdir.")
+    restored = self._read_arrays(step, abstract)
+    self._verify_checksums(step, restored, meta)
+    return flax.serialization.from_state_dict(target_state, restored), meta
 
   def restore_raw(self, *, step: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The saved arrays as a nested dict (no target structure needed), and the metadata."""
+    """The saved arrays as a nested dict (no target structure needed), and the metadata.
+
+    The arrays land on this process's first device, whatever topology wrote them; checksums are
+    verified (CheckpointCorruptError on damage).
+    """
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"No checkpoint in {self.directory}.")
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-    return restored["state"], dict(restored["meta"])
+    meta = self.read_meta(step)
+    # Every array onto this process's first device, whatever mesh or number of processes wrote
+    # it: orbax refuses a target-less restore across topologies (e.g. a pod slice's checkpoint
+    # read on a laptop).
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                            self._saved_array_metadata(step))
+    state = self._read_arrays(step, abstract)
+    self._verify_checksums(step, state, meta)
+    return state, meta
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

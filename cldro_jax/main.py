@@ -3,28 +3,54 @@
   python -m cldro_jax.main --config=configs/stl10.py --workdir=DIR \
       [--config.loss.name=adnce --config.optim.lr=3e-4 ...]
 
-Rerunning the same command resumes from the last checkpoint in DIR. Scores go to DIR/results.json.
+Rerunning the same command resumes from the last checkpoint in DIR (after a crash, a kill -9 or
+a preemption). Scores go to DIR/results.json.
+
+The same command runs on one CPU, one GPU, several GPUs and a Cloud TPU pod slice; a run spans
+several processes (one per host or per GPU) with `--multiprocess` (Cloud TPU, SLURM, Open MPI:
+JAX detects the rest), with explicit `--coordinator_address --num_processes --process_id`, or
+when the environment says so (see `cldro_jax/distributed.py` and docs/scaling.md).
 """
 
 import json
 
-from absl import app
-from absl import flags
+import jax
+from absl import app, flags
 from ml_collections import config_flags
 
-from cldro_jax import train
+from cldro_jax import distributed, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+_MULTIPROCESS = flags.DEFINE_bool(
+    "multiprocess", False,
+    "Run as one process of a multi-process job; JAX detects the cluster (Cloud TPU pod slice, "
+    "SLURM srun, Open MPI mpirun) for whatever the flags below leave unset.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0's coordinator (multi-process runs).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "Number of processes in the job (multi-process runs).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "This process's index in [0, num_processes).")
+_LOCAL_DEVICE_IDS = flags.DEFINE_string(
+    "local_device_ids", None, "Comma-separated local devices this process uses, e.g. 0,1 "
+    "(default: all; JAX picks one GPU per process under SLURM / Open MPI).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  plan = distributed.plan_initialization(
+      multiprocess=_MULTIPROCESS.value, coordinator_address=_COORDINATOR.value,
+      num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+      local_device_ids=_LOCAL_DEVICE_IDS.value)
+  # First: nothing may touch a device before jax.distributed has started (imports do not).
+  distributed.initialize(plan)
   results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  print(json.dumps(results, indent=2, sort_keys=True))
+  if jax.process_index() == 0:
+    print(json.dumps(results, indent=2, sort_keys=True))
 
 
 if __name__ == "__main__":

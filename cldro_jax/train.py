@@ -211,8 +211,11 @@ def make_train_step(task: "tasks_lib.Task", config: ml_collections.ConfigDict, t
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads["model"])
-    # A NaN can reach the parameters through the gradient while the loss still looks finite.
-    finite = state.finite & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A NaN can reach the parameters through the gradient while the loss still looks finite, or
+    # through the update itself while the gradient is finite (an overflowing learning rate or
+    # optimizer state): check the new parameters too, so that no checkpoint ever holds them.
+    finite = (state.finite & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+              & jnp.isfinite(optax.tree.norm(params)))
     new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
                               opt_state=opt_state, finite=finite)
     step_metrics = {"loss": loss, "lr": schedule(state.step), "grad_norm": grad_norm,
@@ -306,30 +309,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     signature = checkpointing.parameter_signature(state.params["model"])
 
     checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
-    start_step = 0
-    if checkpointer.latest_step() is not None:
-      state, meta = checkpointer.restore(state, expected_signature=signature)
-      start_step = int(meta["step"])
-      logging.info("Resumed from step %d in %s", start_step, workdir)
-      if not bool(jax.device_get(state.finite)):
-        raise NonFiniteLossError("The last checkpoint holds a non-finite state; start a new "
-                                 "--workdir.")
+    writer = None
+    try:
+      start_step = 0
+      if checkpointer.latest_step() is not None:
+        state, meta = checkpointer.restore(state, expected_signature=signature)
+        start_step = int(meta["step"])
+        logging.info("Resumed from step %d in %s", start_step, workdir)
+        if not bool(jax.device_get(state.finite)):
+          raise NonFiniteLossError("The last checkpoint holds a non-finite state; start a new "
+                                   "--workdir.")
 
-    train_step = jax.jit(make_train_step(task, config, tx, schedule, mesh),
-                         donate_argnums=(0,), out_shardings=(replicated, replicated))
-    writer = metrics_lib.MetricWriter(workdir)
-    meta_base = {"model": task.model_name, "parameter_signature": signature}
-    results = _loop(config, task, state, train_step, checkpointer, writer, mesh, start_step,
-                    total_steps, meta_base, workdir)
-    writer.close()
-    checkpointer.close()
+      train_step = jax.jit(make_train_step(task, config, tx, schedule, mesh),
+                           donate_argnums=(0,), out_shardings=(replicated, replicated))
+      writer = metrics_lib.MetricWriter(workdir)
+      meta_base = {"model": task.model_name, "parameter_signature": signature}
+      results = _loop(config, task, state, train_step, checkpointer, writer, mesh, start_step,
+                      total_steps, meta_base, workdir)
+    finally:
+      # Also when the run stops on an error (NaN guard, bad data, Ctrl-C): finish the save in
+      # flight, whose state was checked finite before it started, so that the last good
+      # checkpoint is complete on disk rather than abandoned half-written at exit.
+      if writer is not None:
+        writer.close()
+      checkpointer.close()
   return results
 
 
 def _save(checkpointer, state, step, steps_per_epoch, meta_base):
   if not bool(jax.device_get(state.finite)):
     raise NonFiniteLossError(
-        f"The loss became NaN or inf before step {step}; the run stopped without saving, so the "
+        f"The loss, its gradient or the parameters became NaN or inf before step {step}; the run "
+        "stopped without saving, so the "
         "last good checkpoint is kept. Lower --config.optim.lr, raise --config.loss.temperature, "
         "or use --config.model.dtype=float32.")
   checkpointer.save(step, state, meta=dict(meta_base, step=step, epoch=step / steps_per_epoch))
@@ -369,7 +380,7 @@ def _loop(config, task, state, train_step, checkpointer, writer, mesh, start_ste
         writer.write(done, summary, split="train")
         if not (math.isfinite(summary["loss"]) and summary["finite"] == 1.0):
           raise NonFiniteLossError(
-              f"The loss or its gradient became NaN or inf by step {done} (epoch "
+              f"The loss, its gradient or the parameters became NaN or inf by step {done} (epoch "
               f"{summary['epoch']:.2f}; mean loss {summary['loss']}, gradient norm "
               f"{summary['grad_norm']}); "
               "stopping. The last good checkpoint is kept in "

@@ -1,0 +1,146 @@
+"""Multi-process start-up: whether, and how, to call `jax.distributed.initialize`.
+
+JAX's own multi-process runtime is the distributed engine: the same program runs once per host
+(or once per GPU), every process sees all devices of the job through one mesh, and collectives
+cross processes. A run spans processes when one of these says so (checked in this order):
+
+  1. explicit flags: `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`
+     (optionally `--local_device_ids=0,1`), e.g. several processes on one machine or a cluster
+     without a scheduler JAX knows;
+  2. `--multiprocess`: let JAX detect everything (Cloud TPU pod slices, SLURM `srun`, Open MPI
+     `mpirun`, Kubernetes); flags given alongside override what it would detect;
+  3. the environment, without any flag: `JAX_COORDINATOR_ADDRESS` together with
+     `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`; a SLURM job step with more than one task
+     (`srun`, `SLURM_NTASKS` > 1); an Open MPI launch with more than one rank
+     (`OMPI_COMM_WORLD_SIZE` > 1).
+
+Otherwise the run is single-process and `jax.distributed.initialize` is NOT called: without a
+cluster it would fail, or wait for peers that never come. Cloud TPU pod slices are not detected
+from the environment (that needs a metadata-server query); launch them with `--multiprocess`
+(see docs/scaling.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+from absl import logging
+
+
+@dataclasses.dataclass(frozen=True)
+class InitPlan:
+  """What `initialize` will do: call `jax.distributed.initialize(**kwargs)` or nothing."""
+
+  multiprocess: bool
+  kwargs: dict[str, Any]   # arguments for jax.distributed.initialize (unset ones auto-detected)
+  reason: str              # which flag or environment variable decided it (logged)
+
+
+def _positive_int(environ: Mapping[str, str], name: str) -> int | None:
+  value = environ.get(name, "").strip()
+  if not value:
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise ValueError(f"Environment variable {name}={value!r} is not an integer.") from None
+
+
+def parse_device_ids(text: str | Sequence[int] | None) -> list[int] | None:
+  """`"0,1"` -> [0, 1]; None or "" -> None (all local devices)."""
+  if text is None or text == "" or text == []:
+    return None
+  if not isinstance(text, str):
+    return [int(i) for i in text]
+  try:
+    return [int(part) for part in text.split(",") if part.strip()]
+  except ValueError:
+    raise ValueError(f"--local_device_ids={text!r} must be a comma-separated list of integers, "
+                     "e.g. --local_device_ids=0,1") from None
+
+
+def plan_initialization(*, multiprocess: bool = False, coordinator_address: str | None = None,
+                        num_processes: int | None = None, process_id: int | None = None,
+                        local_device_ids: str | Sequence[int] | None = None,
+                        environ: Mapping[str, str] | None = None) -> InitPlan:
+  """Decides from flags and environment whether this run spans processes (see module doc).
+
+  A pure function of its arguments (`environ` defaults to `os.environ`), so it is testable.
+  Raises ValueError for an incomplete or inconsistent set of flags, naming the fix.
+  """
+  environ = os.environ if environ is None else environ
+  device_ids = parse_device_ids(local_device_ids)
+  explicit = {"coordinator_address": coordinator_address or None,
+              "num_processes": num_processes, "process_id": process_id}
+  given = {k: v for k, v in explicit.items() if v is not None}
+  if device_ids is not None:
+    given["local_device_ids"] = device_ids
+
+  if num_processes is not None and num_processes < 1:
+    raise ValueError(f"--num_processes={num_processes} must be >= 1.")
+  if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
+    raise ValueError(f"--process_id={process_id} must be in [0, {num_processes}) for "
+                     f"--num_processes={num_processes}.")
+
+  if multiprocess:
+    return InitPlan(True, given, "--multiprocess (JAX detects what the flags do not set)")
+
+  named = [k for k in explicit if explicit[k] is not None]
+  if named:
+    missing = [k for k in explicit if explicit[k] is None]
+    if missing:
+      raise ValueError(
+          "A multi-process run needs all of --coordinator_address, --num_processes and "
+          f"--process_id; missing: {', '.join('--' + m for m in missing)}. Give them all (e.g. "
+          "--coordinator_address=10.0.0.1:1234 --num_processes=2 --process_id=0 on the first "
+          "host), or use --multiprocess to let JAX detect them on Cloud TPU / SLURM / Open MPI.")
+    return InitPlan(True, given, "--coordinator_address/--num_processes/--process_id flags")
+
+  if environ.get("JAX_COORDINATOR_ADDRESS"):
+    env_count = _positive_int(environ, "JAX_NUM_PROCESSES")
+    env_id = _positive_int(environ, "JAX_PROCESS_ID")
+    if env_count is None or env_id is None:
+      raise ValueError(
+          "JAX_COORDINATOR_ADDRESS is set, but JAX_NUM_PROCESSES and JAX_PROCESS_ID are not "
+          "both set. Export all three on every process (or unset JAX_COORDINATOR_ADDRESS for a "
+          "single-process run).")
+    if not 0 <= env_id < env_count:
+      raise ValueError(f"JAX_PROCESS_ID={env_id} must be in [0, JAX_NUM_PROCESSES={env_count}).")
+    kwargs = dict(coordinator_address=environ["JAX_COORDINATOR_ADDRESS"],
+                  num_processes=env_count, process_id=env_id, **given)
+    return InitPlan(True, kwargs, "JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID")
+
+  slurm_tasks = _positive_int(environ, "SLURM_NTASKS")
+  # SLURM_STEP_NODELIST exists only inside a job step (srun), which is what starts one process
+  # per task; a batch script with several tasks allocated but not yet srun-launched has none.
+  if (slurm_tasks is not None and slurm_tasks > 1 and "SLURM_STEP_NODELIST" in environ
+      and "SLURM_PROCID" in environ):
+    return InitPlan(True, given, f"SLURM job step with SLURM_NTASKS={slurm_tasks}")
+
+  mpi_size = _positive_int(environ, "OMPI_COMM_WORLD_SIZE")
+  if mpi_size is not None and mpi_size > 1:
+    return InitPlan(True, given, f"Open MPI launch with OMPI_COMM_WORLD_SIZE={mpi_size}")
+
+  if device_ids is not None:
+    raise ValueError("--local_device_ids only applies to a multi-process run; add "
+                     "--multiprocess or the --coordinator_address/--num_processes/--process_id "
+                     "flags, or drop it (use --config.mesh.num_devices to use fewer devices).")
+  return InitPlan(False, {}, "no multi-process flag or cluster environment: single process")
+
+
+def initialize(plan: InitPlan) -> None:
+  """Carries out `plan`; must run before anything touches a JAX device."""
+  logging.info("Distributed start-up: %s.", plan.reason)
+  if not plan.multiprocess:
+    return
+  # Cross-process collectives on CPU devices need an implementation (gloo is the default in
+  # recent jax, "none" in older ones); accelerators use their own (NCCL, ICI) and ignore this.
+  if not jax.config.jax_cpu_collectives_implementation:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**plan.kwargs)
+  logging.info("Process %d of %d: %d local devices, %d in all.", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())

@@ -1,0 +1,211 @@
+"""Multi-process runs: JAX's own runtime, two real processes on this machine == one process.
+
+The two-process test starts `python -m cldro_jax.main` twice with `--coordinator_address
+--num_processes --process_id` (2 CPU devices each, cross-process collectives over gloo), exactly as
+one would on two hosts, and checks it against the same command in one process with 4 devices:
+same parameters after the same global batches, the same exact kNN evaluation (whose last eval
+batch is partial and padded), and a checkpoint written by 2 processes restored and evaluated by 1.
+
+The `plan_initialization` tests pin when `jax.distributed.initialize` is (and is not) called.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from cldro_jax import checkpointing, distributed
+from cldro_jax import metrics as metrics_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config=configs/quickstart.py:runlocal", "--config.data.train_per_class=4",
+        "--config.data.test_per_class=4", "--config.batch_size=8",
+        "--config.eval.linear_probe=none", "--config.eval.untrained_baseline=False"]
+# Cluster variables a CI job may carry, which would turn a child into one process of that job.
+_CLUSTER_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES",
+                     "JAX_PROCESS_ID", "JAX_LOCAL_DEVICE_IDS", "TPU_")
+
+
+# ----------------------------------------------------------------------------------------------
+# When to start the distributed runtime
+
+
+def test_single_process_without_flags_or_cluster_environment():
+  plan = distributed.plan_initialization(environ={"HOME": "/root", "PATH": "/bin"})
+  assert not plan.multiprocess and plan.kwargs == {}
+
+
+def test_explicit_flags_are_passed_through():
+  plan = distributed.plan_initialization(coordinator_address="10.0.0.1:1234", num_processes=4,
+                                         process_id=3, local_device_ids="0,1", environ={})
+  assert plan.multiprocess
+  assert plan.kwargs == {"coordinator_address": "10.0.0.1:1234", "num_processes": 4,
+                         "process_id": 3, "local_device_ids": [0, 1]}
+
+
+def test_incomplete_flags_name_what_is_missing():
+  with pytest.raises(ValueError, match=r"missing: --num_processes, --process_id"):
+    distributed.plan_initialization(coordinator_address="10.0.0.1:1234", environ={})
+  with pytest.raises(ValueError, match=r"--process_id=2 must be in \[0, 2\)"):
+    distributed.plan_initialization(coordinator_address="h:1", num_processes=2, process_id=2,
+                                    environ={})
+  with pytest.raises(ValueError, match="--local_device_ids only applies"):
+    distributed.plan_initialization(local_device_ids="0", environ={})
+  with pytest.raises(ValueError, match="comma-separated list of integers"):
+    distributed.plan_initialization(multiprocess=True, local_device_ids="a,b", environ={})
+
+
+def test_multiprocess_flag_leaves_the_rest_to_jax_detection():
+  plan = distributed.plan_initialization(multiprocess=True, environ={})
+  assert plan.multiprocess and plan.kwargs == {}
+  plan = distributed.plan_initialization(multiprocess=True, process_id=1, environ={})
+  assert plan.kwargs == {"process_id": 1}
+
+
+def test_environment_detection():
+  env = {"JAX_COORDINATOR_ADDRESS": "head:1234", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}
+  plan = distributed.plan_initialization(environ=env)
+  assert plan.multiprocess and plan.kwargs == {"coordinator_address": "head:1234",
+                                               "num_processes": 2, "process_id": 1}
+  with pytest.raises(ValueError, match="JAX_NUM_PROCESSES and JAX_PROCESS_ID"):
+    distributed.plan_initialization(environ={"JAX_COORDINATOR_ADDRESS": "head:1234"})
+  slurm_step = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_PROCID": "2",
+                "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_LOCALID": "0"}
+  assert distributed.plan_initialization(environ=slurm_step).multiprocess
+  # One task, or a batch script before `srun` starts the tasks: a single process.
+  assert not distributed.plan_initialization(environ=dict(slurm_step, SLURM_NTASKS="1")).multiprocess
+  batch_script = {k: v for k, v in slurm_step.items() if k != "SLURM_STEP_NODELIST"}
+  assert not distributed.plan_initialization(environ=batch_script).multiprocess
+  assert distributed.plan_initialization(environ={"OMPI_COMM_WORLD_SIZE": "2"}).multiprocess
+  assert not distributed.plan_initialization(environ={"OMPI_COMM_WORLD_SIZE": "1"}).multiprocess
+
+
+# ----------------------------------------------------------------------------------------------
+# Two processes on this machine
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def child_env(num_devices: int, cache_dir: str) -> dict[str, str]:
+  """A child's environment: its own CPU device count, a shared compilation cache, no cluster."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith(_CLUSTER_PREFIXES)}
+  env.update(
+      XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}", JAX_PLATFORMS="cpu",
+      TF_CPP_MIN_LOG_LEVEL="3",
+      # The same programs compile once for all children of the test (a cache hit is the same
+      # executable, so results are unchanged).
+      JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+  return env
+
+
+def _tail(text: str, lines: int = 40) -> str:
+  return "\n".join(text.splitlines()[-lines:])
+
+
+def run_processes(args_per_process, env, timeout=300):
+  """Starts one `cldro_jax.main` per argument list, waits for all; fails with their logs."""
+  procs = [subprocess.Popen([sys.executable, "-m", "cldro_jax.main", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for args in args_per_process]
+  outputs = []
+  try:
+    for proc in procs:
+      outputs.append(proc.communicate(timeout=timeout))
+  except subprocess.TimeoutExpired:
+    for proc in procs:
+      proc.kill()
+      proc.communicate()
+    pytest.fail(f"processes did not finish within {timeout} s")
+  for i, (proc, (out, err)) in enumerate(zip(procs, outputs)):
+    assert proc.returncode == 0, f"process {i} exited with {proc.returncode}:\n{_tail(err)}"
+  return outputs
+
+
+def printed_results(stdout: str):
+  """The results object a run prints, or None (gloo's C++ code also prints notes to stdout)."""
+  text = "\n" + stdout
+  start = text.find("\n{\n")
+  return None if start < 0 else json.JSONDecoder().raw_decode(text[start + 1:])[0]
+
+
+def read_json(path):
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def saved_arrays(workdir, step=None):
+  checkpointer = checkpointing.Checkpointer(workdir)
+  try:
+    return checkpointer.restore_raw(step=step)
+  finally:
+    checkpointer.close()
+
+
+def assert_trees_close(a, b, rtol, atol):
+  flat_a, flat_b = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)
+  assert len(flat_a) == len(flat_b)
+  for (path, x), y in zip(flat_a, flat_b):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_and_their_checkpoint_restores_in_one(tmp_path):
+  cache = str(tmp_path / "xla_cache")
+  two, one = str(tmp_path / "two_processes"), str(tmp_path / "one_process")
+  # 2 steps, then the kNN monitor and the online probe's test accuracy (every_epochs=1 runs them
+  # at the end): 40 bank and 40 test images in eval batches of 32, so the last eval batch of each
+  # is partial and padded with a mask.
+  args = TINY + ["--config.total_steps=2", "--config.eval.every_epochs=1"]
+  port = _free_port()
+  outputs = run_processes(
+      [args + [f"--workdir={two}", f"--coordinator_address=localhost:{port}",
+               "--num_processes=2", f"--process_id={i}"] for i in range(2)],
+      child_env(2, cache))
+  # Both processes took part (4 devices over 2 processes), and only process 0 printed results.
+  for i, (_, err) in enumerate(outputs):
+    assert f"Process {i} of 2: 2 local devices, 4 in all" in err
+  printed = [printed_results(out) for out, _ in outputs]
+  assert printed[0]["step"] == 2 and printed[1] is None
+  run_processes([args + [f"--workdir={one}"]], child_env(4, cache))
+
+  # Read back in this (single) process: the 2-process checkpoint restores here, its checksums
+  # verified.
+  a, meta_a = saved_arrays(two)
+  b, meta_b = saved_arrays(one)
+  assert meta_a["step"] == meta_b["step"] == 2
+  # Same global batches, gathered negatives, BatchNorm over the global batch: the same function;
+  # only the order of floating-point reductions differs (as in tests/test_train_image.py's
+  # 8-device check).
+  assert_trees_close(a["params"], b["params"], rtol=2e-4, atol=2e-5)
+  assert_trees_close(a["model_state"], b["model_state"], rtol=2e-4, atol=2e-5)
+  np.testing.assert_array_equal(a["rng"], b["rng"])
+  loss_two = [r["loss"] for r in metrics_lib.read_metrics(two, "train")]
+  loss_one = [r["loss"] for r in metrics_lib.read_metrics(one, "train")]
+  assert len(loss_two) == 2   # process 0 alone wrote the metrics: one line per step
+  np.testing.assert_allclose(loss_two, loss_one, rtol=1e-5)
+  results_two, results_one = (read_json(os.path.join(w, "results.json")) for w in (two, one))
+  scores = ("final_knn_top1", "final_knn_top5", "final_online_probe_top1")
+  for key in scores:
+    assert results_two[key] == results_one[key], key
+    # A score is a count over the 40 test images: a padding row counted, or a row counted
+    # twice, would leave this grid.
+    assert results_two[key] * 40 / 100 == pytest.approx(round(results_two[key] * 40 / 100))
+
+  # The trainer itself restores the 2-process checkpoint in 1 process (4 devices): the same
+  # command on the same workdir resumes at step 2, which is the end, and evaluates the restored
+  # state. Same parameters, evaluated by 1 process instead of 2: the very same scores.
+  restored = run_processes([args + [f"--workdir={two}"]], child_env(4, cache))
+  assert "Resumed from step 2" in restored[0][1]
+  rerun = read_json(os.path.join(two, "results.json"))
+  assert {k: rerun[k] for k in scores} == {k: results_two[k] for k in scores}
