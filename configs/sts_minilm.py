@@ -57,5 +57,4 @@ def get_config(arg=None):
   config.progress_bar = True
   if arg.runlocal:
     sentence.make_runlocal(config)
-    config.model.pooler = "mean"
   return config

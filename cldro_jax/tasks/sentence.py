@@ -300,6 +300,12 @@ class SentenceTask:
     checkpoint, tokenizer, corpus or STS data; such a task can only `init` and `forward`.
     """
     validate(config)
+    if config.optim.name == "adamw" and config.optim.weight_decay > 0:
+      # SimCSE runs with weight decay 0; with a positive one the Hugging Face Trainer exempts
+      # biases and LayerNorm weights, the trainer's optax.adamw decays every parameter.
+      logging.warning("config.optim.weight_decay=%g decays every parameter, biases and LayerNorm "
+                      "included (the Hugging Face Trainer exempts those; SimCSE uses 0).",
+                      config.optim.weight_decay)
     self.config = config
     self.mesh = mesh
     self.data_sharding = NamedSharding(mesh, P(AXIS))
@@ -507,8 +513,8 @@ class SentenceTask:
       selected = f"final model: step {step}"
     results: dict[str, Any] = {"sts_model": selected, "sts_model_step": step,
                                "sts_pooler": sts.describe_pooler(self.eval_pooler)}
-    print(f"STS evaluation of the {selected}", flush=True)
     if self.test_data:
+      print(f"STS evaluation of the {selected}", flush=True)
       scores = _sts_results(self.embed_fn(params), self.test_data)
       print(sts.format_results(scores, sts.describe_pooler(self.eval_pooler)), flush=True)
       results.update({f"sts_{k}": v for k, v in scores.items()})
