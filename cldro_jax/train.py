@@ -295,6 +295,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   checkpointing.check_or_save_config(workdir, config)
 
   task = tasks_lib.build_task(config, mesh)
+  if hasattr(task, "set_workdir"):   # tasks that write artefacts (sentence: best model, export)
+    task.set_workdir(workdir)
   steps_per_epoch = task.steps_per_epoch
   total_steps = steps_for(config, steps_per_epoch)
   schedule = make_schedule(config.optim, total_steps, steps_per_epoch)
