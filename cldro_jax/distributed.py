@@ -141,6 +141,13 @@ def initialize(plan: InitPlan) -> None:
   # recent jax, "none" in older ones); accelerators use their own (NCCL, ICI) and ignore this.
   if not jax.config.jax_cpu_collectives_implementation:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(**plan.kwargs)
+  try:
+    jax.distributed.initialize(**plan.kwargs)
+  except ValueError as e:   # e.g. "coordinator_address should be defined": nothing detected
+    raise ValueError(
+        f"Could not start a multi-process run ({plan.reason}): {e} JAX detects the cluster only "
+        "on Cloud TPU, under SLURM (srun), Open MPI (mpirun) and Kubernetes; elsewhere give "
+        "--coordinator_address=HOST:PORT --num_processes=N --process_id=I on every process, or "
+        "drop --multiprocess for a single-process run.") from e
   logging.info("Process %d of %d: %d local devices, %d in all.", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())

@@ -85,6 +85,18 @@ def test_environment_detection():
   assert not distributed.plan_initialization(environ={"OMPI_COMM_WORLD_SIZE": "1"}).multiprocess
 
 
+def test_multiprocess_flag_without_a_cluster_fails_fast_and_writes_nothing(tmp_path):
+  workdir = tmp_path / "work"
+  done = subprocess.run(
+      [sys.executable, "-m", "cldro_jax.main", *TINY, f"--workdir={workdir}", "--multiprocess"],
+      cwd=REPO, env=child_env(1, str(tmp_path / "cache")), capture_output=True, text=True,
+      timeout=120, check=False)
+  assert done.returncode != 0
+  assert "Could not start a multi-process run" in done.stderr
+  assert "--coordinator_address=HOST:PORT --num_processes=N --process_id=I" in done.stderr
+  assert not workdir.exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # Two processes on this machine
 
