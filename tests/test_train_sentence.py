@@ -51,8 +51,9 @@ def write_corpus(path, n=64, seed=0):
 def write_sts(root, seed=1):
   """A SentEval data/downstream tree in the real formats (every file the 7 tasks read)."""
   rng = np.random.default_rng(seed)
-  pairs = lambda n: [(_sentence(rng), _sentence(rng), float(np.round(rng.uniform(0, 5), 2)))  # noqa: E731
-                     for _ in range(n)]
+  def pairs(n):
+    return [(_sentence(rng), _sentence(rng), float(np.round(rng.uniform(0, 5), 2)))
+            for _ in range(n)]
   for year, subsets in sts.STS_YEAR_SUBSETS.items():
     folder = root / "STS" / f"{year}-en-test"
     folder.mkdir(parents=True)
@@ -73,7 +74,8 @@ def write_sts(root, seed=1):
         for i, (a, b, s) in enumerate(pairs(24))), encoding="utf-8")
     (root / "SICK" / sick_file).write_text(
         "pair_ID\tsentence_A\tsentence_B\trelatedness_score\tentailment_judgment\n" + "".join(
-            f"{i}\t{a}\t{b}\t{1 + 0.8 * s:.1f}\tNEUTRAL\n" for i, (a, b, s) in enumerate(pairs(24))),
+            f"{i}\t{a}\t{b}\t{1 + 0.8 * s:.1f}\tNEUTRAL\n"
+            for i, (a, b, s) in enumerate(pairs(24))),
         encoding="utf-8")
   return root
 
@@ -220,7 +222,7 @@ def test_dev_selection_final_sts_and_workdir_evaluation(tmp_path):
   best_step = [2, 4, 6][int(np.argmax(dev))]
   assert monitor[-1]["sts_dev_best"] == pytest.approx(max(dev))
   assert monitor[-1]["sts_dev_best_step"] == best_step
-  record = json.load(open(os.path.join(workdir, "best_dev", "best.json")))
+  record = json.loads(pathlib.Path(workdir, "best_dev", "best.json").read_text())
   assert record["step"] == best_step and results["sts_model_step"] == best_step
 
   # The dev score of the kept model, recomputed independently from its exported weights.
@@ -279,9 +281,9 @@ def test_runlocal_minilm_offline_end_to_end_and_export_reload(tmp_path):
   assert "get_transfer_data.bash" in results["sts_skipped"]
   assert "STS evaluation skipped" in out.getvalue()
   export = results["hf_export"]
-  modules = json.load(open(os.path.join(export, "modules.json")))
+  modules = json.loads(pathlib.Path(export, "modules.json").read_text())
   assert [m["type"].rsplit(".", 1)[-1] for m in modules] == ["Transformer", "Pooling"]
-  pooling = json.load(open(os.path.join(export, "1_Pooling", "config.json")))
+  pooling = json.loads(pathlib.Path(export, "1_Pooling", "config.json").read_text())
   assert pooling["pooling_mode_mean_tokens"] and not pooling["pooling_mode_cls_token"]
 
   # The export reloads with our loader and embeds like the trained checkpoint.
@@ -337,7 +339,8 @@ def test_full_configs_match_the_paper():
     assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == n_params
     local = module.get_config("runlocal")
     assert local.loss.to_dict() == config.loss.to_dict()
-    assert local.model.path == sentence.shipped_minilm_dir() and local.data.source == "sklearn_descr"
+    assert local.model.path == sentence.shipped_minilm_dir()
+    assert local.data.source == "sklearn_descr"
 
 
 def test_flops_per_sentence_matches_anchor_and_xla():
@@ -363,7 +366,8 @@ def test_rst_sentences_and_the_offline_corpus():
          "The first sentence is here. A second one follows `with a link <http://x.org>`_!\n"
          "It wraps over two lines.\n\n- a bullet item. Not taken.\n\n=== ===\n a   b\n=== ===\n")
   assert text.sentences_from_rst(rst) == [
-      "The first sentence is here.", "A second one follows with a link!", "It wraps over two lines."]
+      "The first sentence is here.", "A second one follows with a link!",
+      "It wraps over two lines."]
   corpus = text.sklearn_descr_sentences()
   assert len(corpus) > 100 and all(s[-1] in ".!?" and len(s.split()) >= 4 for s in corpus)
   assert any("Fisher" in s for s in corpus)   # the iris description is in

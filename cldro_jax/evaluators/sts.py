@@ -362,26 +362,29 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
       prog="python -m cldro_jax.evaluators.sts",
       description="STS12-16 / STS-B / SICK-R Spearman x100 of a BERT/RoBERTa sentence encoder.")
   source = parser.add_mutually_exclusive_group(required=True)
-  source.add_argument("--model_dir",
-                      help="local Hugging Face model folder (config.json, model.safetensors, tokenizer)")
+  source.add_argument("--model_dir", help="local Hugging Face model folder (config.json, "
+                                           "model.safetensors, tokenizer files)")
   source.add_argument("--workdir",
                       help="a `python -m cldro_jax.main` sentence run: evaluates its encoder "
                            "(see --checkpoint) with the run's config.json")
   parser.add_argument("--checkpoint", default="auto",
                       help="with --workdir: best (the best STS dev model), latest (the last "
-                           "training checkpoint), a step number, or auto (best if kept, else latest)")
+                           "training checkpoint), a step number, or auto (best if kept, else "
+                           "latest)")
   parser.add_argument("--sts_root", default=None,
                       help="SentEval's data/downstream folder (with --workdir, default: the "
                            "run's config.data.sts_root)")
   parser.add_argument("--pooler", default=None, choices=("cls", "mean", "cls_mlp"),
                       help="cls = CLS without the training MLP (SimCSE's evaluation; the default "
-                           "with --model_dir); with --workdir the default is the run's evaluation pooler")
+                           "with --model_dir); with --workdir the default is the run's "
+                           "evaluation pooler")
   parser.add_argument("--max_length", type=int, default=None,
                       help="truncate to this many tokens (default: the model's maximum)")
   parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument("--split", default="test", choices=("test", "dev"))
   parser.add_argument("--tasks", default=None,
-                      help=f"comma-separated subset of {','.join(TASKS)} (default: all of the split)")
+                      help=f"comma-separated subset of {','.join(TASKS)} "
+                           "(default: all of the split)")
   args = parser.parse_args(argv)
   if args.model_dir and args.sts_root is None:
     parser.error("--sts_root is required with --model_dir")
@@ -396,11 +399,6 @@ def _encoder_from_args(args: argparse.Namespace):
     return config, params, args.model_dir, args.pooler or "cls", f"model {args.model_dir}"
   from cldro_jax.tasks import sentence
   trained = sentence.load_trained_encoder(args.workdir, args.checkpoint)
-  if args.sts_root is None:
-    args.sts_root = trained.config.data.sts_root
-    if not args.sts_root:
-      raise FileNotFoundError(f"The run's config.data.sts_root is empty: pass --sts_root. "
-                              f"{GET_DATA_HELP}")
   pooler = args.pooler or sentence.eval_pooler(trained.config)
   return (trained.encoder_config, trained.params, trained.tokenizer_folder, pooler,
           trained.description)
@@ -413,11 +411,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
   from cldro_jax.models import bert
 
   tasks = tuple(args.tasks.split(",")) if args.tasks else None
-  if args.model_dir:   # missing data fails before the model loads
-    load_tasks(args.sts_root, tasks, args.split)
+  if args.workdir and args.sts_root is None:
+    from cldro_jax.tasks import sentence
+    args.sts_root = sentence.load_run_config(args.workdir).data.sts_root
+    if not args.sts_root:
+      raise FileNotFoundError(f"The run's config.data.sts_root is empty: pass --sts_root. "
+                              f"{GET_DATA_HELP}")
+  load_tasks(args.sts_root, tasks, args.split)  # missing data fails before the model loads
   config, params, tokenizer_folder, pooler, description = _encoder_from_args(args)
-  if args.workdir:     # sts_root came from the run's config
-    load_tasks(args.sts_root, tasks, args.split)
   pooling, use_mlp = bert.pooler_settings(pooler)
   if use_mlp and "pooler" not in params:
     raise ValueError(f"--pooler=cls_mlp needs pooler.dense weights, which {description} lacks.")

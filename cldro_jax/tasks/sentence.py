@@ -399,7 +399,8 @@ class SentenceTask:
     if self.config.model.mlp_init == "fresh":
       params["pooler"] = bert.fresh_mlp_params(self.encoder_config, rng)
     expected = jax.eval_shape(lambda key: bert.init_params(self.model, key), jax.random.key(0))
-    shapes = lambda tree: jax.tree.map(lambda a: (tuple(a.shape), jnp.dtype(a.dtype)), tree)  # noqa: E731
+    def shapes(tree):
+      return jax.tree.map(lambda a: (tuple(a.shape), jnp.dtype(a.dtype)), tree)
     if shapes(expected) != shapes(params):
       raise ValueError(f"The checkpoint in {self.config.model.path} does not fit its config.json.")
     return params, {}
