@@ -179,7 +179,7 @@ def resumed_from(stderr: str) -> int:
 
 def test_kill_9_at_a_random_step_then_the_same_command_resumes_exactly(shared, tmp_path):
   seed = int(os.environ.get("CLDRO_FAULT_SEED", random.SystemRandom().randrange(2**31)))
-  kill_at = random.Random(seed).randint(EVERY + 1, TOTAL_STEPS - 6)
+  kill_at = random.Random(seed).randint(EVERY + 1, TOTAL_STEPS - 8)
   about = f"(CLDRO_FAULT_SEED={seed}: kill once step {kill_at} is logged)"
   workdir = str(tmp_path / "killed")
   proc = start_command(shared, MAIN + flags(shared, workdir), str(tmp_path / "log"))
