@@ -124,21 +124,35 @@ def _tail(text: str, lines: int = 40) -> str:
   return "\n".join(text.splitlines()[-lines:])
 
 
-def run_processes(args_per_process, env, timeout=300):
-  """Starts one `cldro_jax.main` per argument list, waits for all; fails with their logs."""
-  procs = [subprocess.Popen([sys.executable, "-m", "cldro_jax.main", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for args in args_per_process]
-  outputs = []
+def run_processes(runs, log_dir, timeout=300):
+  """Starts `cldro_jax.main` once per (arguments, environment) pair, all at once, and waits.
+
+  Returns each process's (stdout, stderr); fails with their logs if any fails. Output goes to
+  files: a full pipe would block a process, and its peers with it, inside a collective.
+  """
+  os.makedirs(log_dir, exist_ok=True)
+  procs, paths = [], []
+  for i, (args, env) in enumerate(runs):
+    out_path, err_path = (os.path.join(log_dir, f"{len(os.listdir(log_dir))}_{i}.{kind}")
+                          for kind in ("out", "err"))
+    with open(out_path, "w", encoding="utf-8") as out, open(err_path, "w",
+                                                            encoding="utf-8") as err:
+      procs.append(subprocess.Popen([sys.executable, "-m", "cldro_jax.main", *args], cwd=REPO,
+                                    env=env, stdout=out, stderr=err, text=True))
+    paths.append((out_path, err_path))
   try:
     for proc in procs:
-      outputs.append(proc.communicate(timeout=timeout))
+      proc.wait(timeout=timeout)
   except subprocess.TimeoutExpired:
     for proc in procs:
       proc.kill()
-      proc.communicate()
+      proc.wait()
     pytest.fail(f"processes did not finish within {timeout} s")
-  for i, (proc, (out, err)) in enumerate(zip(procs, outputs)):
+  outputs = []
+  for out_path, err_path in paths:
+    with open(out_path, encoding="utf-8") as out, open(err_path, encoding="utf-8") as err:
+      outputs.append((out.read(), err.read()))
+  for i, (proc, (_, err)) in enumerate(zip(procs, outputs)):
     assert proc.returncode == 0, f"process {i} exited with {proc.returncode}:\n{_tail(err)}"
   return outputs
 
@@ -180,16 +194,18 @@ def test_two_processes_equal_one_and_their_checkpoint_restores_in_one(tmp_path):
   # is partial and padded with a mask.
   args = TINY + ["--config.total_steps=2", "--config.eval.every_epochs=1"]
   port = _free_port()
+  logs = str(tmp_path / "logs")
+  # The two processes of the job, and the single-process reference beside them (its compilation
+  # overlaps theirs).
   outputs = run_processes(
-      [args + [f"--workdir={two}", f"--coordinator_address=localhost:{port}",
-               "--num_processes=2", f"--process_id={i}"] for i in range(2)],
-      child_env(2, cache))
+      [(args + [f"--workdir={two}", f"--coordinator_address=localhost:{port}",
+                "--num_processes=2", f"--process_id={i}"], child_env(2, cache)) for i in range(2)]
+      + [(args + [f"--workdir={one}"], child_env(4, cache))], logs)
   # Both processes took part (4 devices over 2 processes), and only process 0 printed results.
-  for i, (_, err) in enumerate(outputs):
+  for i, (_, err) in enumerate(outputs[:2]):
     assert f"Process {i} of 2: 2 local devices, 4 in all" in err
-  printed = [printed_results(out) for out, _ in outputs]
+  printed = [printed_results(out) for out, _ in outputs[:2]]
   assert printed[0]["step"] == 2 and printed[1] is None
-  run_processes([args + [f"--workdir={one}"]], child_env(4, cache))
 
   # Read back in this (single) process: the 2-process checkpoint restores here, its checksums
   # verified.
@@ -217,7 +233,7 @@ def test_two_processes_equal_one_and_their_checkpoint_restores_in_one(tmp_path):
   # The trainer itself restores the 2-process checkpoint in 1 process (4 devices): the same
   # command on the same workdir resumes at step 2, which is the end, and evaluates the restored
   # state. Same parameters, evaluated by 1 process instead of 2: the very same scores.
-  restored = run_processes([args + [f"--workdir={two}"]], child_env(4, cache))
+  restored = run_processes([(args + [f"--workdir={two}"], child_env(4, cache))], logs)
   assert "Resumed from step 2" in restored[0][1]
   rerun = read_json(os.path.join(two, "results.json"))
   assert {k: rerun[k] for k in scores} == {k: results_two[k] for k in scores}
