@@ -40,8 +40,10 @@ RESUMABLE_FIELDS = (
     "total_epochs", "total_steps", "log_every_steps", "checkpoint_every_steps",
     "keep_checkpoints", "eval", "data.data_dir", "data.path", "data.test_dir", "data.sts_root",
     "data.read_threads", "data.in_memory", "data.in_memory_max_mb",
-    "progress_bar", "mesh", "trace",
+    "progress_bar", "mesh",
 )
+# Exceptions inside a resumable group: the online probe's parameters are part of the train state.
+FIXED_FIELDS = ("eval.online_probe",)
 
 
 class CheckpointMismatchError(ValueError):
@@ -64,6 +66,8 @@ def _flatten(config: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def _may_change(name: str) -> bool:
+  if name in FIXED_FIELDS:
+    return False
   return any(name == f or name.startswith(f + ".") for f in RESUMABLE_FIELDS)
 
 
@@ -72,16 +76,19 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return json.loads(config.to_json_best_effort())
 
 
-def check_or_save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+def check_or_save_config(workdir: str, config: ml_collections.ConfigDict, *,
+                         save: bool = True) -> None:
   """Saves `config.json` on the first start; on a resume, refuses a config that differs.
 
   Raises CheckpointMismatchError naming each differing field, unless it is one that may change
-  on resume (RESUMABLE_FIELDS).
+  on resume (RESUMABLE_FIELDS). With `save=False` it only checks (the trainer checks before it
+  loads any data, and saves once the data and model are known to build, so that a run failing on
+  missing data leaves no workdir behind).
   """
   path = os.path.join(workdir, "config.json")
   current = config_to_dict(config)
   if not os.path.exists(path):
-    if jax.process_index() == 0:
+    if save and jax.process_index() == 0:
       os.makedirs(workdir, exist_ok=True)
       tmp = path + ".tmp"
       with open(tmp, "w", encoding="utf-8") as f:

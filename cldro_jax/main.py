@@ -13,6 +13,7 @@ when the environment says so (see `cldro_jax/distributed.py` and docs/scaling.md
 """
 
 import json
+import sys
 
 import jax
 from absl import app, flags
@@ -48,7 +49,13 @@ def main(argv):
       local_device_ids=_LOCAL_DEVICE_IDS.value)
   # First: nothing may touch a device before jax.distributed has started (imports do not).
   distributed.initialize(plan)
-  results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except train.PreemptedError as stop:
+    # Not a crash: say what happened and exit as a terminated process does (128 + SIGTERM), so
+    # schedulers requeue the job; the rerun resumes from the checkpoint just written.
+    print(f"cldro_jax: {stop}", file=sys.stderr)
+    sys.exit(143)
   if jax.process_index() == 0:
     print(json.dumps(results, indent=2, sort_keys=True))
 

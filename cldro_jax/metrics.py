@@ -31,14 +31,19 @@ class MetricWriter:
   to TensorBoard under `<split>/<name>`.
   """
 
-  def __init__(self, workdir: str, *, enabled: bool | None = None):
+  def __init__(self, workdir: str, *, enabled: bool | None = None, resume_step: int = 0):
+    """`resume_step`: the step a resumed run restarts from. Lines logged after it by the killed
+    run are dropped, since the resumed run logs those steps again (no duplicates in the file)."""
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._jsonl = None
     self._tb = None
     if not self.enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(path):
+      _drop_lines_after(path, resume_step)
+    self._jsonl = open(path, "a", encoding="utf-8")
     try:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -67,6 +72,23 @@ class MetricWriter:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+
+
+def _drop_lines_after(path: str, step: int) -> None:
+  """Rewrites a metrics file without the records past `step` (and a torn last line)."""
+  kept = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:   # a line cut short when the process was killed
+        continue
+      if record.get("step", 0) <= step:
+        kept.append(line if line.endswith("\n") else line + "\n")
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
 
 
 def read_metrics(workdir: str, split: str | None = None) -> list[dict[str, Any]]:

@@ -17,6 +17,8 @@ import functools
 import json
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -27,6 +29,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cldro_jax import checkpointing
@@ -40,6 +43,43 @@ AXIS = "data"
 
 class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or inf; the run stops and keeps its last good checkpoint."""
+
+
+class PreemptedError(RuntimeError):
+  """The run was asked to stop (SIGTERM, a preemption notice) and saved a checkpoint first."""
+
+
+class _PreemptionWatch:
+  """Notices a request to stop, so the loop can checkpoint at a step boundary and exit.
+
+  One process: a SIGTERM handler (what schedulers and `kill` send before killing). Several
+  processes: JAX's preemption sync point, which agrees on one step for every process (each must
+  save the same step), as Cloud TPU and SLURM preemption notices arrive at different times.
+  """
+
+  def __init__(self):
+    self.multiprocess = jax.process_count() > 1
+    self.requested = False
+    self._previous = None
+    if not self.multiprocess and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+  def _on_signal(self, signum, frame):  # pylint: disable=unused-argument
+    self.requested = True
+
+  def should_stop(self, step: int) -> bool:
+    if not self.multiprocess:
+      return self.requested
+    try:
+      return multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:   # no preemption service in this runtime: nothing to watch
+      self.multiprocess = False
+      return False
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
 
 
 @flax.struct.dataclass
@@ -292,11 +332,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if config.batch_size % jax.process_count():
     raise ValueError(f"config.batch_size={config.batch_size} must divide over "
                      f"{jax.process_count()} processes.")
+  checkpointing.check_or_save_config(workdir, config, save=False)
+  task = tasks_lib.build_task(config, mesh, workdir)
   checkpointing.check_or_save_config(workdir, config)
-
-  task = tasks_lib.build_task(config, mesh)
-  if hasattr(task, "set_workdir"):   # tasks that write artefacts (sentence: best model, export)
-    task.set_workdir(workdir)
   steps_per_epoch = task.steps_per_epoch
   total_steps = steps_for(config, steps_per_epoch)
   schedule = make_schedule(config.optim, total_steps, steps_per_epoch)
@@ -324,7 +362,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
       train_step = jax.jit(make_train_step(task, config, tx, schedule, mesh),
                            donate_argnums=(0,), out_shardings=(replicated, replicated))
-      writer = metrics_lib.MetricWriter(workdir)
+      writer = metrics_lib.MetricWriter(workdir, resume_step=start_step)
       meta_base = {"model": task.model_name, "parameter_signature": signature}
       results = _loop(config, task, state, train_step, checkpointer, writer, mesh, start_step,
                       total_steps, meta_base, workdir)
@@ -360,6 +398,7 @@ def _loop(config, task, state, train_step, checkpointer, writer, mesh, start_ste
   pending: list[dict] = []
   last_log_time, last_log_step = time.time(), start_step
   step = start_step
+  preemption = _PreemptionWatch()
   try:
     for step in range(start_step, total_steps):
       batch = task.to_global(next(batches))
@@ -392,6 +431,14 @@ def _loop(config, task, state, train_step, checkpointer, writer, mesh, start_ste
           bar.set_postfix(loss=f"{summary['loss']:.4f}", epoch=f"{summary['epoch']:.2f}")
       if done % config.checkpoint_every_steps == 0 and done < total_steps:
         _save(checkpointer, state, done, steps_per_epoch, meta_base)
+      if done < total_steps and preemption.should_stop(done):
+        if done % config.checkpoint_every_steps:
+          _save(checkpointer, state, done, steps_per_epoch, meta_base)
+        checkpointer.wait()
+        raise PreemptedError(
+            f"Stopped on request (SIGTERM or a preemption notice) after step {done} of "
+            f"{total_steps}; a checkpoint of step {done} is saved in {checkpointer.directory}. "
+            "Rerun the same command to resume.")
       every = task.monitor_every_steps
       if every and done % every == 0 and done < total_steps:
         monitor = task.monitor(state)
@@ -400,6 +447,7 @@ def _loop(config, task, state, train_step, checkpointer, writer, mesh, start_ste
           bar.write(f"epoch {done / steps_per_epoch:.0f}: " + ", ".join(
               f"{k}={v:.2f}" for k, v in monitor.items()))
   finally:
+    preemption.close()
     if bar is not None:
       bar.close()
     close = getattr(batches, "close", None)

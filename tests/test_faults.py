@@ -202,8 +202,31 @@ def test_kill_9_at_a_random_step_then_the_same_command_resumes_exactly(shared, t
   reference, reference_meta = saved_arrays(shared["reference"])
   assert meta["step"] == reference_meta["step"] == TOTAL_STEPS
   assert_trees_equal(state, reference)
-  # Every step was trained; the steps after the checkpoint were trained (and logged) again.
-  assert set(logged_steps(workdir)) == set(range(1, TOTAL_STEPS + 1))
+  # Every step was trained; the steps after the checkpoint were trained again and are logged
+  # once (the killed run's lines past the checkpoint were dropped on resume).
+  assert logged_steps(workdir) == list(range(1, TOTAL_STEPS + 1))
+
+
+def test_sigterm_saves_a_checkpoint_at_that_step_then_the_same_command_resumes(shared, tmp_path):
+  # What a scheduler sends before a preemption: the run finishes its step, checkpoints it (even
+  # between the periodic checkpoints) and exits with a message; the rerun loses no step.
+  workdir = str(tmp_path / "terminated")
+  proc = start_command(shared, MAIN + flags(shared, workdir), str(tmp_path / "log"))
+  wait_for(lambda: max(logged_steps(workdir), default=0) >= EVERY + 1, proc, 180, "step 4")
+  proc.send_signal(signal.SIGTERM)
+  proc.wait(timeout=120)
+  with open(proc.log_path, encoding="utf-8") as f:
+    log = f.read()
+  assert proc.returncode != 0 and "Rerun the same command to resume" in log, _tail(log)
+  stopped_at = int(re.search(r"a checkpoint of step (\d+) is saved", log).group(1))
+  assert max(committed_steps(workdir)) == stopped_at == max(logged_steps(workdir))
+  assert stopped_at < TOTAL_STEPS
+
+  rerun = run_command(shared, workdir)
+  assert rerun.returncode == 0, _tail(rerun.stderr)
+  assert resumed_from(rerun.stderr) == stopped_at
+  assert_trees_equal(saved_arrays(workdir)[0], saved_arrays(shared["reference"])[0])
+  assert logged_steps(workdir) == list(range(1, TOTAL_STEPS + 1))
 
 
 # The same command, except that orbax's final rename of the step-6 checkpoint (the moment a

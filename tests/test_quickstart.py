@@ -18,6 +18,7 @@ def test_quickstart_trained_beats_untrained_by_two_points_over_three_seeds(tmp_p
   for seed in (0, 1, 2):
     config = quickstart.get_config(f"seed={seed}")
     config.progress_bar = False
+    config.mesh.num_devices = 1   # as on a user's CPU (the tests fake 8 devices)
     results = train.train_and_evaluate(config, str(tmp_path / f"seed{seed}"))
     assert json.load(open(tmp_path / f"seed{seed}" / "results.json")) == json.loads(
         json.dumps(results))

@@ -242,8 +242,7 @@ def test_dev_selection_final_sts_and_workdir_evaluation(tmp_path):
     np.testing.assert_array_equal(x, y)
 
   # A resumed run's task finds the kept model on disk (best score, step and weights).
-  task = sentence.SentenceTask(config, train.make_mesh(1))
-  task.set_workdir(workdir)
+  task = sentence.SentenceTask(config, train.make_mesh(1), workdir=workdir)
   state, _ = saved_arrays(workdir)
   final_state = types.SimpleNamespace(step=np.int32(6), params=state["params"])
   with redirect_stdout(io.StringIO()):

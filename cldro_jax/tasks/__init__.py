@@ -49,13 +49,15 @@ class Task(Protocol):
   def final_evaluation(self, state) -> dict[str, Any]: ...
 
 
-def build_task(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Task:
+def build_task(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+               workdir: str | None = None) -> Task:
+  """The task of `config.domain`; `workdir` is where tasks that write artefacts put them."""
   if config.domain == "image":
     from cldro_jax.tasks import image  # pylint: disable=import-outside-toplevel
     return image.ImageTask(config, mesh)
   if config.domain == "sentence":
     from cldro_jax.tasks import sentence  # pylint: disable=import-outside-toplevel
-    return sentence.SentenceTask(config, mesh)
+    return sentence.SentenceTask(config, mesh, workdir=workdir)
   if config.domain == "graph":
     from cldro_jax.tasks import graph  # pylint: disable=import-outside-toplevel
     return graph.GraphTask(config, mesh)

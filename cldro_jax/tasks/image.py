@@ -155,7 +155,9 @@ class ImageTask:
   def extract_features(self, params, model_state, source) -> tuple[np.ndarray, np.ndarray]:
     """Frozen-encoder features (BatchNorm in eval mode) of every example of `source`."""
     feats, labels = [], []
-    for batch in pipeline.eval_batches(source, global_batch_size=self.config.eval.batch_size):
+    # Rounded up to a multiple of the device count; padding rows are masked out.
+    size = -(-self.config.eval.batch_size // self.mesh.size) * self.mesh.size
+    for batch in pipeline.eval_batches(source, global_batch_size=size):
       global_batch = self.to_global(batch)
       out = self._embed(params, model_state, global_batch["image"])
       out, lab, mask = (_to_host(x) for x in (out, global_batch["label"], global_batch["mask"]))

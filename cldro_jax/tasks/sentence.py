@@ -293,7 +293,7 @@ class SentenceTask:
   probe_shape = None
 
   def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
-               encoder_config: EncoderConfig | None = None):
+               workdir: str | None = None, encoder_config: EncoderConfig | None = None):
     """Loads the checkpoint, tokenizer, corpus and STS data (all failures happen here).
 
     `encoder_config` (benchmarks): build that architecture with random weights and no
@@ -310,7 +310,7 @@ class SentenceTask:
     self.mesh = mesh
     self.data_sharding = NamedSharding(mesh, P(AXIS))
     self.replicated = NamedSharding(mesh, P())
-    self.workdir: str | None = None   # set by the trainer (set_workdir): best model, export
+    self.workdir = workdir   # where the best dev model and the export go (None: nowhere)
     self.dev_data: dict | None = None
     self.test_data: dict | None = None
     self.sts_skipped: str | None = None
@@ -381,10 +381,6 @@ class SentenceTask:
       print(self.sts_skipped, flush=True)
       return
     self.dev_data, self.test_data = dev, test
-
-  def set_workdir(self, workdir: str) -> None:
-    """Where the best dev model and the export go (called by the trainer)."""
-    self.workdir = workdir
 
   # -- model ------------------------------------------------------------------------------------
 
