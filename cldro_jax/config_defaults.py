@@ -105,6 +105,9 @@ def _image_defaults() -> ml_collections.ConfigDict:
       linear_probe_lr=1e-3,
       linear_probe_weight_decay=1e-6,
       linear_probe_batch_size=512,
+      # "reference" probe only: let BatchNorm running statistics update while the probe trains
+      # (what the authors' linear.py does); False keeps the encoder truly frozen.
+      probe_update_bn=False,
       # Also probe the untrained encoder (same seed, same protocol) as a baseline.
       untrained_baseline=False,
   ))

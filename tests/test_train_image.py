@@ -176,3 +176,29 @@ def test_full_configs_match_the_paper(tmp_path):
     assert n_params == 23_500_352 + 2048 * 512 + 2 * 512 + 512 * 128 + 128
   assert stl10_config.get_config().data.pretrain_split == "train+unlabelled"
   assert stl10_config.get_config().eval.probe_image_size == 96
+
+
+@pytest.mark.parametrize("update_bn", [False, True])
+def test_reference_probe_freezes_batchnorm_unless_asked(update_bn):
+  """The reference protocol (augmented crops through the encoder) keeps BatchNorm statistics
+  frozen by default; `probe_update_bn` lets them drift as the authors' linear.py does, and the
+  test set is then embedded with the drifted statistics."""
+  from cldro_jax.tasks import image  # pylint: disable=import-outside-toplevel
+  config = tiny_config(**{"eval.linear_probe": "reference", "eval.linear_probe_epochs": 1,
+                          "eval.probe_update_bn": update_bn})
+  task = image.ImageTask(config, train.make_mesh(1))
+  params, model_state = jax.jit(task.init)(train.model_init_key(0))
+  seen = {}
+  original = task.extract_features
+
+  def spy(p, state, source):
+    seen["state"] = state
+    return original(p, state, source)
+
+  task.extract_features = spy
+  scores = task._linear_probe(params, model_state, seed=0)  # pylint: disable=protected-access
+  assert 0.0 <= scores["top1"] <= 100.0
+  before = jax.tree.leaves(model_state)
+  after = jax.tree.leaves(seen["state"])
+  changed = any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(before, after))
+  assert changed == update_bn

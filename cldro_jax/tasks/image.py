@@ -189,7 +189,6 @@ class ImageTask:
 
   def _linear_probe(self, params, model_state, seed: int) -> dict[str, float]:
     ev = self.config.eval
-    test, test_labels = self.extract_features(params, model_state, self.dataset.test)
     if ev.linear_probe == "features":
       train, train_labels = self.extract_features(params, model_state, self.dataset.probe_train)
       probe = linear_probe.fit_linear_probe(
@@ -198,13 +197,18 @@ class ImageTask:
           learning_rate=ev.linear_probe_lr, weight_decay=ev.linear_probe_weight_decay, seed=seed)
     else:
       # The authors' linear.py: the linear layer trains on SimCLR-augmented crops of the train
-      # split through the frozen encoder (BatchNorm in eval mode) and is tested on whole images.
+      # split through the frozen encoder and is tested on whole images. Their encoder stays in
+      # train mode, so BatchNorm's running statistics drift during the probe; ours are frozen
+      # unless `eval.probe_update_bn` asks for the reference behaviour.
       whole = self.dataset.probe_train[np.arange(len(self.dataset.probe_train))]
       augment = self.augment
+      update_bn = ev.probe_update_bn
 
       def embed_fn(variables, images):
-        features, _, _ = self._apply(variables["params"], variables["state"], images,
-                                     train=False)
+        features, _, state = self._apply(variables["params"], variables["state"], images,
+                                         train=update_bn)
+        if update_bn:
+          return features, {"params": variables["params"], "state": state}
         return features
 
       # The encoder's variables go in as an argument: closed over, they would be baked into the
@@ -215,7 +219,11 @@ class ImageTask:
           epochs=ev.linear_probe_epochs, batch_size=ev.linear_probe_batch_size,
           learning_rate=ev.linear_probe_lr, weight_decay=ev.linear_probe_weight_decay, seed=seed,
           progress=self.config.progress_bar,
-          encoder_variables={"params": params, "state": model_state})
+          encoder_variables={"params": params, "state": model_state},
+          update_encoder_state=update_bn)
+      if update_bn:   # the test set sees the statistics the probe left behind, as the reference
+        model_state = probe.encoder_variables["state"]
+    test, test_labels = self.extract_features(params, model_state, self.dataset.test)
     scores = linear_probe.evaluate_linear_probe(probe, test, test_labels)
     return {"top1": float(scores["top1"]), "top5": float(scores["top5"])}
 
