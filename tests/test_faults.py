@@ -20,7 +20,6 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -28,6 +27,7 @@ from PIL import Image
 from cldro_jax import checkpointing, train
 from cldro_jax.data import images as images_lib
 from configs import quickstart as quickstart_config
+from helpers import assert_trees_equal, saved_arrays, with_overrides
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_STEPS = 20
@@ -139,22 +139,6 @@ def committed_steps(workdir) -> list[int]:
   folder = os.path.join(workdir, "checkpoints")
   names = os.listdir(folder) if os.path.isdir(folder) else []
   return sorted(int(n) for n in names if n.isdigit())
-
-
-def saved_arrays(workdir, step=None):
-  checkpointer = checkpointing.Checkpointer(workdir)
-  try:
-    return checkpointer.restore_raw(step=step)
-  finally:
-    checkpointer.close()
-
-
-def assert_trees_equal(a, b):
-  flat_a, flat_b = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)
-  assert len(flat_a) == len(flat_b)
-  for (path, x), y in zip(flat_a, flat_b):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
-                                  err_msg=jax.tree_util.keystr(path))
 
 
 def file_digests(folder) -> dict[str, str]:
@@ -416,13 +400,7 @@ def tiny_config(**overrides):
   config.eval.every_epochs = 0
   config.eval.linear_probe = "none"
   config.eval.untrained_baseline = False
-  for key, value in overrides.items():
-    node = config
-    *path, leaf = key.split(".")
-    for part in path:
-      node = node[part]
-    node[leaf] = value
-  return config
+  return with_overrides(config, **overrides)
 
 
 def _write_idx(path, array):

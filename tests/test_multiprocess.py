@@ -15,12 +15,12 @@ import socket
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
-from cldro_jax import checkpointing, distributed
+from cldro_jax import distributed
 from cldro_jax import metrics as metrics_lib
+from helpers import assert_trees_close, saved_arrays
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config=configs/quickstart.py:runlocal", "--config.data.train_per_class=4",
@@ -167,22 +167,6 @@ def printed_results(stdout: str):
 def read_json(path):
   with open(path, encoding="utf-8") as f:
     return json.load(f)
-
-
-def saved_arrays(workdir, step=None):
-  checkpointer = checkpointing.Checkpointer(workdir)
-  try:
-    return checkpointer.restore_raw(step=step)
-  finally:
-    checkpointer.close()
-
-
-def assert_trees_close(a, b, rtol, atol):
-  flat_a, flat_b = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)
-  assert len(flat_a) == len(flat_b)
-  for (path, x), y in zip(flat_a, flat_b):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol,
-                               err_msg=jax.tree_util.keystr(path))
 
 
 @pytest.mark.slow

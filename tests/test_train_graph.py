@@ -12,13 +12,13 @@ from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.svm import SVC
 
 import reference_losses as ref
-from cldro_jax import checkpointing
 from cldro_jax import config_defaults
 from cldro_jax import metrics as metrics_lib
 from cldro_jax import train
 from cldro_jax.data import graphs as graphs_lib
 from cldro_jax.models import gin
 from cldro_jax.tasks import graph as graph_task
+from helpers import assert_trees_close, saved_arrays, with_overrides
 
 # LOSSES.md, "Graphs": (aug, mu, sigma, t) per dataset, typed here independently of the code.
 PAPER_TABLE = {
@@ -37,28 +37,7 @@ MUTAG_GRAPHS, MUTAG_POSITIVE = 188, 125   # LOSSES.md: 188 graphs, labels 1 (125
 def mutag_config(arg="runlocal", **overrides):
   config = importlib.import_module("configs.tu_mutag").get_config(arg)
   config.mesh.num_devices = 1
-  for key, value in overrides.items():
-    node = config
-    *path, leaf = key.split(".")
-    for part in path:
-      node = node[part]
-    node[leaf] = value
-  return config
-
-
-def saved_arrays(workdir):
-  checkpointer = checkpointing.Checkpointer(workdir)
-  try:
-    return checkpointer.restore_raw()
-  finally:
-    checkpointer.close()
-
-
-def assert_trees_close(a, b, rtol, atol):
-  flat_a, flat_b = jax.tree.leaves(a), jax.tree.leaves(b)
-  assert len(flat_a) == len(flat_b)
-  for x, y in zip(flat_a, flat_b, strict=True):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+  return with_overrides(config, **overrides)
 
 
 def unsharded_gin(config):

@@ -15,6 +15,7 @@ from cldro_jax import train
 from configs import cifar10 as cifar10_config
 from configs import quickstart as quickstart_config
 from configs import stl10 as stl10_config
+from helpers import assert_trees_close, saved_arrays, with_overrides
 
 
 def tiny_config(**overrides):
@@ -28,29 +29,7 @@ def tiny_config(**overrides):
   config.eval.linear_probe = "none"
   config.eval.untrained_baseline = False
   config.mesh.num_devices = 1
-  for key, value in overrides.items():
-    node = config
-    *path, leaf = key.split(".")
-    for part in path:
-      node = node[part]
-    node[leaf] = value
-  return config
-
-
-def saved_arrays(workdir, step=None):
-  checkpointer = checkpointing.Checkpointer(workdir)
-  try:
-    state, meta = checkpointer.restore_raw(step=step)
-  finally:
-    checkpointer.close()
-  return state, meta
-
-
-def assert_trees_close(a, b, rtol, atol):
-  flat_a, flat_b = jax.tree.leaves(a), jax.tree.leaves(b)
-  assert len(flat_a) == len(flat_b)
-  for x, y in zip(flat_a, flat_b):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+  return with_overrides(config, **overrides)
 
 
 @pytest.mark.parametrize("config_module,num_examples", [(cifar10_config, 48),

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from cldro_jax import checkpointing
 from cldro_jax import config_defaults
 from cldro_jax import losses
 from cldro_jax import metrics as metrics_lib
@@ -30,6 +29,7 @@ from cldro_jax.tasks import sentence
 from configs import sts_bert as sts_bert_config
 from configs import sts_minilm as sts_minilm_config
 from configs import sts_roberta as sts_roberta_config
+from helpers import saved_arrays, with_overrides
 
 ROBERTA_DIR = pathlib.Path(__file__).parent / "fixtures" / "sentence" / "roberta_tiny"
 WORDS = ("a man woman child plays guitar piano dog cat runs sleeps eats food the on in park "
@@ -98,21 +98,7 @@ def tiny_config(tmp_path, **overrides):
   config.eval.every_steps = 0
   config.eval.final_tasks = ()
   config.mesh.num_devices = 1
-  for key, value in overrides.items():
-    node = config
-    *path, leaf = key.split(".")
-    for part in path:
-      node = node[part]
-    node[leaf] = value
-  return config
-
-
-def saved_arrays(workdir, step=None):
-  checkpointer = checkpointing.Checkpointer(workdir)
-  try:
-    return checkpointer.restore_raw(step=step)
-  finally:
-    checkpointer.close()
+  return with_overrides(config, **overrides)
 
 
 def encode(config, params, tokenizer_dir, sentences, pooling, max_length=64):
