@@ -175,9 +175,37 @@ def test_reference_probe_freezes_batchnorm_unless_asked(update_bn):
     return original(p, state, source)
 
   task.extract_features = spy
-  scores = task._linear_probe(params, model_state, seed=0)  # pylint: disable=protected-access
+  scores = task.linear_probe_scores(params, model_state, seed=0)
   assert 0.0 <= scores["top1"] <= 100.0
   before = jax.tree.leaves(model_state)
   after = jax.tree.leaves(seen["state"])
   changed = any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(before, after))
   assert changed == update_bn
+
+
+def test_probe_from_a_checkpoint_and_load_encoder_reproduce_the_run(tmp_path):
+  """The standalone probe (`python -m cldro_jax.probe`) on the final checkpoint gives the run's
+  own scores, and `cldro_jax.load_encoder` embeds images as the run's evaluation did."""
+  import cldro_jax  # pylint: disable=import-outside-toplevel
+  from cldro_jax import probe  # pylint: disable=import-outside-toplevel
+  from cldro_jax.tasks import image  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path)
+  config = tiny_config(total_steps=3, **{"eval.linear_probe": "features",
+                                         "eval.linear_probe_epochs": 3})
+  results = train.train_and_evaluate(config, workdir)
+  again = probe.run_probe(workdir)
+  assert (again["top1"], again["top5"]) == (results["linear_probe_top1"],
+                                            results["linear_probe_top5"])
+  assert again["step"] == 3 and os.path.exists(tmp_path / "probe_features_step3.json")
+
+  encoder = cldro_jax.load_encoder(workdir)
+  task = image.ImageTask(config, train.make_mesh(1))
+  arrays, _ = saved_arrays(workdir)
+  expected, labels = task.extract_features(arrays["params"]["model"], arrays["model_state"],
+                                           task.dataset.test)
+  test = task.dataset.test[np.arange(len(task.dataset.test))]
+  np.testing.assert_allclose(encoder.embed(test["image"], batch_size=7), expected, rtol=1e-5,
+                             atol=1e-5)
+  np.testing.assert_array_equal(test["label"], labels)
+  with pytest.raises(FileNotFoundError, match="not a cldro_jax workdir"):
+    cldro_jax.load_encoder(str(tmp_path / "nothing"))

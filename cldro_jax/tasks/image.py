@@ -187,7 +187,8 @@ class ImageTask:
       metrics["online_probe_top1"] = float(np.mean(np.argmax(logits, -1) == test_labels) * 100)
     return metrics
 
-  def _linear_probe(self, params, model_state, seed: int) -> dict[str, float]:
+  def linear_probe_scores(self, params, model_state, seed: int) -> dict[str, float]:
+    """Offline linear probe (config.eval.linear_probe protocol) of a frozen encoder: top-1/5."""
     ev = self.config.eval
     if ev.linear_probe == "features":
       train, train_labels = self.extract_features(params, model_state, self.dataset.probe_train)
@@ -232,14 +233,14 @@ class ImageTask:
     results: dict[str, Any] = {"dataset": self.dataset.name}
     if ev.linear_probe == "none":
       return results
-    probe = self._linear_probe(state.params["model"], state.model_state, self.config.seed)
+    probe = self.linear_probe_scores(state.params["model"], state.model_state, self.config.seed)
     results.update({f"linear_probe_{k}": v for k, v in probe.items()})
     results["linear_probe_protocol"] = ev.linear_probe
     if ev.untrained_baseline:
       from cldro_jax import train  # pylint: disable=import-outside-toplevel
       params, model_state = jax.jit(self.init)(train.model_init_key(self.config.seed))
       params, model_state = jax.device_put((params, model_state), self.replicated)
-      base = self._linear_probe(params, model_state, self.config.seed)
+      base = self.linear_probe_scores(params, model_state, self.config.seed)
       results.update({f"untrained_linear_probe_{k}": v for k, v in base.items()})
     return results
 

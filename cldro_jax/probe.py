@@ -1,0 +1,97 @@
+"""Linear probe of a trained image encoder, on its own, from a workdir's checkpoint.
+
+  python -m cldro_jax.probe --workdir=DIR [--protocol=reference|features] [--epochs=100]
+      [--step=N] [--untrained] [--data_dir=...]
+
+Uses the run's saved config (dataset, model, augmentation) with the given changes, restores the
+encoder (BatchNorm statistics included; frozen unless --update_bn), trains the linear layer and
+prints the scores. They are also written to DIR/probe_<protocol>_step<N>.json. Pre-training is not
+touched, so this can follow a run that used `--config.eval.linear_probe=none`, or compare
+protocols on one checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+from absl import app, flags
+
+from cldro_jax import checkpointing
+from cldro_jax import train
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A cldro_jax image workdir.")
+_PROTOCOL = flags.DEFINE_enum("protocol", None, ["reference", "features"],
+                              "Probe protocol (default: the run's config.eval.linear_probe, or "
+                              "reference if that was none).")
+_EPOCHS = flags.DEFINE_integer("epochs", None, "Probe epochs (default: the run's).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_UNTRAINED = flags.DEFINE_bool("untrained", False,
+                               "Probe the encoder at its initialisation instead (the baseline).")
+_UPDATE_BN = flags.DEFINE_bool("update_bn", False, "Reference protocol only: let BatchNorm "
+                               "statistics drift during the probe, as the authors' linear.py.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Override config.data.data_dir.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def run_probe(workdir: str, *, protocol: str | None = None, epochs: int | None = None,
+              step: int | None = None, untrained: bool = False, update_bn: bool = False,
+              data_dir: str | None = None) -> dict:
+  """Scores of a linear probe on the workdir's encoder (see the module docstring)."""
+  from cldro_jax.tasks import image  # pylint: disable=import-outside-toplevel
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: {workdir} is not a cldro_jax workdir.")
+  with open(path, encoding="utf-8") as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  if config.domain != "image":
+    raise ValueError(f"{workdir} is a {config.domain} run; the linear probe is for images "
+                     "(sentences: python -m cldro_jax.evaluators.sts --workdir=...).")
+  ev = config.eval
+  ev.linear_probe = protocol or (ev.linear_probe if ev.linear_probe != "none" else "reference")
+  if epochs is not None:
+    ev.linear_probe_epochs = epochs
+  ev.probe_update_bn = update_bn
+  if data_dir is not None:
+    config.data.data_dir = data_dir
+  config.progress_bar = True
+
+  mesh = train.make_mesh(config.mesh.num_devices)
+  task = image.ImageTask(config, mesh)
+  if untrained:
+    params, model_state = jax.jit(task.init)(train.model_init_key(config.seed))
+    used_step = 0
+  else:
+    checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
+    try:
+      raw, meta = checkpointer.restore_raw(step=step)
+    finally:
+      checkpointer.close()
+    params, model_state, used_step = raw["params"]["model"], raw["model_state"], int(meta["step"])
+  params, model_state = jax.device_put((params, model_state), task.replicated)
+  with jax.set_mesh(mesh):
+    scores = task.linear_probe_scores(params, model_state, config.seed)
+  result = {"protocol": ev.linear_probe, "epochs": ev.linear_probe_epochs, "step": used_step,
+            "untrained": untrained, "update_bn": update_bn, "dataset": task.dataset.name,
+            "top1": scores["top1"], "top5": scores["top5"]}
+  if jax.process_index() == 0:
+    name = f"probe_{ev.linear_probe}_{'untrained' if untrained else f'step{used_step}'}.json"
+    with open(os.path.join(workdir, name), "w", encoding="utf-8") as f:
+      json.dump(result, f, indent=2, sort_keys=True)
+  return result
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  result = run_probe(_WORKDIR.value, protocol=_PROTOCOL.value, epochs=_EPOCHS.value,
+                     step=_STEP.value, untrained=_UNTRAINED.value, update_bn=_UPDATE_BN.value,
+                     data_dir=_DATA_DIR.value)
+  if jax.process_index() == 0:
+    print(json.dumps(result, indent=2, sort_keys=True))
+
+
+if __name__ == "__main__":
+  app.run(main)

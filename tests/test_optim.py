@@ -1,0 +1,72 @@
+"""Optimisers and learning-rate schedules of the trainer against their definitions."""
+
+import jax
+import jax.numpy as jnp
+import math
+import numpy as np
+import pytest
+
+from cldro_jax import config_defaults
+from cldro_jax import train
+
+
+def optim_config(**kw):
+  config = config_defaults.base_config("image").optim
+  config.update(kw)
+  return config
+
+
+def test_warmup_cosine_schedule_follows_its_formula():
+  config = optim_config(schedule="warmup_cosine", lr=0.4, warmup_epochs=2.0, min_lr_ratio=0.1)
+  steps_per_epoch, total = 10, 100
+  schedule = train.make_schedule(config, total, steps_per_epoch)
+  warmup = 20
+  for step in (0, 5, 19):
+    assert float(schedule(step)) == pytest.approx(0.4 * step / warmup, abs=1e-7)
+  for step in (20, 50, 99):
+    progress = (step - warmup) / (total - warmup)
+    expected = 0.04 + (0.4 - 0.04) * 0.5 * (1 + math.cos(math.pi * progress))
+    assert float(schedule(step)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_constant_and_linear_decay_schedules():
+  assert float(train.make_schedule(optim_config(lr=1e-3), 50, 5)(37)) == pytest.approx(1e-3)
+  decay = train.make_schedule(optim_config(schedule="linear_decay", lr=3e-5), 4, 4)
+  np.testing.assert_allclose([float(decay(s)) for s in range(4)],
+                             [3e-5, 2.25e-5, 1.5e-5, 7.5e-6], rtol=1e-6)
+
+
+def _one_update(config, params, grads):
+  tx = train.make_optimizer(config, train.make_schedule(config, 10, 10))
+  updates, _ = tx.update(grads, tx.init(params), params)
+  return np.asarray(updates["w"], np.float64)
+
+
+def test_adam_has_pytorch_coupled_weight_decay():
+  # torch.optim.Adam(weight_decay=wd): g <- g + wd * w, then Adam; the first step is
+  # -lr * g / (|g| + eps) per coordinate.
+  params, grads = {"w": jnp.asarray([1.0, -2.0, 0.5])}, {"w": jnp.asarray([0.1, 0.3, -0.2])}
+  config = optim_config(name="adam", lr=0.01, weight_decay=0.5)
+  g = np.asarray(grads["w"], np.float64) + 0.5 * np.asarray(params["w"], np.float64)
+  np.testing.assert_allclose(_one_update(config, params, grads), -0.01 * g / (np.abs(g) + 1e-8),
+                             rtol=1e-5)
+
+
+def test_sgd_momentum_and_lars_first_steps():
+  params, grads = {"w": jnp.asarray([1.0, -2.0, 0.5])}, {"w": jnp.asarray([0.1, 0.3, -0.2])}
+  w, g = np.asarray(params["w"], np.float64), np.asarray(grads["w"], np.float64)
+  sgd = optim_config(name="sgd", lr=0.1, weight_decay=1e-2, momentum=0.9)
+  np.testing.assert_allclose(_one_update(sgd, params, grads), -0.1 * (g + 1e-2 * w), rtol=1e-6)
+  # LARS (You et al. 2017, optax.lars defaults): the decayed gradient is rescaled by the trust
+  # ratio eta * ||w|| / ||g + wd w|| with eta = 0.001 before momentum.
+  lars = optim_config(name="lars", lr=0.1, weight_decay=1e-2, momentum=0.9)
+  decayed = g + 1e-2 * w
+  trust = 0.001 * np.linalg.norm(w) / np.linalg.norm(decayed)
+  np.testing.assert_allclose(_one_update(lars, params, grads), -0.1 * trust * decayed, rtol=1e-5)
+
+
+def test_unknown_optimizer_is_refused():
+  config = config_defaults.base_config("image")
+  config.optim.name = "adagrad"
+  with pytest.raises(ValueError, match="optim.name='adagrad' is not one of"):
+    config_defaults.validate_config(config)
