@@ -1,13 +1,12 @@
 """Optimisers and learning-rate schedules of the trainer against their definitions."""
 
-import jax
-import jax.numpy as jnp
 import math
+
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cldro_jax import config_defaults
-from cldro_jax import train
+from cldro_jax import config_defaults, train
 
 
 def optim_config(**kw):
