@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Every GPU measurement docs/benchmarks.md still lacks, in one device call (about 10 minutes).
+#
+# Prepare on the development machine, from the repository root:
+#   bash ../shared/scripts/device-wheels.sh grakel      # wheels the H200 image lacks -> .whl/
+# then run on the device machine (the `device` tool: carry [".whl"], timeout_s 720 or less):
+#   bash benchmarks/h200.sh
+# Each benchmark prints its table and writes it to $OUT/<name>.txt; a benchmark that fails or
+# runs past its time limit does not stop the others. Copy the tables into docs/benchmarks.md with
+# the date, `nvidia-smi`'s GPU line and the commands below.
+set -uo pipefail
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH="/tmp/site:$PWD"
+else
+  export PYTHONPATH="$PWD"
+fi
+export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
+OUT="${OUT:-benchmark_out}"
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt"
+python3 -c "import jax; print(jax.__version__, jax.devices())" >> "$OUT/gpu.txt" 2>&1
+cat "$OUT/gpu.txt"
+
+run() {   # run NAME SECONDS SCRIPT ARGS...: one benchmark with its own time limit
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name: python3 $*"
+  timeout "$limit" python3 "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  grep -vE '^[IWE][0-9]{4} ' "$OUT/$name.log" | tee "$OUT/$name.txt" | tail -n 25
+  [ $rc -eq 0 ] || echo "!! $name exited with $rc"
+}
+run losses 150 benchmarks/losses.py --block-size 2048
+run train_step 200 benchmarks/train_step.py
+run sentence_step 150 benchmarks/sentence_step.py --dtypes bfloat16,float32
+run graph_step 60 benchmarks/graph_step.py
+run scaling 90 benchmarks/scaling.py --devices 1 --batch 512 --width 64 --dtype bfloat16 --steps 50
