@@ -272,9 +272,13 @@ class RunRecord:
     return curve(self.workdir, "train", key)
 
 
-def _resumable(name: str) -> bool:
-  from cldro_jax import checkpointing  # pylint: disable=import-outside-toplevel
-  return any(name == f or name.startswith(f + ".") for f in checkpointing.RESUMABLE_FIELDS)
+# Bookkeeping that does not change what a run computes: how often it logs and saves, how many
+# checkpoints it keeps, the progress bar, the device count, where the data files live. Runs that
+# differ only here share a workdir (e.g. a script that needs every checkpoint kept reuses a run
+# of another script and keeps the ones it writes from then on).
+NOT_HASHED = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "progress_bar",
+              "mesh", "trace", "data.data_dir", "data.path", "data.test_dir", "data.sts_root",
+              "data.read_threads", "data.in_memory", "data.in_memory_max_mb")
 
 
 def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -287,11 +291,15 @@ def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   return out
 
 
+def _hashed_fields(config_dict: Mapping[str, Any]) -> dict[str, Any]:
+  return {k: v for k, v in _flat(config_dict).items()
+          if not any(k == f or k.startswith(f + ".") for f in NOT_HASHED)}
+
+
 def config_hash(config: ml_collections.ConfigDict) -> str:
-  """Hash of everything that defines the experiment (not how often it logs, evaluates, saves)."""
+  """Hash of everything that defines the run's numbers (all but the NOT_HASHED bookkeeping)."""
   from cldro_jax import checkpointing  # pylint: disable=import-outside-toplevel
-  flat = {k: v for k, v in _flat(checkpointing.config_to_dict(config)).items()
-          if not _resumable(k)}
+  flat = _hashed_fields(checkpointing.config_to_dict(config))
   return hashlib.sha1(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -304,15 +312,15 @@ def run_config(base: ml_collections.ConfigDict, spec: RunSpec) -> ml_collections
 
 
 def _finished(workdir: str, config: ml_collections.ConfigDict) -> dict | None:
-  """The saved results when this exact config already finished in `workdir`, else None."""
+  """The saved results when this run (same config up to bookkeeping) finished in `workdir`."""
   from cldro_jax import checkpointing  # pylint: disable=import-outside-toplevel
   results_path, config_path = (os.path.join(workdir, n) for n in ("results.json", "config.json"))
   if not (os.path.exists(results_path) and os.path.exists(config_path)):
     return None
   with open(config_path, encoding="utf-8") as f:
     saved = json.load(f)
-  if saved != checkpointing.config_to_dict(config):
-    return None   # e.g. more epochs or other eval settings: the trainer resumes / re-evaluates
+  if _hashed_fields(saved) != _hashed_fields(checkpointing.config_to_dict(config)):
+    return None   # not this run: the trainer resumes it or refuses the mismatch
   with open(results_path, encoding="utf-8") as f:
     return json.load(f)
 

@@ -137,7 +137,7 @@ def plot(curves: dict, domain: str, out: str, title: str,
       common.plot_mean_std(ax, curves[lab][key]["epochs"], curves[lab][key]["values"], lab)
     ax.set_xlabel("epoch")
     ax.set_ylabel(name)
-    ax.set_title(f"{title}: {name} (mean ± std over seeds)")
+    ax.set_title(f"{title}\n{name}, mean ± std over seeds", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     path = f"{out}/{prefix}_{key}.png"

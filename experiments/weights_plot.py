@@ -133,8 +133,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
   command = common.command_line(argv, "weights_plot.py")
   text = common.header("What ADNCE does to the negatives", command,
                        [config.seed], sum(r.wall_s for r in records))
-  text += (f"\nEmbeddings: {workdir} ({config.loss.name}, t={t:g}), training step {step + 1} "
-           f"replayed: {mask.shape[0]} anchors, {int(mask.sum(1).mean())} negatives each; "
+  text += (f"\nEmbeddings: {workdir} ({config.loss.name}, t={t:g}), checkpoint {step} on the "
+           f"batch and augmentation of step {step + 1}: {mask.shape[0]} anchors, "
+           f"{int(mask.sum(1).mean())} negatives each; "
            f"{100 * stats['InfoNCE']['share_same_class']:.1f}% of the negatives share the "
            "anchor's class. Weights are each anchor's distribution over its negatives (uniform: "
            "ESS 1, same-class mass = same-class share).\n\n")
@@ -213,10 +214,10 @@ def plot(sims, mask, same, weights, settings, t, out, where) -> list[str]:
     g = gaussian_weights(sims, mask, mu, sigma)
     ax.plot(grid, np.exp(-np.square(grid - mu) / (2 * sigma ** 2)) / np.mean(
         np.exp(-np.square(s - mu) / (2 * sigma ** 2))), label=f"mu={mu:g}, sigma={sigma:g} "
-        f"(on these negatives: {g[mask].min():.2f}–{g[mask].max():.2f})")
+        f"(per-anchor w here: {g[mask].min():.2f}–{g[mask].max():.2f})")
   ax.axvspan(s.min(), s.max(), color="gray", alpha=0.1, label="range of the negatives")
   ax.set_xlabel("cosine similarity")
-  ax.set_ylabel("Gaussian weight w = g(s) / mean g")
+  ax.set_ylabel("Gaussian weight g(s) / mean g over all negatives")
   ax.set_title("ADNCE's Gaussian weights (before exp(s/t))")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
