@@ -198,17 +198,17 @@ def test_first_n_per_class():
     assert len(images.load_image_dataset(cfg(train_per_class=0)).probe_train) == 5000  # 0: all
 
 
-def test_config_aliases_and_unset_spellings(tmp_path):
+def test_config_unset_spellings_and_unknown_fields(tmp_path):
     import ml_collections
 
     _write_folder(tmp_path / "tr", {"a": 2, "b": 2}, size=(6, 6), mode="L")
     _write_folder(tmp_path / "te", {"a": 1, "b": 1}, size=(4, 4), mode="L", seed=5)
-    # The spelling of a config built elsewhere: "" / 0 for unset, aliases, an int image_size,
-    # and an irrelevant tfds name that must not rename the dataset.
+    # Command-line spellings: "" / 0 for unset, an int image_size, and an irrelevant tfds name
+    # that must not rename the dataset.
     lead_style = ml_collections.ConfigDict(dict(
         source="folder", name="cifar10", data_dir="", path=str(tmp_path / "tr"),
-        test_path=str(tmp_path / "te"), image_size=5, per_class_limit=1,
-        test_per_class_limit=0, pretrain_split="train",
+        test_dir=str(tmp_path / "te"), image_size=5, train_per_class=1,
+        test_per_class=0, pretrain_split="train",
     ))
     ds = images.load_image_dataset(lead_style)
     assert ds.name == "tr" and ds.image_shape == (5, 5, 1)
@@ -217,8 +217,8 @@ def test_config_aliases_and_unset_spellings(tmp_path):
     resolved = images.resolve_data_config(lead_style)
     assert resolved["test_dir"] == str(tmp_path / "te") and resolved["test_per_class"] is None
     assert resolved["data_dir"] is None and resolved["image_size"] == (5, 5)
-    with pytest.raises(ValueError, match="contradicts config.data.test_dir"):
-        images.resolve_data_config(dict(test_path="x", test_dir="y"))
+    with pytest.raises(ValueError, match=r"unknown config.data fields \['test_path'\]"):
+        images.resolve_data_config(dict(test_path="x"))
     with pytest.raises(ValueError, match=r"image_size must be \(H, W\) or one int"):
         images.resolve_data_config(dict(image_size=(1, 2, 3)))
     assert images.resolve_data_config(dict(in_memory=False))["in_memory"] is False

@@ -50,8 +50,7 @@ classes_per_batch  0 (default): batches in uniformly shuffled epoch order. k > 0
 =================  ===========================================================================
 
 Unset optional fields may also be written as ``""`` or ``0``; ``image_size`` may be one int (a
-square); ``test_path``, ``per_class_limit`` and ``test_per_class_limit`` are accepted as aliases
-of ``test_dir``, ``train_per_class`` and ``test_per_class``.
+square); unknown fields are refused.
 
 Formats: ``npz`` holds ``x_train, y_train, x_test, y_test`` (``train_images, train_labels,
 test_images, test_labels`` also accepted), images uint8 ``(N, H, W)`` or ``(N, H, W, C)`` with C in
@@ -154,29 +153,15 @@ _OPTIONAL_FIELDS = (
     "name", "data_dir", "test_dir", "path", "pretrain_split", "probe_split", "test_split",
     "image_size", "channels", "train_per_class", "test_per_class", "num_classes", "in_memory",
 )
-_ALIASES = {
-    "test_path": "test_dir",
-    "per_class_limit": "train_per_class",
-    "test_per_class_limit": "test_per_class",
-}
-
-
 def resolve_data_config(data_config: Any) -> dict[str, Any]:
-    """``config.data`` as a plain dict of every field: defaults filled in, aliases mapped,
-    ``""``/``0`` in optional fields read as unset, an int ``image_size`` made (n, n)."""
+    """``config.data`` as a plain dict of every field: defaults filled in, ``""``/``0`` in
+    optional fields read as unset (command-line spellings), an int ``image_size`` made (n, n)."""
     given = dict(data_config.items()) if hasattr(data_config, "items") else dict(data_config)
+    unknown = sorted(set(given) - set(_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown config.data fields {unknown}; known: {sorted(_DEFAULTS)}")
     resolved = dict(_DEFAULTS)
-    resolved.update({k: v for k, v in given.items() if k in _DEFAULTS})
-    for alias, field in _ALIASES.items():
-        value = given.get(alias)
-        if value in (None, "", 0):
-            continue
-        if given.get(field) not in (None, "", 0, value):
-            raise ValueError(
-                f"config.data.{alias}={value!r} contradicts config.data.{field}="
-                f"{given[field]!r}; set only {field}"
-            )
-        resolved[field] = value
+    resolved.update(given)
     for field in _OPTIONAL_FIELDS:
         # `False` is a real value of in_memory; only "" and 0 mean unset.
         value = resolved[field]
