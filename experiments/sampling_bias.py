@@ -145,6 +145,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
       row.append(f"{last - first:+.2f}")
     rows.append(row)
   knn_rows = [[lab] + [common.fmt(knn[(lab, k)]) for k in levels] for lab in labels]
+  # What the false negatives cost: each method's mean score minus the oracle's at the same level
+  # (the oracle sees the same batches without them). Tolerance = this gap not growing with bias.
+  oracle_labels = [m.label for m in methods if dict(m.overrides).get("loss.use_labels")]
+  gap_rows = []
+  if oracle_labels:
+    oracle = oracle_labels[0]
+    gap_rows = [[lab] + [f"{np.mean(scores[(lab, k)]) - np.mean(scores[(oracle, k)]):+.2f}"
+                         for k in levels] for lab in labels if lab != oracle]
 
   fig, ax = common.plt.subplots(figsize=(6.5, 4.2))
   xs = np.array([100 * shares[k] for k in levels])
@@ -170,6 +178,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
            "column headers give the measured share of same-class negatives. The oracle removes "
            "every same-class negative (`loss.use_labels=True`).\n\n")
   text += "## Linear probe top-1 (%)\n\n" + common.markdown_table(headers, rows) + "\n"
+  if gap_rows:
+    text += ("\n## Gap to the oracle (linear probe points, mean over seeds)\n\n"
+             + common.markdown_table(["method"] + [level_name(k) for k in levels], gap_rows)
+             + "\n")
   text += ("\n## Final kNN top-1 (%)\n\n"
            + common.markdown_table(["method"] + [level_name(k) for k in levels], knn_rows) + "\n")
   if check:
@@ -179,6 +191,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   text += f"\n![sampling bias]({Path(figure).name})\n"
   common.write_text(f"{args.out}/sampling_bias.md", text)
   summary = {"levels": levels, "shares": {str(k): shares[k] for k in levels},
+             "gap_to_oracle": gap_rows,
              "scores": {f"{lab}|{k}": v for (lab, k), v in scores.items()},
              "knn": {f"{lab}|{k}": v for (lab, k), v in knn.items()},
              "oracle_check": check, "runs": [common.record_summary(r) for r in records],
