@@ -291,9 +291,23 @@ def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   return out
 
 
+@functools.cache
+def _schema_defaults(domain: str) -> str:
+  from cldro_jax import checkpointing, config_defaults
+  return json.dumps(_flat(checkpointing.config_to_dict(config_defaults.base_config(domain))))
+
+
 def _hashed_fields(config_dict: Mapping[str, Any]) -> dict[str, Any]:
+  """The fields that define a run: not bookkeeping, and not at the schema's default value.
+
+  Leaving defaults out keeps a run's identity when the schema grows: a run saved before a field
+  existed ran with that field's (then implicit) default, so it matches a new config at default.
+  """
+  defaults = json.loads(_schema_defaults(config_dict.get("domain", "image")))
+  missing = object()
   return {k: v for k, v in _flat(config_dict).items()
-          if not any(k == f or k.startswith(f + ".") for f in NOT_HASHED)}
+          if not any(k == f or k.startswith(f + ".") for f in NOT_HASHED)
+          and defaults.get(k, missing) != v}
 
 
 def config_hash(config: ml_collections.ConfigDict) -> str:
