@@ -209,3 +209,16 @@ def test_probe_from_a_checkpoint_and_load_encoder_reproduce_the_run(tmp_path):
   np.testing.assert_array_equal(test["label"], labels)
   with pytest.raises(FileNotFoundError, match="not a cldro_jax workdir"):
     cldro_jax.load_encoder(str(tmp_path / "nothing"))
+
+
+def test_bfloat16_compute_tracks_float32(tmp_path):
+  """bf16 compute (float32 parameters, the GPU setting) gives the float32 run's first losses to
+  bf16 precision, and finite training."""
+  runs = {}
+  for dtype in ("float32", "bfloat16"):
+    workdir = str(tmp_path / dtype)
+    train.train_and_evaluate(tiny_config(total_steps=2, **{"model.dtype": dtype}), workdir)
+    runs[dtype] = [r["loss"] for r in metrics_lib.read_metrics(workdir, "train")]
+    params = saved_arrays(workdir)[0]["params"]["model"]
+    assert all(np.asarray(x).dtype == np.float32 for x in jax.tree.leaves(params))
+  np.testing.assert_allclose(runs["bfloat16"], runs["float32"], rtol=0.03)
