@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Every GPU measurement docs/benchmarks.md still lacks, in one device call (about 10 minutes).
+# Every GPU measurement docs/benchmarks.md still lacks, in one device call (at most 9 minutes:
+# the time limits below add up to 530 s, under the device tool's 600 s per command, leaving the
+# rest of a session's 15 device minutes for the machine's start-up).
 #
 # Prepare on the development machine, from the repository root:
 #   bash ../shared/scripts/device-wheels.sh grakel      # wheels the H200 image lacks -> .whl/
-# then run on the device machine (the `device` tool: carry [".whl"], timeout_s 720 or less):
+# then run on the device machine (the `device` tool's `run`: carry [".whl"], timeout_s 600):
 #   bash benchmarks/h200.sh
 # Each benchmark prints its table and writes it to $OUT/<name>.txt; a benchmark that fails or
 # runs past its time limit does not stop the others. Copy the tables into docs/benchmarks.md with
@@ -32,8 +34,8 @@ run() {   # run NAME SECONDS SCRIPT ARGS...: one benchmark with its own time lim
   grep -vE '^[IWE][0-9]{4} ' "$OUT/$name.log" | tee "$OUT/$name.txt" | tail -n 25
   [ $rc -eq 0 ] || echo "!! $name exited with $rc"
 }
-run losses 150 benchmarks/losses.py --block-size 2048
-run train_step 200 benchmarks/train_step.py
-run sentence_step 150 benchmarks/sentence_step.py --dtypes bfloat16,float32
-run graph_step 60 benchmarks/graph_step.py
-run scaling 90 benchmarks/scaling.py --devices 1 --batch 512 --width 64 --dtype bfloat16 --steps 50
+run losses 120 benchmarks/losses.py --block-size 2048
+run train_step 170 benchmarks/train_step.py
+run sentence_step 120 benchmarks/sentence_step.py --dtypes bfloat16,float32
+run graph_step 50 benchmarks/graph_step.py
+run scaling 70 benchmarks/scaling.py --devices 1 --batch 512 --width 64 --dtype bfloat16 --steps 50
