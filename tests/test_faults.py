@@ -209,7 +209,7 @@ def test_sigterm_saves_a_checkpoint_at_that_step_then_the_same_command_resumes(s
   rerun = run_command(shared, workdir)
   assert rerun.returncode == 0, _tail(rerun.stderr)
   assert resumed_from(rerun.stderr) == stopped_at
-  # The command keeps orbax's per-save INFO chatter out of the terminal (it saved twice here)
+  # The command keeps orbax's per-save INFO chatter out of the terminal (the rerun saved)
   # while our own INFO line about the resume stays.
   assert not re.search(r"^I\d{4} .* (checkpoint_manager|atomicity)\.py:\d+\]", rerun.stderr,
                        re.MULTILINE), _tail(rerun.stderr)
