@@ -70,7 +70,10 @@ def _image_defaults() -> ml_collections.ConfigDict:
       head_hidden=512,
       head_out=128,
       dtype="float32",        # compute dtype: float32 | bfloat16 (parameters stay float32)
-      bn_over_views=False,    # False: one forward pass per view (BatchNorm per view, reference)
+      bn_over_views=False,    # False: BatchNorm statistics per view (reference); True: over both
+      # Per-view BatchNorm in one forward pass over both views (same numbers as the reference's
+      # pass per view; benchmarks/view_batchnorm.py measures which is faster on your hardware).
+      views_in_one_pass=False,
   ))
   augment = ml_collections.ConfigDict(dict(
       crop_size=32,           # pre-training crop size (STL10 pre-trains on 32x32 crops of 96x96)

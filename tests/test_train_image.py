@@ -84,6 +84,22 @@ def test_eight_devices_equal_one_device(tmp_path):
                              rtol=1e-5)
 
 
+def test_views_in_one_pass_equals_a_pass_per_view(tmp_path):
+  """Per-view BatchNorm over both views in one pass (8 devices) is the reference's two passes;
+  the flag may change on resume, since it only rearranges the same computation."""
+  two, one = str(tmp_path / "two"), str(tmp_path / "one")
+  train.train_and_evaluate(tiny_config(total_steps=2), two)
+  train.train_and_evaluate(tiny_config(total_steps=2, **{"mesh.num_devices": 8,
+                                                         "model.views_in_one_pass": True}), one)
+  a, _ = saved_arrays(two)
+  b, _ = saved_arrays(one)
+  assert_trees_close(a["params"], b["params"], rtol=2e-4, atol=2e-5)
+  # Running statistics updated once per view, in view order, as two passes do.
+  assert_trees_close(a["model_state"], b["model_state"], rtol=2e-4, atol=2e-5)
+  train.train_and_evaluate(tiny_config(total_steps=3), one)   # resume with two passes
+  assert saved_arrays(one)[1]["step"] == 3
+
+
 def test_batch_not_divisible_over_devices_is_refused(tmp_path):
   config = tiny_config(batch_size=12, **{"mesh.num_devices": 8})
   with pytest.raises(ValueError, match=r"batch_size=12 does not divide over the 8 devices.*"

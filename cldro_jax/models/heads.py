@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cldro_jax.models import view_norm
+
 # torch nn.Linear.reset_parameters: kaiming_uniform_(a=sqrt(5)) == U(+-sqrt(1 / fan_in)).
 torch_linear_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
@@ -44,7 +46,7 @@ class ProjectionHead(nn.Module):
     bn_epsilon: float = 1e-5
 
     @nn.compact
-    def __call__(self, x, *, train: bool):
+    def __call__(self, x, *, train: bool, num_views: int = 1):
         if x.ndim != 2:
             raise ValueError(f"ProjectionHead expects pooled features (B, F), got shape {x.shape}.")
         x = nn.Dense(
@@ -55,8 +57,9 @@ class ProjectionHead(nn.Module):
             kernel_init=torch_linear_kernel_init,
             name="fc1",
         )(x)
-        x = nn.BatchNorm(
+        x = view_norm.batch_norm(
             use_running_average=not train,
+            num_views=num_views,
             momentum=self.bn_momentum,
             epsilon=self.bn_epsilon,
             dtype=self.dtype,
@@ -79,8 +82,9 @@ class ProjectionHead(nn.Module):
 class ContrastiveModel(nn.Module):
     """Encoder followed by a projection head.
 
-    `__call__(x, *, train) -> (features, projections)`, both float32: features are the encoder's
-    pooled output (what evaluators use), projections the head's raw output (what the loss uses).
+    `__call__(x, *, train, num_views=1) -> (features, projections)`, both float32: features are
+    the encoder's pooled output (what evaluators use), projections the head's raw output (what the
+    loss uses). `num_views`: rows interleaved by view, BatchNorm statistics per view.
     `encode(x, *, train=False) -> features` runs the encoder only (apply with `method="encode"`);
     its variables are the `encoder` sub-tree of the full model's.
     """
@@ -88,9 +92,9 @@ class ContrastiveModel(nn.Module):
     encoder: nn.Module
     head: nn.Module
 
-    def __call__(self, x, *, train: bool):
-        features = self.encoder(x, train=train).astype(jnp.float32)
-        projections = self.head(features, train=train).astype(jnp.float32)
+    def __call__(self, x, *, train: bool, num_views: int = 1):
+        features = self.encoder(x, train=train, num_views=num_views).astype(jnp.float32)
+        projections = self.head(features, train=train, num_views=num_views).astype(jnp.float32)
         return features, projections
 
     def encode(self, x, *, train: bool = False):

@@ -14,10 +14,12 @@ and the max-pool dropped. This module reproduces that network:
 * BatchNorm eps 1e-5 and momentum 0.9 in Flax's convention (torch's momentum 0.1 weights the
   new batch; Flax's momentum weights the old running value).
 
-`__call__(x, *, train)` returns the globally average-pooled features in float32, (B, F) with
-F = 8 * width * expansion (512 for ResNet-18/34 and 2048 for ResNet-50 at width 64). `dtype` is
-the compute dtype (e.g. jnp.bfloat16); parameters stay float32 and Flax's BatchNorm reduces its
-statistics in float32.
+`__call__(x, *, train, num_views=1)` returns the globally average-pooled features in float32,
+(B, F) with F = 8 * width * expansion (512 for ResNet-18/34 and 2048 for ResNet-50 at width 64).
+`dtype` is the compute dtype (e.g. jnp.bfloat16); parameters stay float32 and BatchNorm reduces
+its statistics in float32. `num_views=2` runs both views of a contrastive batch (rows interleaved
+by view) in one pass with BatchNorm statistics per view, which equals one pass per view
+(`view_norm.ViewBatchNorm`).
 
 Parameter names follow torchvision's (`conv1`, `bn1`, `layer{stage}_{block}` with `conv1..3`,
 `bn1..3`, `downsample_conv`, `downsample_bn`) so a checkpoint converter is a rename plus a
@@ -37,6 +39,8 @@ from typing import Any, Callable, ClassVar, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from cldro_jax.models import view_norm
 
 ModuleDef = Any
 
@@ -147,7 +151,7 @@ class ResNet(nn.Module):
         return self.width * 2 ** (len(self.stage_sizes) - 1) * self.block_cls.expansion
 
     @nn.compact
-    def __call__(self, x, *, train: bool):
+    def __call__(self, x, *, train: bool, num_views: int = 1):
         if self.stem not in STEMS:
             raise ValueError(f"ResNet stem must be one of {STEMS}, got {self.stem!r}.")
         if x.ndim != 4 or x.shape[-1] not in (1, 3):
@@ -168,8 +172,9 @@ class ResNet(nn.Module):
             kernel_init=conv_kernel_init,
         )
         norm = functools.partial(
-            nn.BatchNorm,
+            view_norm.batch_norm,
             use_running_average=not train,
+            num_views=num_views,
             momentum=self.bn_momentum,
             epsilon=self.bn_epsilon,
             dtype=self.dtype,

@@ -101,11 +101,11 @@ class ImageTask:
     model_state = {k: v for k, v in variables.items() if k != "params"}
     return params, model_state
 
-  def _apply(self, params, model_state, views, *, train):
+  def _apply(self, params, model_state, views, *, train, num_views=1):
     variables = {"params": params, **model_state}
     if train:
       (features, projections), updates = self.model.apply(
-          variables, views, train=True, mutable=list(model_state.keys()))
+          variables, views, train=True, num_views=num_views, mutable=list(model_state.keys()))
       return features, projections, {**model_state, **updates}
     features, projections = self.model.apply(variables, views, train=False)
     return features, projections, model_state
@@ -113,11 +113,19 @@ class ImageTask:
   def forward(self, params, model_state, batch, rng, *, train: bool) -> ForwardOutput:
     images = batch["image"]
     view1, view2 = augment_lib.two_views(rng, images, self.augment)
-    if self.config.model.bn_over_views:
-      both = jnp.concatenate([view1, view2], axis=0)
-      features, projections, model_state = self._apply(params, model_state, both, train=train)
-      f1, f2 = jnp.split(features, 2)
-      z1, z2 = jnp.split(projections, 2)
+    model_cfg = self.config.model
+    if model_cfg.bn_over_views or model_cfg.views_in_one_pass:
+      # Both views in ONE forward pass, rows interleaved (2i = view 1, 2i+1 = view 2 of example
+      # i): with the batch sharded over devices both views of an example stay on its device.
+      # BatchNorm statistics over both views (`bn_over_views`) or per view, which
+      # `ViewBatchNorm` computes exactly as the reference's two passes do.
+      both = jnp.stack([view1, view2], axis=1).reshape(-1, *view1.shape[1:])
+      features, projections, model_state = self._apply(
+          params, model_state, both, train=train, num_views=1 if model_cfg.bn_over_views else 2)
+      features = features.reshape(-1, 2, features.shape[-1])
+      projections = projections.reshape(-1, 2, projections.shape[-1])
+      f1, f2 = features[:, 0], features[:, 1]
+      z1, z2 = projections[:, 0], projections[:, 1]
     else:
       # One forward pass per view, as the reference: BatchNorm statistics per view, and the
       # running averages updated twice per step.
