@@ -4,9 +4,11 @@ r"""Image training-step throughput: images/s and model FLOP utilisation (MFU).
   python benchmarks/train_step.py --models resnet18 --batch 32 --width 16 --dtype float32  # CPU
 
 What is timed is the project's real train step (`cldro_jax.train.make_train_step` with the image
-task): uint8 batches already on the device, both SimCLR views made inside the jitted step, two
-forward passes (BatchNorm per view), the ADNCE loss in `shard_map`, diagnostics, Adam and the
-online probe. Median step time after warm-up. Also reported:
+task): uint8 batches already on the device, both SimCLR views made inside the jitted step, one
+forward pass per view as the reference (BatchNorm per view; `--views-in-one-pass` times the
+trainer's single pass over both views with the same per-view statistics, which
+benchmarks/view_batchnorm.py compares on the network alone), the ADNCE loss in `shard_map`,
+diagnostics, Adam and the online probe. Median step time after warm-up. Also reported:
   - the share of the step spent in augmentation (the augmentation alone, jitted, same batch),
   - a plain baseline measured in the same process: the same network and optimizer in one jitted
     step with a naive transcription of the reference loss and views made by a cheap flip only —
@@ -96,6 +98,7 @@ def bench_model(name: str, args) -> dict:
   config.batch_size = args.batch
   config.mesh.num_devices = -1
   config.eval.online_probe = True
+  config.model.views_in_one_pass = args.views_in_one_pass
   mesh = train.make_mesh(-1)
   dataset = synthetic_dataset(max(args.batch, 1024), 32)
   task = image_task.ImageTask(config, mesh, dataset=dataset)
@@ -164,12 +167,15 @@ def main():
   parser.add_argument("--dtype", default="bfloat16" if on_gpu else "float32")
   parser.add_argument("--warmup", type=int, default=5 if on_gpu else 2)
   parser.add_argument("--iters", type=int, default=30 if on_gpu else 5)
+  parser.add_argument("--views-in-one-pass", action="store_true",
+                      help="both views in one forward pass (per-view BatchNorm, ViewBatchNorm)")
   args = parser.parse_args()
   device = jax.devices()[0]
   print(f"# {datetime.date.today()}  {device.device_kind} x{jax.device_count()} "
         f"({jax.default_backend()}), jax {jax.__version__}, {platform.processor() or 'cpu'}")
   print(f"# batch {args.batch} images ({2 * args.batch} views), width {args.width}, "
-        f"{args.dtype}, median of {args.iters} steps after {args.warmup} warm-up")
+        f"{args.dtype}, {'both views in one pass' if args.views_in_one_pass else 'a pass per view'}"
+        f", median of {args.iters} steps after {args.warmup} warm-up")
   rows = [bench_model(name, args) for name in args.models.split(",")]
   print("| model | step ms | images/s | plain-step images/s | ours / plain speed | augment share "
         "| GFLOP/img | MFU |")
