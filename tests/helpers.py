@@ -1,5 +1,8 @@
 """Small helpers shared by the trainer tests (configs with overrides, saved arrays, tree checks)."""
 
+import json
+import os
+
 import jax
 import ml_collections
 import numpy as np
@@ -38,3 +41,9 @@ def assert_trees_close(a, b, rtol, atol):
 
 def assert_trees_equal(a, b):
   assert_trees_close(a, b, rtol=0, atol=0)
+
+
+def read_json(*path_parts) -> object:
+  """The JSON file at os.path.join(*path_parts), closed after reading."""
+  with open(os.path.join(*path_parts), encoding="utf-8") as f:
+    return json.load(f)

@@ -1,13 +1,11 @@
 """Config schema, validation and the saved-config check on resume."""
 
-import json
-import os
-
 import ml_collections
 import pytest
 
 from cldro_jax import checkpointing
 from cldro_jax import config_defaults
+from helpers import read_json
 
 
 def test_unknown_key_in_config_file_is_rejected_with_a_suggestion():
@@ -58,7 +56,7 @@ def test_saved_config_mismatch_names_the_fields(tmp_path):
   workdir = str(tmp_path)
   config = config_defaults.base_config("image")
   checkpointing.check_or_save_config(workdir, config)
-  saved = json.load(open(os.path.join(workdir, "config.json")))
+  saved = read_json(workdir, "config.json")
   assert saved["loss"]["temperature"] == config.loss.temperature
 
   # Fields that may change on resume (duration, logging, data location) are accepted...
@@ -77,4 +75,4 @@ def test_saved_config_mismatch_names_the_fields(tmp_path):
   assert "batch_size: saved 256, now 512" in str(err.value)
   assert "new --workdir" in str(err.value)
   # Nothing was overwritten.
-  assert json.load(open(os.path.join(workdir, "config.json"))) == saved
+  assert read_json(workdir, "config.json") == saved

@@ -4,11 +4,14 @@ files of its runs, and a rerun reuses finished runs instead of training again.""
 import importlib
 import json
 import os
+import pathlib
 import re
 
 import matplotlib.image
 import numpy as np
 import pytest
+
+from helpers import read_json
 
 graph_mutag = importlib.import_module("experiments.graph_mutag")
 
@@ -35,7 +38,7 @@ def test_quick_run_table_equals_the_results_it_read(tmp_path, monkeypatch):
   assert row["std"] == pytest.approx(np.std(per_seed), abs=1e-12)       # population std
   assert row["untrained_mean"] == pytest.approx(np.mean(untrained), abs=1e-12)
 
-  table = open(os.path.join(out, "results.md"), encoding="utf-8").read()
+  table = pathlib.Path(out, "results.md").read_text(encoding="utf-8")
   match = re.search(r"^\| ADNCE \| proper \| ([\d.]+) \+- ([\d.]+) \| ([\d.]+) \+- ([\d.]+) \|",
                     table, re.M)
   assert match, table
@@ -46,7 +49,7 @@ def test_quick_run_table_equals_the_results_it_read(tmp_path, monkeypatch):
 
   image = matplotlib.image.imread(os.path.join(out, "results.png"))
   assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
-  summary = json.load(open(os.path.join(out, "summary.json"), encoding="utf-8"))
+  summary = read_json(out, "summary.json")
   assert summary["rows"][0]["per_seed"] == per_seed and summary["quick"] is True
 
   # A rerun with the same --out reads the finished runs and trains nothing.

@@ -11,6 +11,7 @@ import numpy as np
 from cldro_jax import config_defaults
 from cldro_jax import train
 from configs import quickstart
+from helpers import read_json
 
 
 def test_quickstart_trained_beats_untrained_by_two_points_over_three_seeds(tmp_path):
@@ -20,7 +21,7 @@ def test_quickstart_trained_beats_untrained_by_two_points_over_three_seeds(tmp_p
     config.progress_bar = False
     config.mesh.num_devices = 1   # as on a user's CPU (the tests fake 8 devices)
     results = train.train_and_evaluate(config, str(tmp_path / f"seed{seed}"))
-    assert json.load(open(tmp_path / f"seed{seed}" / "results.json")) == json.loads(
+    assert read_json(tmp_path, f"seed{seed}", "results.json") == json.loads(
         json.dumps(results))
     for key in ("linear_probe_top1", "untrained_linear_probe_top1"):
       assert 10.0 <= results[key] <= 100.0, results   # above chance (10 classes)

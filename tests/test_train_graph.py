@@ -18,7 +18,7 @@ from cldro_jax import train
 from cldro_jax.data import graphs as graphs_lib
 from cldro_jax.models import gin
 from cldro_jax.tasks import graph as graph_task
-from helpers import assert_trees_close, saved_arrays, with_overrides
+from helpers import assert_trees_close, read_json, saved_arrays, with_overrides
 
 # LOSSES.md, "Graphs": (aug, mu, sigma, t) per dataset, typed here independently of the code.
 PAPER_TABLE = {
@@ -71,7 +71,7 @@ def direct_svm_accuracy(x, y, seed, folds, inner_folds):
 def test_runlocal_end_to_end_and_svm_wiring(tmp_path):
   config = mutag_config()
   results = train.train_and_evaluate(config, str(tmp_path))
-  saved = json.load(open(tmp_path / "results.json"))
+  saved = read_json(tmp_path, "results.json")
   assert saved == json.loads(json.dumps(results))
   assert saved["dataset"] == "MUTAG" and saved["num_graphs"] == MUTAG_GRAPHS
   assert saved["step"] == config.total_steps == 4

@@ -15,7 +15,7 @@ from cldro_jax import train
 from configs import cifar10 as cifar10_config
 from configs import quickstart as quickstart_config
 from configs import stl10 as stl10_config
-from helpers import assert_trees_close, saved_arrays, with_overrides
+from helpers import assert_trees_close, read_json, saved_arrays, with_overrides
 
 
 def tiny_config(**overrides):
@@ -39,7 +39,7 @@ def test_runlocal_configs_end_to_end_on_mock_tfds(tmp_path, config_module, num_e
   config.mesh.num_devices = 1
   with tfds.testing.mock_data(num_examples=num_examples):
     results = train.train_and_evaluate(config, str(tmp_path))
-  saved = json.load(open(tmp_path / "results.json"))
+  saved = read_json(tmp_path, "results.json")
   assert saved == json.loads(json.dumps(results))
   assert saved["step"] == config.total_steps
   for key in ("linear_probe_top1", "final_knn_top1", "final_online_probe_top1"):
