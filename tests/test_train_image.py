@@ -15,7 +15,8 @@ from cldro_jax import train
 from configs import cifar10 as cifar10_config
 from configs import quickstart as quickstart_config
 from configs import stl10 as stl10_config
-from helpers import assert_trees_close, read_json, saved_arrays, with_overrides
+from helpers import (LINEAR_OPTIMIZER, assert_trees_close, assert_updates_close, read_json,
+                     saved_arrays, with_overrides)
 
 
 def tiny_config(**overrides):
@@ -85,18 +86,21 @@ def test_eight_devices_equal_one_device(tmp_path):
 
 
 def test_views_in_one_pass_equals_a_pass_per_view(tmp_path):
-  """Per-view BatchNorm over both views in one pass (8 devices) is the reference's two passes;
-  the flag may change on resume, since it only rearranges the same computation."""
+  """Per-view BatchNorm over both views in one pass (8 devices) is the reference's two passes
+  (1 device); the flag may change on resume, since it only rearranges the same computation."""
   two, one = str(tmp_path / "two"), str(tmp_path / "one")
-  train.train_and_evaluate(tiny_config(total_steps=2), two)
-  train.train_and_evaluate(tiny_config(total_steps=2, **{"mesh.num_devices": 8,
-                                                         "model.views_in_one_pass": True}), one)
-  a, _ = saved_arrays(two)
-  b, _ = saved_arrays(one)
-  assert_trees_close(a["params"], b["params"], rtol=2e-4, atol=2e-5)
+  every_step = dict(LINEAR_OPTIMIZER, total_steps=2, checkpoint_every_steps=1)
+  train.train_and_evaluate(tiny_config(**every_step), two)
+  train.train_and_evaluate(
+      tiny_config(**every_step, **{"mesh.num_devices": 8, "model.views_in_one_pass": True}), one)
+  # The second step's SGD update (its gradient, times lr) agrees to 1e-2 of its norm, with jax
+  # 0.10.2 and 0.10.0 alike; BatchNorm over both views instead of per view (the bug this guards
+  # against) makes them differ by 1.2 of it.
+  assert_updates_close(two, one, 1, 2, rel=1e-2)
   # Running statistics updated once per view, in view order, as two passes do.
-  assert_trees_close(a["model_state"], b["model_state"], rtol=2e-4, atol=2e-5)
-  train.train_and_evaluate(tiny_config(total_steps=3), one)   # resume with two passes
+  assert_trees_close(saved_arrays(two)[0]["model_state"], saved_arrays(one)[0]["model_state"],
+                     rtol=2e-4, atol=2e-5)
+  train.train_and_evaluate(tiny_config(**dict(every_step, total_steps=3)), one)   # two passes
   assert saved_arrays(one)[1]["step"] == 3
 
 
