@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from cldro_jax.models import heads
 from cldro_jax.models import resnet
+from cldro_jax.models import view_norm
 
 
 def median_ms(fns, args, warmup: int, iters: int) -> list[float]:
@@ -53,7 +54,7 @@ def grad_fns(model):
     return objective(z1, z2), upd
 
   def one_pass(params, batch_stats, view1, view2, num_views):
-    both = jnp.stack([view1, view2], axis=1).reshape(-1, *view1.shape[1:])
+    both = view_norm.interleave_views(view1, view2)
     (_, z), upd = model.apply({"params": params, "batch_stats": batch_stats}, both, train=True,
                               num_views=num_views, mutable=["batch_stats"])
     return objective(z[0::2], z[1::2]), upd

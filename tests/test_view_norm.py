@@ -16,10 +16,6 @@ from cldro_jax.models import resnet
 from cldro_jax.models import view_norm
 
 
-def _interleave(a, b):
-  return jnp.stack([a, b], axis=1).reshape(-1, *a.shape[1:])
-
-
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_one_view_equals_flax_batchnorm(dtype):
   x = jax.random.normal(jax.random.PRNGKey(0), (16, 5, 5, 8)) * 3.0 + 1.5
@@ -57,8 +53,8 @@ def test_per_view_statistics_and_sequential_running_updates_against_numpy():
   v1 = rng.normal(2.0, 3.0, (6, 4, 4, 3))
   v2 = rng.normal(-1.0, 0.5, (6, 4, 4, 3))
   bn = view_norm.ViewBatchNorm(num_views=2, momentum=0.8, epsilon=1e-3)
-  variables = bn.init(jax.random.PRNGKey(0), _interleave(v1, v2))
-  y, upd = bn.apply(variables, _interleave(jnp.asarray(v1, jnp.float32),
+  variables = bn.init(jax.random.PRNGKey(0), view_norm.interleave_views(v1, v2))
+  y, upd = bn.apply(variables, view_norm.interleave_views(jnp.asarray(v1, jnp.float32),
                                            jnp.asarray(v2, jnp.float32)),
                     mutable=["batch_stats"])
   y = np.asarray(y).reshape(6, 2, 4, 4, 3)
@@ -99,7 +95,7 @@ def test_one_pass_over_both_views_equals_one_pass_per_view(name):
       return jnp.sum(z1 * z2) + jnp.sum(f1 ** 2) - jnp.sum(f2), (f1, f2, z1, z2, upd)
 
     def one_pass(params):
-      (f, z), upd = model.apply({"params": params, **state}, _interleave(view1, view2),
+      (f, z), upd = model.apply({"params": params, **state}, view_norm.interleave_views(view1, view2),
                                 train=True, num_views=2, mutable=["batch_stats"])
       f1, f2, z1, z2 = f[0::2], f[1::2], z[0::2], z[1::2]
       return jnp.sum(z1 * z2) + jnp.sum(f1 ** 2) - jnp.sum(f2), (f1, f2, z1, z2, upd)
@@ -113,6 +109,6 @@ def test_one_pass_over_both_views_equals_one_pass_per_view(name):
       rtol = 1e-6 if got.dtype == jnp.float32 else 1e-7
       np.testing.assert_allclose(got, want, rtol=rtol, atol=1e-7)
     # The two views really are normalised separately (per-view statistics differ).
-    (f_merged, _), _ = model.apply({"params": params, **state}, _interleave(view1, view2),
+    (f_merged, _), _ = model.apply({"params": params, **state}, view_norm.interleave_views(view1, view2),
                                    train=True, num_views=1, mutable=["batch_stats"])
     assert not np.allclose(f_merged[0::2], aux_ref[0])

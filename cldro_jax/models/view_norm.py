@@ -85,6 +85,11 @@ class ViewBatchNorm(nn.Module):
     return y.reshape(x.shape)
 
 
+def interleave_views(view1, view2):
+  """Rows [v1_0, v2_0, v1_1, v2_1, ...]: the layout `ViewBatchNorm(num_views=2)` expects."""
+  return jnp.stack([view1, view2], axis=1).reshape(-1, *view1.shape[1:])
+
+
 def batch_norm(*, num_views: int = 1, **kwargs) -> nn.Module:
   """`nn.BatchNorm(**kwargs)` for one view, `ViewBatchNorm(num_views=..., **kwargs)` for more."""
   if num_views == 1:

@@ -25,6 +25,7 @@ from cldro_jax.evaluators import knn
 from cldro_jax.evaluators import linear_probe
 from cldro_jax.models import heads
 from cldro_jax.models import resnet
+from cldro_jax.models import view_norm
 from cldro_jax.tasks import ForwardOutput
 
 AXIS = "data"
@@ -119,7 +120,7 @@ class ImageTask:
       # i): with the batch sharded over devices both views of an example stay on its device.
       # BatchNorm statistics over both views (`bn_over_views`) or per view, which
       # `ViewBatchNorm` computes exactly as the reference's two passes do.
-      both = jnp.stack([view1, view2], axis=1).reshape(-1, *view1.shape[1:])
+      both = view_norm.interleave_views(view1, view2)
       features, projections, model_state = self._apply(
           params, model_state, both, train=train, num_views=1 if model_cfg.bn_over_views else 2)
       features = features.reshape(-1, 2, features.shape[-1])
