@@ -130,7 +130,7 @@ def project_program(arch, batch: int, dtype: str, mesh):
   config = bench_config(batch, dtype)
   task = sentence.SentenceTask(config, mesh, encoder_config=arch)
   schedule = train.make_schedule(config.optim, config.total_steps, 1)
-  tx = train._full_optimizer(config, schedule)   # pylint: disable=protected-access
+  tx = train.make_full_optimizer(config, schedule)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   with jax.set_mesh(mesh):
     state = jax.jit(functools.partial(train.create_train_state, task, config, tx),

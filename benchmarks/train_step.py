@@ -103,7 +103,7 @@ def bench_model(name: str, args) -> dict:
   dataset = synthetic_dataset(max(args.batch, 1024), 32)
   task = image_task.ImageTask(config, mesh, dataset=dataset)
   schedule = train.make_schedule(config.optim, 1000, task.steps_per_epoch)
-  tx = train._full_optimizer(config, schedule)   # pylint: disable=protected-access
+  tx = train.make_full_optimizer(config, schedule)
   with jax.set_mesh(mesh):
     state = jax.jit(lambda k: train.create_train_state(task, config, tx, k))(
         jax.random.PRNGKey(0))

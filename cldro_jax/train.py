@@ -296,7 +296,15 @@ def create_train_state(task, config, tx, rng) -> TrainState:
                     opt_state=tx.init(params), rng=state_rng, finite=jnp.ones((), bool))
 
 
-def _full_optimizer(config, schedule):
+def initial_state(task, config, tx, mesh) -> TrainState:
+  """The state before step 1, replicated over `mesh`: the same values on any mesh (a test checks
+  1 vs 8 devices), so a run's starting point does not depend on where it runs."""
+  init = jax.jit(functools.partial(create_train_state, task, config, tx),
+                 out_shardings=NamedSharding(mesh, P()))
+  return init(jax.random.PRNGKey(config.seed))
+
+
+def make_full_optimizer(config, schedule):
   """The model's optimizer, and Adam for the online probe (as solo-learn's online classifier)."""
   model_tx = make_optimizer(config.optim, schedule)
   probe_lr = config.get("eval", {}).get("online_probe_lr", 1e-3)
@@ -338,14 +346,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   steps_per_epoch = task.steps_per_epoch
   total_steps = steps_for(config, steps_per_epoch)
   schedule = make_schedule(config.optim, total_steps, steps_per_epoch)
-  tx = _full_optimizer(config, schedule)
+  tx = make_full_optimizer(config, schedule)
 
   replicated = NamedSharding(mesh, P())
-  rng = jax.random.PRNGKey(config.seed)
   with jax.set_mesh(mesh):
-    init = jax.jit(functools.partial(create_train_state, task, config, tx),
-                   out_shardings=replicated)
-    state = init(rng)
+    state = initial_state(task, config, tx, mesh)
     signature = checkpointing.parameter_signature(state.params["model"])
 
     checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
