@@ -2,12 +2,14 @@
 
 import json
 import os
+import shutil
 
 import jax
 import ml_collections
 import numpy as np
 
 from cldro_jax import checkpointing
+from cldro_jax import train
 
 
 # For tests that compare parameters across device layouts: SGD's update is linear in the gradient,
@@ -55,6 +57,23 @@ def read_json(*path_parts) -> object:
   """The JSON file at os.path.join(*path_parts), closed after reading."""
   with open(os.path.join(*path_parts), encoding="utf-8") as f:
     return json.load(f)
+
+
+def step_two_from_one_checkpoint(make_config, root, layouts):
+  """Step 1 with `make_config(total_steps=1)`, then step 2 from that same checkpoint with
+  `make_config(total_steps=2, **layout)` for each layout; returns their workdirs, in order.
+
+  Use with `assert_updates_close(first_layout_dir, other_dir, 1, 2, ...)`.
+  """
+  first = os.path.join(root, "step_1")
+  train.train_and_evaluate(make_config(total_steps=1), first)
+  workdirs = []
+  for i, layout in enumerate(layouts):
+    workdir = os.path.join(root, f"layout_{i}")
+    shutil.copytree(first, workdir)
+    train.train_and_evaluate(make_config(total_steps=2, **layout), workdir)
+    workdirs.append(workdir)
+  return workdirs
 
 
 def assert_updates_close(workdir_a, workdir_b, step_from, step_to, *, rel, rel_per_array):

@@ -18,7 +18,8 @@ from cldro_jax import train
 from cldro_jax.data import graphs as graphs_lib
 from cldro_jax.models import gin
 from cldro_jax.tasks import graph as graph_task
-from helpers import assert_trees_close, read_json, saved_arrays, with_overrides
+from helpers import (assert_trees_close, assert_updates_close, read_json, saved_arrays,
+                     step_two_from_one_checkpoint, with_overrides)
 
 # LOSSES.md, "Graphs": (aug, mu, sigma, t) per dataset, typed here independently of the code.
 PAPER_TABLE = {
@@ -146,21 +147,23 @@ def test_logged_loss_is_the_graph_adnce_of_original_vs_augmented_views_and_it_de
 
 def test_eight_devices_equal_one_device(tmp_path):
   # Batch 128 over 8 devices = 16 graph slots each; step 2 is the epoch's last batch (60 of 188
-  # graphs): 3 full devices, one with 12 graphs and 4 empty ones.
+  # graphs): 3 full devices, one with 12 graphs and 4 empty ones. Step 1 on 1 device, then step 2
+  # from that checkpoint on 1 and on 8 devices (tests/helpers.py says why from one checkpoint).
   # SGD, not Adam: Adam's first updates are ~lr * sign(gradient), so a gradient element that is
   # zero up to float noise (e.g. a bias whose unit BatchNorm makes it irrelevant; 3e-7 vs -2e-7
   # here) moves by +-lr depending on the reduction order. SGD keeps the comparison proportional.
-  overrides = {"batch_size": 128, "total_steps": 2, "eval.folds": 2, "eval.inner_folds": 2,
-               "eval.untrained_baseline": False, "optim.name": "sgd", "optim.lr": 0.1}
-  one, eight = str(tmp_path / "one"), str(tmp_path / "eight")
-  train.train_and_evaluate(mutag_config(**overrides, **{"mesh.num_devices": 1}), one)
-  train.train_and_evaluate(mutag_config(**overrides, **{"mesh.num_devices": 8}), eight)
-  a, _ = saved_arrays(one)
-  b, _ = saved_arrays(eight)
+  overrides = {"batch_size": 128, "eval.folds": 2, "eval.inner_folds": 2,
+               "eval.untrained_baseline": False, "optim.name": "sgd", "optim.lr": 0.1,
+               "optim.momentum": 0.0, "optim.weight_decay": 0.0}
+  one, eight = step_two_from_one_checkpoint(
+      lambda **more: mutag_config(**overrides, **more), str(tmp_path),
+      [{"mesh.num_devices": 1}, {"mesh.num_devices": 8}])
   # Same graphs in the same global slots, BatchNorm over the global batch's real nodes, negatives
-  # gathered from every device: the same function up to the order of float reductions.
-  assert_trees_close(a["params"], b["params"], rtol=2e-4, atol=2e-5)
-  assert_trees_close(a["model_state"], b["model_state"], rtol=2e-4, atol=2e-5)
+  # gathered from every device: the same function up to the order of float reductions (measured:
+  # 2e-6 of the update, 9e-6 of the worst array's, with jax 0.10.2 and 0.10.0).
+  assert_updates_close(one, eight, 1, 2, rel=1e-2, rel_per_array=0.1)
+  assert_trees_close(saved_arrays(one)[0]["model_state"], saved_arrays(eight)[0]["model_state"],
+                     rtol=2e-4, atol=2e-5)
   np.testing.assert_allclose([r["loss"] for r in metrics_lib.read_metrics(one, "train")],
                              [r["loss"] for r in metrics_lib.read_metrics(eight, "train")],
                              rtol=1e-5)

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 
 import jax
 import numpy as np
@@ -18,7 +17,7 @@ from configs import cifar10 as cifar10_config
 from configs import quickstart as quickstart_config
 from configs import stl10 as stl10_config
 from helpers import (LINEAR_OPTIMIZER, assert_trees_close, assert_updates_close, read_json,
-                     saved_arrays, with_overrides)
+                     saved_arrays, step_two_from_one_checkpoint, with_overrides)
 
 
 def tiny_config(**overrides):
@@ -73,20 +72,9 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 def run_step_two_from_one_checkpoint(tmp_path, layouts):
   """Step 1 on 1 device, a pass per view; then step 2 from that same checkpoint in each layout.
-
-  SGD without momentum (`LINEAR_OPTIMIZER`): the update is lr times the gradient, so comparing
-  updates compares gradients. Returns the workdirs, in the order of `layouts`.
-  """
-  sgd = dict(LINEAR_OPTIMIZER, checkpoint_every_steps=1)
-  first = str(tmp_path / "step_1")
-  train.train_and_evaluate(tiny_config(total_steps=1, **sgd), first)
-  workdirs = []
-  for i, layout in enumerate(layouts):
-    workdir = str(tmp_path / f"layout_{i}")
-    shutil.copytree(first, workdir)
-    train.train_and_evaluate(tiny_config(total_steps=2, **sgd, **layout), workdir)
-    workdirs.append(workdir)
-  return workdirs
+  SGD without momentum (`LINEAR_OPTIMIZER`): comparing updates compares gradients."""
+  return step_two_from_one_checkpoint(
+      lambda **overrides: tiny_config(**LINEAR_OPTIMIZER, **overrides), str(tmp_path), layouts)
 
 
 def test_eight_devices_equal_one_device(tmp_path):
