@@ -55,10 +55,14 @@ def trajectory(record, key: str, fixed: float) -> tuple[np.ndarray, np.ndarray]:
   return epochs, np.full(epochs.shape, fixed)
 
 
+def is_adaptive(record) -> bool:
+  loss = record.config.loss
+  return loss.name == "adnce" and (loss.mu_rule, loss.sigma_rule) != ("fixed", "fixed")
+
+
 def dump_check(records, out: str) -> dict | None:
   """Replays one step of the first adaptive run; saves projections and the logged mu/sigma."""
-  adaptive = [r for r in records if r.config.loss.name == "adnce"
-              and (r.config.loss.mu_rule, r.config.loss.sigma_rule) != ("fixed", "fixed")]
+  adaptive = [r for r in records if is_adaptive(r)]
   if not adaptive:
     return None
   run = adaptive[0]
@@ -124,6 +128,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
   text = common.header("Adaptive ADNCE: mu and sigma from the current negatives", command,
                        args.seeds, sum(r.wall_s for r in records))
   text += "\n" + compare_losses.table(rows, domain) + "\n\n"
+  score_name = common.SCORE_KEYS.get(domain, ("", "score"))[1]
+  adaptive_labels = {label for (label,), group in groups.items() if is_adaptive(group[0])}
+  for reference in [r["label"] for r in rows if r["label"] not in adaptive_labels]:
+    paired = common.paired_table(
+        [r for r in rows if r["label"] == reference or r["label"] in adaptive_labels],
+        reference, score_name)
+    if paired:
+      text += f"Paired by seed, against {reference}:\n\n{paired}\n\n"
   text += common.markdown_table(
       ["method", "mu first → last step", "mu range over training", "sigma first → last step"],
       [[label, f"{np.mean(m['mu_first']):.3f} → {np.mean(m['mu_last']):.3f}",

@@ -424,6 +424,51 @@ def mean_std(values: Iterable[float]) -> tuple[float, float]:
   return float(x.mean()), float(x.std(ddof=1)) if x.size > 1 else 0.0
 
 
+def paired_difference(scores: Sequence[float | None], seeds: Sequence[int],
+                      reference_scores: Sequence[float | None],
+                      reference_seeds: Sequence[int]) -> dict[str, float] | None:
+  """A method against a reference on the seeds both ran: the per-seed score differences.
+
+  Runs with the same seed share the initial parameters, the data order and the augmentation
+  keys, so pairing by seed removes that noise from the comparison: a difference within the
+  seed-to-seed spread can still be consistent. Returns n, the mean difference, its 95%
+  confidence interval (Student t), the paired t-test's two-sided p-value, and the seeds won.
+  """
+  from scipy import stats  # pylint: disable=import-outside-toplevel
+  reference = {s: v for s, v in zip(reference_seeds, reference_scores) if v is not None}
+  diffs = np.asarray([v - reference[s] for s, v in zip(seeds, scores)
+                      if v is not None and s in reference], float)
+  n = diffs.size
+  if n < 2:
+    return None
+  mean, se = float(diffs.mean()), float(diffs.std(ddof=1) / math.sqrt(n))
+  half = float(stats.t.ppf(0.975, n - 1) * se)
+  p = float(2 * stats.t.sf(abs(mean) / se, n - 1)) if se > 0 else (1.0 if mean == 0 else 0.0)
+  return {"n": n, "mean": mean, "ci_low": mean - half, "ci_high": mean + half, "p": p,
+          "wins": int((diffs > 0).sum()), "losses": int((diffs < 0).sum())}
+
+
+def paired_table(rows: Sequence[Mapping[str, Any]], reference_label: str,
+                 score_name: str) -> str:
+  """Markdown: every other method's paired difference to `reference_label` (rows of
+  `compare_losses.summarise`: label, score, seeds)."""
+  reference = next(r for r in rows if r["label"] == reference_label)
+  body = []
+  for r in rows:
+    if r["label"] == reference_label:
+      continue
+    d = paired_difference(r["score"], r["seeds"], reference["score"], reference["seeds"])
+    if d is not None:
+      body.append([r["label"], d["n"], f"{d['mean']:+.2f}",
+                   f"[{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]", f"{d['p']:.3f}",
+                   f"{d['wins']} / {d['losses']}"])
+  if not body:
+    return ""
+  return markdown_table(
+      ["method", "seeds", f"{score_name} minus {reference_label}'s (points)", "95% CI",
+       "paired t-test p", "seeds better / worse"], body)
+
+
 def fmt(values: Iterable[float], digits: int = 2) -> str:
   mean, std = mean_std(values)
   if math.isnan(mean):

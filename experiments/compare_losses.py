@@ -162,6 +162,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
   command = common.command_line(argv, "compare_losses.py")
   text = common.header(title, command, args.seeds, sum(r.wall_s for r in records))
   text += "\n" + table(rows, domain) + "\n"
+  paired = common.paired_table(rows, rows[0]["label"],
+                               common.SCORE_KEYS.get(domain, ("", "score"))[1])
+  if paired:
+    text += f"\n## Paired by seed, against {rows[0]['label']}\n\n{paired}\n"
   for key, name in CURVE_KEYS.get(domain, []):
     section = curve_table(curves, key)
     if section:

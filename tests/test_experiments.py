@@ -264,3 +264,19 @@ def test_mean_std_is_the_sample_std():
   assert mean == pytest.approx(np.mean(values)) and std == pytest.approx(np.std(values, ddof=1))
   assert common.mean_std([3.0]) == (3.0, 0.0)
   assert common.fmt(values) == f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
+
+
+def test_paired_difference_matches_the_textbook_paired_t_test():
+  # Differences 1, 2, 3, 4 (seed 9 unpaired, None skipped): mean 2.5, sd sqrt(5/3), t = 3.873 on
+  # 3 degrees of freedom; printed t tables give t_0.975(3) = 3.1824 and a two-sided p of 0.0305.
+  d = common.paired_difference([71.0, 72.0, 73.0, 74.0, 80.0, None], [0, 1, 2, 3, 9, 4],
+                               [70.0, 70.0, 70.0, 70.0, 60.0], [0, 1, 2, 3, 4])
+  half = 3.182446 * np.sqrt(5 / 3) / 2
+  assert d["n"] == 4 and d["mean"] == pytest.approx(2.5)
+  assert (d["ci_low"], d["ci_high"]) == pytest.approx((2.5 - half, 2.5 + half), rel=1e-5)
+  assert d["p"] == pytest.approx(0.0305, abs=5e-4)
+  assert (d["wins"], d["losses"]) == (4, 0)
+  rows = [{"label": "InfoNCE", "score": [70.0, 70.0, 70.0, 70.0], "seeds": [0, 1, 2, 3]},
+          {"label": "ADNCE", "score": [71.0, 72.0, 73.0, 74.0], "seeds": [0, 1, 2, 3]}]
+  assert "| ADNCE | 4 | +2.50 |" in common.paired_table(rows, "InfoNCE", "linear probe top-1")
+  assert common.paired_difference([1.0], [0], [0.0], [0]) is None   # one pair: no spread
