@@ -18,7 +18,6 @@ pass-per-view run it prints:
 """
 
 import os
-import shutil
 import sys
 import tempfile
 
@@ -32,7 +31,8 @@ sys.path[:0] = [os.path.join(os.path.dirname(__file__), "..", "tests"),
 from cldro_jax import tasks as tasks_lib  # noqa: E402
 from cldro_jax import train  # noqa: E402
 from cldro_jax.data import augment as augment_lib  # noqa: E402
-from helpers import LINEAR_OPTIMIZER, saved_arrays  # noqa: E402
+from helpers import (LINEAR_OPTIMIZER, saved_arrays,  # noqa: E402
+                     step_two_from_one_checkpoint)
 from test_train_image import tiny_config  # noqa: E402
 
 LAYOUTS = {"1 device, pass per view": {"mesh.num_devices": 1},
@@ -63,17 +63,14 @@ def independent_runs(root):
 
 
 def from_one_checkpoint(root):
-  """Step 1 on 1 device, then step 2 from that checkpoint in each layout: {layout: update}."""
-  first = os.path.join(root, "step_1")
-  train.train_and_evaluate(tiny_config(total_steps=1, **EVERY_STEP), first)
-  start = model_arrays(first, 1)
-  updates = {}
-  for i, (name, layout) in enumerate(LAYOUTS.items()):
-    workdir = os.path.join(root, f"from_step_1_{i}")
-    shutil.copytree(first, workdir)
-    train.train_and_evaluate(tiny_config(total_steps=2, **EVERY_STEP, **layout), workdir)
-    updates[name] = [after - before for before, after in zip(start, model_arrays(workdir, 2))]
-  return first, updates
+  """Step 1 on 1 device, then step 2 from that checkpoint in each layout: (a workdir holding the
+  step-1 checkpoint, {layout: update})."""
+  workdirs = step_two_from_one_checkpoint(
+      lambda **overrides: tiny_config(**EVERY_STEP, **overrides), root, list(LAYOUTS.values()))
+  start = model_arrays(workdirs[0], 1)
+  updates = {name: [after - before for before, after in zip(start, model_arrays(workdir, 2))]
+             for name, workdir in zip(LAYOUTS, workdirs)}
+  return workdirs[0], updates
 
 
 def module_outputs_of_step_two(checkpoint_dir, num_devices):
