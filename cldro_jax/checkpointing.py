@@ -77,6 +77,43 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return json.loads(config.to_json_best_effort())
 
 
+def _with_defaults(saved: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+  """`saved`, plus every field of `defaults` it lacks (recursively; saved values win)."""
+  merged = dict(defaults)
+  for key, value in saved.items():
+    if isinstance(value, dict) and isinstance(defaults.get(key), dict):
+      merged[key] = _with_defaults(value, defaults[key])
+    else:
+      merged[key] = value
+  return merged
+
+
+def _saved_config_dict(path: str) -> dict[str, Any]:
+  """config.json completed with today's schema defaults.
+
+  A workdir written by an older cldro_jax lacks the fields added since. Every field added to the
+  schema defaults to the behaviour from before it existed (a project rule; e.g.
+  `model.views_in_one_pass=False` is the pass per view all earlier runs made), so filling in the
+  defaults describes the run that was made.
+  """
+  from cldro_jax import config_defaults  # pylint: disable=import-outside-toplevel
+  with open(path, encoding="utf-8") as f:
+    saved = json.load(f)
+  schema = config_to_dict(config_defaults.base_config(saved.get("domain", "image")))
+  return _with_defaults(saved, schema)
+
+
+def read_saved_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config the run in `workdir` was started with (workdir/config.json), every field that
+  later versions added filled with its default (which is the behaviour the run had)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"{path} not found: {workdir} is not a cldro_jax workdir. Train one with "
+        "`python -m cldro_jax.main --config=configs/quickstart.py --workdir=DIR`.")
+  return ml_collections.ConfigDict(_saved_config_dict(path))
+
+
 def check_or_save_config(workdir: str, config: ml_collections.ConfigDict, *,
                          save: bool = True) -> None:
   """Saves `config.json` on the first start; on a resume, refuses a config that differs.
@@ -96,9 +133,7 @@ def check_or_save_config(workdir: str, config: ml_collections.ConfigDict, *,
         json.dump(current, f, indent=2, sort_keys=True)
       os.replace(tmp, path)
     return
-  with open(path, encoding="utf-8") as f:
-    saved = json.load(f)
-  saved_flat, current_flat = _flatten(saved), _flatten(current)
+  saved_flat, current_flat = _flatten(_saved_config_dict(path)), _flatten(current)
   differences = []
   for name in sorted(set(saved_flat) | set(current_flat)):
     if _may_change(name):

@@ -10,8 +10,6 @@ For users who only want the representations: no dataset, no trainer, no optimize
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any
 
 import jax
@@ -60,13 +58,7 @@ class ImageEncoder:
 
 def load_encoder(workdir: str, *, step: int | None = None) -> ImageEncoder:
   """The encoder of the latest (or given) checkpoint of an image run in `workdir`."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(
-        f"{path} not found: {workdir} is not a cldro_jax workdir. Train one with "
-        "`python -m cldro_jax.main --config=configs/quickstart.py --workdir=DIR`.")
-  with open(path, encoding="utf-8") as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = checkpointing.read_saved_config(workdir)
   if config.domain != "image":
     raise ValueError(f"load_encoder handles image runs; {workdir} is a {config.domain} run.")
   checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)

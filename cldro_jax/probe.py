@@ -16,7 +16,6 @@ import json
 import os
 
 import jax
-import ml_collections
 from absl import app, flags
 
 from cldro_jax import checkpointing
@@ -41,11 +40,7 @@ def run_probe(workdir: str, *, protocol: str | None = None, epochs: int | None =
               data_dir: str | None = None) -> dict:
   """Scores of a linear probe on the workdir's encoder (see the module docstring)."""
   from cldro_jax.tasks import image  # pylint: disable=import-outside-toplevel
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: {workdir} is not a cldro_jax workdir.")
-  with open(path, encoding="utf-8") as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = checkpointing.read_saved_config(workdir)
   if config.domain != "image":
     raise ValueError(f"{workdir} is a {config.domain} run; the linear probe is for images "
                      "(sentences: python -m cldro_jax.evaluators.sts --workdir=...).")

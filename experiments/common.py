@@ -486,12 +486,8 @@ def score_of(results: Mapping[str, Any], domain: str) -> float | None:
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: {workdir} is not a cldro_jax workdir (train one "
-                            "with `python -m cldro_jax.main --config=... --workdir=DIR`).")
-  with open(path, encoding="utf-8") as f:
-    return ml_collections.ConfigDict(json.load(f))
+  from cldro_jax import checkpointing  # pylint: disable=import-outside-toplevel
+  return checkpointing.read_saved_config(workdir)
 
 
 class Replayer:

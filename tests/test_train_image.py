@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+import cldro_jax
 from cldro_jax import checkpointing
 from cldro_jax import config_defaults
 from cldro_jax import metrics as metrics_lib
@@ -171,6 +172,26 @@ def test_checkpoint_from_another_model_is_refused(tmp_path):
   # Same workdir, a different network: the saved config check names the field.
   with pytest.raises(checkpointing.CheckpointMismatchError, match="model.width"):
     train.train_and_evaluate(tiny_config(total_steps=2, **{"model.width": 8}), workdir)
+
+
+def test_workdir_of_an_older_version_loads_resumes_and_keeps_its_meaning(tmp_path):
+  """A workdir whose config.json predates fields added since (here `model.views_in_one_pass` and
+  `loss.mu_rule`) is read with those fields at their defaults, the behaviour it was trained with:
+  its encoder loads, the same command resumes it, and a non-default value is still refused."""
+  workdir = str(tmp_path)
+  train.train_and_evaluate(tiny_config(total_steps=2), workdir)
+  saved = read_json(workdir, "config.json")
+  del saved["model"]["views_in_one_pass"], saved["loss"]["mu_rule"]
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    json.dump(saved, f)
+  encoder = cldro_jax.load_encoder(workdir)
+  assert encoder.config.model.views_in_one_pass is False and encoder.config.loss.mu_rule == "fixed"
+  assert encoder.embed(np.zeros((3, 28, 28, 1), np.uint8)).shape[0] == 3
+  with pytest.raises(checkpointing.CheckpointMismatchError,
+                     match="loss.mu_rule: saved 'fixed', now 'quantile'"):
+    train.train_and_evaluate(tiny_config(total_steps=3, **{"loss.mu_rule": "quantile"}), workdir)
+  train.train_and_evaluate(tiny_config(total_steps=3), workdir)
+  assert saved_arrays(workdir)[1]["step"] == 3
 
 
 def test_full_configs_match_the_paper(tmp_path):

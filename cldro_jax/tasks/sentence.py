@@ -41,6 +41,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from cldro_jax import checkpointing
 from cldro_jax.data import pipeline
 from cldro_jax.data import text as text_lib
 from cldro_jax.evaluators import sts
@@ -550,12 +551,7 @@ class TrainedEncoder:
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run was started with (workdir/config.json)."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: --workdir must be the directory of a "
-                            "`python -m cldro_jax.main` run.")
-  with open(path, encoding="utf-8") as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = checkpointing.read_saved_config(workdir)
   if config.get("domain") != "sentence":
     raise ValueError(f"{workdir} holds a {config.get('domain')!r} run, not a sentence run.")
   return config
