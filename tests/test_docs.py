@@ -4,6 +4,7 @@
   benchmarks/ names a file that exists, passes flags its program defines, and `--config.KEY=`
   overrides that the config schema has (a renamed flag or key fails here, not on a user);
 - the loss signatures listed in docs/losses.md are the functions' real signatures;
+- benchmarks/h200.sh (the one GPU call) runs real benchmarks with real flags within its limit;
 - the README's loss example and docs/losses.md's `jax.shard_map` train step run, and the latter's
   claim holds: on 8 devices it takes the same step as one device on the whole batch.
 """
@@ -185,3 +186,16 @@ def test_docs_shard_map_train_step_equals_one_device_on_the_whole_batch():
   expected_loss, grads = jax.value_and_grad(one_device_loss)(params)
   np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
   np.testing.assert_allclose(params["w"] - new_params["w"], grads["w"], rtol=1e-4, atol=1e-7)
+
+
+def test_gpu_script_runs_real_benchmarks_within_one_device_call():
+  # benchmarks/h200.sh is run once on a lent GPU (600 s per command at most, DEVELOPERS.md); a
+  # renamed flag or an over-long total would waste that call.
+  runs = re.findall(r"^run (\w+) (\d+) (benchmarks/\w+\.py)(.*)$",
+                    (ROOT / "benchmarks" / "h200.sh").read_text(), flags=re.M)
+  assert len(runs) >= 5
+  assert sum(int(limit) for _, limit, _, _ in runs) <= 560
+  for name, _, script, flags in runs:
+    source = program_source(script)
+    for flag in re.findall(r"--([\w-]+)", flags):
+      assert flag_defined(flag, source), f"h200.sh run {name}: {script} has no --{flag}"
