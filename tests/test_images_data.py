@@ -460,6 +460,23 @@ def test_folder_grayscale_and_stratified_split(tmp_path):
     np.testing.assert_array_equal(ds3.test.images[..., 0], ds3.test.images[..., 2])
 
 
+def test_folder_16_bit_grayscale_is_rescaled_and_32_bit_refused(tmp_path):
+    # PIL's convert("L") would clip every pixel above 255 to white.
+    (tmp_path / "a").mkdir()
+    deep = (np.arange(20, dtype=np.uint16).reshape(4, 5) * 3449)   # 0 .. 65531
+    Image.fromarray(deep).save(tmp_path / "a" / "deep.png")
+    assert Image.open(tmp_path / "a" / "deep.png").mode == "I;16"
+    ds = images.load_image_dataset(cfg(source="folder", data_dir=str(tmp_path),
+                                       test_dir=str(tmp_path)))
+    assert ds.image_shape == (4, 5, 1)
+    np.testing.assert_array_equal(ds.probe_train.images[0, ..., 0],
+                                  np.round(deep / 65535.0 * 255.0).astype(np.uint8))
+    Image.fromarray(deep.astype(np.float32)).save(tmp_path / "a" / "float.tif")
+    with pytest.raises(ValueError, match=r"float.tif has 32-bit float pixels.*8- or 16-bit"):
+        images.load_image_dataset(cfg(source="folder", data_dir=str(tmp_path),
+                                      test_dir=str(tmp_path)))
+
+
 def test_folder_sizes_resizing_and_errors(tmp_path):
     root = tmp_path / "imgs"
     _write_folder(root, {"a": 2}, size=(8, 8))

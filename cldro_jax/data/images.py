@@ -728,9 +728,22 @@ def _decode_images(
             raise ValueError(f"cannot decode image {path} ({err}); remove or replace it") from err
         return image
 
-    decoded = [open_checked(p) for p in paths]
+    def to_8bit(image: Image.Image, path: str) -> Image.Image:
+        # PIL's convert("L"/"RGB") clips 16- and 32-bit pixels at 255 instead of rescaling them,
+        # which would turn a 16-bit photo nearly white without a word.
+        if image.mode.startswith("I;16"):
+            pixels = np.asarray(image).astype(np.uint32)
+            return Image.fromarray(((pixels * 255 + 32767) // 65535).astype(np.uint8), "L")
+        if image.mode in ("I", "F"):
+            raise ValueError(
+                f"{path} has 32-bit {'integer' if image.mode == 'I' else 'float'} pixels (PIL mode "
+                f"{image.mode!r}), whose range cannot be known; save the images as 8- or 16-bit "
+                "PNG/JPEG, or pass them as a uint8 .npz (--config.data.source=npz)")
+        return image
+
+    decoded = [to_8bit(open_checked(p), p) for p in paths]
     if channels is None:
-        channels = 1 if all(im.mode in ("1", "L", "I", "I;16", "F") for im in decoded) else 3
+        channels = 1 if all(im.mode in ("1", "L") for im in decoded) else 3
     if channels not in (1, 3):
         raise ValueError(f"config.data.channels must be 1 or 3, got {channels}")
     if image_size is None:
