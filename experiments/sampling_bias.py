@@ -21,7 +21,7 @@ candidate removed from the negatives (`config.loss.use_labels=True`), the unbias
 Quick check: the oracle's logged loss at a replayed step equals InfoNCE on the label-masked
 negatives (tests/test_experiments.py recomputes it in float64 NumPy from OUT/oracle_replay.npz).
 Writes OUT/sampling_bias.md, .json and .png. Images only (the class sampler is an image-data
-option).
+option), on labelled pre-training data (STL10 pre-trains on its `train` split here).
 """
 
 from __future__ import annotations
@@ -102,6 +102,23 @@ def oracle_replay(records, out: str) -> dict | None:
           "library_loss_on_replay": library, "abs_diff": abs(library - logged)}
 
 
+def labelled_pretraining(config):
+  """`config` pre-training on its labelled tfds splits only (STL10: `train`, not `+unlabelled`).
+
+  Batches by class need labels, and unlabelled images have none (the sampler refuses them);
+  every level, k = 0 included, then trains on the same images, so the levels stay comparable.
+  """
+  data = config.data
+  splits = (data.get("pretrain_split") or "").split("+")
+  unlabelled = set(data.get("unlabeled_splits") or ())
+  if data.get("source", "tfds") != "tfds" or not unlabelled.intersection(splits):
+    return config
+  labelled = "+".join(s for s in splits if s not in unlabelled)
+  print(f"sampling_bias: pre-training on {labelled!r} instead of {data.pretrain_split!r} "
+        "(batches by class need labels)")
+  return common.with_overrides(config, {"data.pretrain_split": labelled})
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
   args = parse_args(argv)
   common.setup(args)
@@ -109,6 +126,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   if base.domain != "image":
     raise ValueError("sampling_bias.py needs an image config (classes_per_batch is an image-data "
                      f"option); got domain {base.domain!r}.")
+  base = labelled_pretraining(base)
   methods = [common.parse_method(m) for m in
              (args.methods or (QUICK_METHODS if args.quick else DEFAULT_METHODS))]
   levels = args.classes_per_batch or (QUICK_LEVELS if args.quick else DEFAULT_LEVELS)

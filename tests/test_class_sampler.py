@@ -104,15 +104,38 @@ def test_classes_and_examples_are_drawn_uniformly():
   np.testing.assert_allclose(visits[big].mean(), class_counts[3] * (batch // k) / sizes[3])
 
 
-def test_unlabelled_examples_are_never_drawn_and_labels_come_from_the_attribute():
+def test_labels_come_from_attributes_and_unlabelled_examples_are_refused():
   labels = np.concatenate([np.full(15, -1), balanced_labels(3, 10)])
   src = images.InMemorySource(np.zeros((labels.size, 2, 2, 1), np.uint8), labels)
   np.testing.assert_array_equal(pipeline.source_labels(src), labels)
   sub = pipeline.Subset(src, np.arange(10, 30))
   np.testing.assert_array_equal(pipeline.source_labels(sub), labels[10:30])
-  for b in collect(src, global_batch_size=6, classes_per_batch=3, seed=0, start_step=0,
-                   num_steps=20, process_index=0, process_count=1):
-    assert (b["label"] >= 0).all()
+  # STL10's pre-training source: labelled train + an unlabelled split, which is never decoded.
+  unlabelled_split = images.TfdsSource(_ExplodingSource(40), image_shape=(2, 2, 1),
+                                       unlabeled=True)
+  both = images.ConcatSource([images.InMemorySource(src.images[15:], labels[15:]),
+                              unlabelled_split])
+  np.testing.assert_array_equal(pipeline.source_labels(both),
+                                np.concatenate([labels[15:], np.full(40, -1)]))
+  # Stratified batches would never draw the unlabelled examples: refused, with the fix.
+  for source, count in ((src, 15), (both, 40)):
+    with pytest.raises(ValueError, match=rf"{count} of the {len(source)} pre-training examples "
+                       r"are unlabelled.*--config.data.pretrain_split=train"):
+      pipeline.train_batches(source, global_batch_size=6, classes_per_batch=3, seed=0,
+                             start_step=0, num_steps=1, process_index=0, process_count=1)
+
+
+class _ExplodingSource:
+  """A tfds data source whose examples must not be read."""
+
+  def __init__(self, n):
+    self.n = n
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, index):
+    raise AssertionError("the unlabelled split was decoded")
 
 
 @pytest.mark.parametrize("labels,batch,k,match", [
@@ -120,7 +143,7 @@ def test_unlabelled_examples_are_never_drawn_and_labels_come_from_the_attribute(
     (balanced_labels(4, 10), 12, 6, "needs 6 classes with at least 2"),
     # Class 0 has too few examples for 4 per batch: only 2 classes qualify.
     (np.concatenate([np.full(3, 0), np.full(20, 1), np.full(20, 2)]), 12, 3, "source has 2 such"),
-    (np.full(40, -1), 8, 2, "the source has 0 such classes"),
+    (np.full(40, -1), 8, 2, "40 of the 40 pre-training examples are unlabelled"),
 ])
 def test_impossible_requests_fail_fast_with_the_fix(labels, batch, k, match):
   src = LabelledSource(labels)

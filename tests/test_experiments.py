@@ -86,6 +86,16 @@ def test_compare_losses_reruns_skip_finished_runs(compare_out):
     assert steps == list(range(1, 11))
 
 
+def test_sampling_bias_pretrains_stl10_on_its_labelled_split_only():
+  # The class sampler refuses unlabelled images (tests/test_class_sampler.py); the experiment
+  # drops STL10's unlabelled split at every level instead of failing.
+  from configs import cifar10, stl10  # pylint: disable=import-outside-toplevel
+  config = sampling_bias.labelled_pretraining(stl10.get_config())
+  assert config.data.pretrain_split == "train"
+  assert stl10.get_config().data.pretrain_split == "train+unlabelled"   # the copy was changed
+  assert sampling_bias.labelled_pretraining(cifar10.get_config()).data.pretrain_split is None
+
+
 def test_sampling_bias_quick_oracle_loss_is_masked_infonce(tmp_path):
   summary = run_quick(sampling_bias, tmp_path)
   # Batch 16 from 2 classes: 8 per class, so 7 of each anchor's 15 other examples share its class.

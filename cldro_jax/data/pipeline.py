@@ -146,6 +146,11 @@ def source_labels(source: Any, *, chunk_size: int = 4096) -> np.ndarray:
     """
     if isinstance(source, Subset):  # checked first: a Subset forwards `labels` to its parent
         return source_labels(source.source, chunk_size=chunk_size)[source.indices]
+    if getattr(source, "unlabeled", False):  # a whole unlabelled split: no need to decode it
+        return np.full((len(source),), -1, np.int64)
+    if getattr(source, "sources", None) is not None:  # a ConcatSource: part by part
+        return np.concatenate([source_labels(part, chunk_size=chunk_size)
+                               for part in source.sources])
     labels = getattr(source, "labels", None)
     if labels is None:
         parts = []
@@ -214,7 +219,9 @@ def class_batch_indices(
     classes with enough examples), then ``global_batch_size / classes_per_batch`` examples of
     each drawn uniformly without replacement, then shuffled so that every process and device
     slice mixes the classes. A pure function of ``(seed, step)``: no epoch state, exact resume.
-    Over an epoch each example is visited once in expectation (not exactly once).
+    Over an "epoch" of ``N // B`` steps (N examples, K eligible classes, class c with n_c
+    examples) an example of class c is drawn ``N / (K n_c)`` times in expectation: once when the
+    classes are balanced, not exactly once.
     """
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
@@ -379,7 +386,19 @@ def train_batches(
         raise ValueError(f"start_step and num_steps must be >= 0, got {start_step}, {num_steps}")
     pools = None
     if classes_per_batch:
-        pools = class_pools(source_labels(source))
+        labels = source_labels(source)
+        unlabelled = int(np.sum(labels < 0))
+        if unlabelled:
+            # Stratified batches draw from labelled examples only: the unlabelled ones would
+            # never be seen, while the epoch length would still count them.
+            raise ValueError(
+                f"classes_per_batch={classes_per_batch} draws batches by class, but "
+                f"{unlabelled} of the {num_examples} pre-training examples are unlabelled "
+                "(label -1, e.g. STL10's 'unlabelled' split) and would never be used. "
+                "Pre-train on labelled splits only (e.g. --config.data.pretrain_split=train) "
+                "or set --config.data.classes_per_batch=0"
+            )
+        pools = class_pools(labels)
         check_classes_per_batch(pools, global_batch_size, classes_per_batch)  # fail now
 
     def produce() -> Iterator[Batch]:
