@@ -214,6 +214,24 @@ def test_per_device_packing_puts_each_step_graph_in_the_same_global_slot():
     jax.tree.map(np.testing.assert_array_equal, got, one.host_batch(step))
 
 
+def test_faithful_mode_keeps_the_batches_of_epoch_zero_proper_mode_reshuffles():
+  # GraphCL/ADNCE shuffle MUTAG once, then a non-shuffling DataLoader: the same batches (and so
+  # the same negatives) every epoch; only the augmentations are new.
+  def batches_of_epochs(mode):
+    task = graph_task.GraphTask(mutag_config(**{"batch_size": 64, "data.aug_mode": mode}),
+                                train.make_mesh(1))
+    per_epoch = task.steps_per_epoch
+    return [[task.step_graph_indices(e * per_epoch + s).tolist() for s in range(per_epoch)]
+            for e in range(3)]
+  faithful = batches_of_epochs("faithful")
+  assert faithful[0] == faithful[1] == faithful[2]
+  assert sorted(sum(faithful[0], [])) == list(range(MUTAG_GRAPHS))
+  assert faithful[0][0] != list(range(64))                     # shuffled once, by the seed
+  proper = batches_of_epochs("proper")
+  assert proper[0] == faithful[0] and proper[1] != proper[0] and proper[2] != proper[1]
+  assert sorted(sum(proper[1], [])) == list(range(MUTAG_GRAPHS))
+
+
 # ----------------------------------------------------------------------------------------------
 # Configs and errors
 

@@ -24,7 +24,9 @@ reproduces the reference training loop (GraphCL/ADNCE `gsimclr*.py` + `aug.py`) 
   3. then (for drop_nodes, subgraph and the random2/3/4 mixtures), every node of view 2 that touches no edge (self-loops included)
      is removed and all self-loops are stripped. So in the reference, nodes dropped by
      drop_nodes / left out by subgraph do NOT stay in view 2: they lose their self-loop with
-     their other edges and step 3 removes them.
+     their other edges and step 3 removes them;
+  4. the dataset is shuffled once and every epoch visits it in that order (the reference's
+     non-shuffling DataLoader; `tasks/graph.py` asks `epoch_order` for epoch 0 every epoch).
 Augmentations are drawn from ``np.random.default_rng((seed, graph_index))``: reproducible, and the
 same for a graph whatever batch it lands in; pass a different seed per epoch.
 """

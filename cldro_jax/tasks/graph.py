@@ -308,7 +308,11 @@ class GraphTask:
     """Dataset indices of the graphs of global batch ``step`` (fewer than batch_size at an
     epoch's end): a pure function of the step, so resuming needs no iterator state."""
     epoch, position = divmod(int(step), self.steps_per_epoch)
-    order = graphs_lib.epoch_order(len(self.graphs), seed=self.config.seed, epoch=epoch)
+    # GraphCL/ADNCE shuffle the dataset once and then iterate a DataLoader that does not
+    # shuffle: every epoch has the same batches (fresh augmentations). Faithful mode keeps that
+    # order; proper mode reshuffles each epoch, as a contrastive pipeline normally does.
+    order_epoch = 0 if self.config.data.aug_mode == "faithful" else epoch
+    order = graphs_lib.epoch_order(len(self.graphs), seed=self.config.seed, epoch=order_epoch)
     batch = self.config.batch_size
     return order[position * batch:(position + 1) * batch]
 
