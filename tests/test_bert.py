@@ -139,6 +139,29 @@ def test_roberta_tiny_matches_transformers(roberta, record):
   assert np.abs(_embed(mean, params, batch) - expected_mean).max() <= TOL
 
 
+def test_config_fields_left_out_take_transformers_defaults_of_the_model_type(roberta, record,
+                                                                             tmp_path):
+  # transformers' RobertaConfig defaults pad_token_id to 1 (BertConfig: 0); a RoBERTa
+  # config.json without the field must still count positions from 2, as transformers does.
+  folder = tmp_path / "roberta_no_pad"
+  shutil.copytree(ROBERTA_DIR, folder)
+  hf = json.loads((folder / "config.json").read_text())
+  for field in ("pad_token_id", "bos_token_id", "eos_token_id"):
+    hf.pop(field, None)
+  (folder / "config.json").write_text(json.dumps(hf))
+  config, params = bert.load_pretrained(str(folder))
+  assert (config.pad_token_id, config.bos_token_id, config.eos_token_id) == (1, 0, 2)
+  assert config.position_offset == 2
+  batch = roberta[2].encode_batch(record["sentences"], 32)
+  model = bert.SentenceEncoder(config, pooling="cls")
+  reference = _npz("roberta_tiny_reference.npz")["pooler_output_len32"]
+  assert np.abs(_embed(model, jax.tree.map(jnp.asarray, params), batch, use_mlp=True)
+                - reference).max() <= TOL
+  bert_fields = {k: v for k, v in hf.items() if k != "pad_token_id"}
+  assert hf_checkpoint.EncoderConfig.from_hf_dict({**bert_fields, "model_type": "bert"}
+                                                  ).pad_token_id == 0
+
+
 def test_position_ids_follow_hf_formula():
   """RoBERTa: cumsum over non-pad tokens + padding_idx (pads keep padding_idx); BERT: arange."""
   config = hf_checkpoint.EncoderConfig("roberta", 50, 8, 1, 2, 16, pad_token_id=1,

@@ -270,14 +270,26 @@ def test_runlocal_minilm_offline_end_to_end_and_export_reload(tmp_path):
   assert [m["type"].rsplit(".", 1)[-1] for m in modules] == ["Transformer", "Pooling"]
   pooling = json.loads(pathlib.Path(export, "1_Pooling", "config.json").read_text())
   assert pooling["pooling_mode_mean_tokens"] and not pooling["pooling_mode_cls_token"]
+  # MiniLM's Transformer settings travel along (sentence-transformers would otherwise cut
+  # inputs at the tokenizer's 512 instead of the model's 256 tokens).
+  assert json.loads(pathlib.Path(export, "sentence_bert_config.json").read_text()) == json.loads(
+      pathlib.Path(sentence.shipped_minilm_dir(), "sentence_bert_config.json").read_text())
 
   # The export reloads with our loader and embeds like the trained checkpoint.
   state, meta = saved_arrays(workdir)
   assert meta["step"] == 2
   enc_config, exported = bert.load_pretrained(export)
   trained = state["params"]["model"]
-  for x, y in zip(jax.tree.leaves(exported), jax.tree.leaves(trained)):
-    np.testing.assert_array_equal(x, np.asarray(y))
+  _, original = bert.load_pretrained(sentence.shipped_minilm_dir())
+  # Mean pooling never used the MLP: the export carries MiniLM's own pooler, not the unused
+  # random one of the run; everything else is the trained encoder.
+  jax.tree.map(np.testing.assert_array_equal, exported["pooler"], original["pooler"])
+  assert np.abs(np.asarray(trained["pooler"]["dense"]["kernel"])
+                - original["pooler"]["dense"]["kernel"]).max() > 1e-3
+  assert set(exported) == set(trained)
+  for key in set(trained) - {"pooler"}:
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, np.asarray(y)),
+                 exported[key], trained[key])
   sentences = text.sklearn_descr_sentences()[:6]
   tok = text.SentenceTokenizer(export)
   batch = tok.encode_batch(sentences, 32)
@@ -287,7 +299,6 @@ def test_runlocal_minilm_offline_end_to_end_and_export_reload(tmp_path):
       train=False, use_mlp=False))
   np.testing.assert_allclose(run(exported), run(trained), rtol=0, atol=0)
   # Training changed the shipped MiniLM, and the tokenizer travelled with the weights.
-  _, original = bert.load_pretrained(sentence.shipped_minilm_dir())
   assert np.abs(run(exported) - run(original)).max() > 1e-6
   assert tok.encode_batch(sentences, 32)["input_ids"].tolist() == text.SentenceTokenizer(
       sentence.shipped_minilm_dir()).encode_batch(sentences, 32)["input_ids"].tolist()
@@ -363,6 +374,10 @@ def test_bad_sentence_settings_are_refused(tmp_path):
   with pytest.raises(ValueError) as err:
     sentence.validate(config)
   assert "config.model.pooler='max'" in str(err.value) and "dev split" in str(err.value)
+  # Sentences have no labels: label masking would drop every negative (a loss of exactly 0).
+  config = tiny_config(tmp_path, **{"loss.use_labels": True})
+  with pytest.raises(ValueError, match="use_labels=True needs class labels.*use_labels=False"):
+    sentence.validate(config)
   config = tiny_config(tmp_path, **{"data.max_length": 80})
   with pytest.raises(ValueError, match="exceeds the 64 positions"):
     train.train_and_evaluate(config, str(tmp_path / "run"))

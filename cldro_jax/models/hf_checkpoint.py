@@ -42,6 +42,10 @@ SENTENCE_TRANSFORMERS_FILES = (
 Params = dict[str, Any]
 
 
+# transformers' RobertaConfig defaults where they differ from BertConfig's (= the dataclass's).
+_MODEL_TYPE_DEFAULTS = {"roberta": {"pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2}}
+
+
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
   """Architecture of a BERT/RoBERTa encoder, with Hugging Face's field names and defaults."""
@@ -98,7 +102,10 @@ class EncoderConfig:
       raise ValueError(
           f"position_embedding_type {position_type!r} is not implemented (only 'absolute').")
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in hf.items() if k in names})
+    # Fields a config.json may omit take transformers' defaults for ITS model type: RoBERTa's
+    # pad id is 1 (its position ids start after it), not BERT's 0.
+    fields = {**_MODEL_TYPE_DEFAULTS.get(model_type, {}), **hf}
+    return cls(**{k: v for k, v in fields.items() if k in names})
 
   def to_hf_dict(self) -> dict[str, Any]:
     """The `config.json` content transformers needs to rebuild this architecture."""
@@ -363,5 +370,9 @@ def export_pretrained(config: EncoderConfig, params: Params, out_folder: str,
     shutil.copy2(os.path.join(tokenizer_folder, name), os.path.join(out_folder, name))
   if pooling is not None:
     _write_sentence_transformers_modules(out_folder, pooling, config.hidden_size)
+    # The Transformer module's own settings (max_seq_length, lower-casing) still hold.
+    transformer_settings = os.path.join(tokenizer_folder, "sentence_bert_config.json")
+    if os.path.exists(transformer_settings):
+      shutil.copy2(transformer_settings, os.path.join(out_folder, "sentence_bert_config.json"))
   else:
     _copy_sentence_transformers_files(tokenizer_folder, out_folder)

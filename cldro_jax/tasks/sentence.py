@@ -177,6 +177,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     problems.append(f"config.eval.missing_sts={ev.missing_sts!r} is not error or skip")
   if ev.batch_size < 1 or ev.max_length < 0:
     problems.append("config.eval.batch_size must be >= 1 and config.eval.max_length >= 0")
+  if config.loss.use_labels:
+    # Sentences carry no labels (every row is -1): masking by label would remove every negative
+    # and leave a loss of exactly 0.
+    problems.append("config.loss.use_labels=True needs class labels, and a sentence corpus has "
+                    "none: set --config.loss.use_labels=False")
   if problems:
     raise ValueError("Invalid sentence config:\n  " + "\n  ".join(problems))
 
@@ -489,6 +494,13 @@ class SentenceTask:
 
   def _export(self, params, folder: str, *, extra: dict) -> None:
     pooling = "mean" if self.eval_pooler == "mean" else "cls"
+    if not (self.train_use_mlp or self.eval_use_mlp):
+      # Neither training nor evaluation used the MLP: its weights are the random initialisation
+      # ("fresh") or the checkpoint's untouched. Ship the source model's pooler (what
+      # transformers' `pooler_output` computed before), or none, never random weights.
+      params = {k: v for k, v in params.items() if k != "pooler"}
+      if self._pretrained is not None and "pooler" in self._pretrained:
+        params["pooler"] = self._pretrained["pooler"]
     bert.export_pretrained(self.checkpoint_config, params, folder, self.config.model.path,
                            pooling=pooling)
     info = {"pooler": self.eval_pooler, "pooler_description": sts.describe_pooler(self.eval_pooler),
