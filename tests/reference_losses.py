@@ -167,11 +167,8 @@ def diagnostics(z1, z2, *, t, mu=None, sigma=None, variant="image", valid=None, 
       "s_pos_mean": np.mean([s for s, _ in rows]),
   }
   mi = []
-  for s, c in rows:
-    if variant == "graph":
-      k, denominator = len(c), np.exp(c / t).sum()
-    else:
-      k, denominator = len(c) + 1, np.exp(s / t) + np.exp(c / t).sum()
+  for s, c in rows:   # InfoNCE's bound, positive in the denominator for every variant
+    k, denominator = len(c) + 1, np.exp(s / t) + np.exp(c / t).sum()
     mi.append(np.log(k) - (-np.log(np.exp(s / t) / denominator)))
   out["mi_lower_bound"] = np.mean(mi)
   if mu is not None:

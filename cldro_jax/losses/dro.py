@@ -93,7 +93,10 @@ def mean_variance(z1, z2, *, temperature, variant="image", valid=None, labels=No
 # ------------------------------------------------------------------------------ diagnostics
 def _diag_stats(sim, params):
   logits = sim * params["inv_t"]
-  return (logits, 2.0 * logits, sim, jnp.square(sim))
+  # Moments of s - c, c = the anchor's positive cosine (a per-row constant), not of s: near
+  # collapse every cosine is close to c, where E[s^2] - E[s]^2 in float32 is all round-off.
+  centred = sim - params["shift"]
+  return (logits, 2.0 * logits, centred, jnp.square(centred))
 
 
 _DIAG_KINDS = ("lse", "lse", "sum", "sum")
@@ -126,13 +129,16 @@ def diagnostics(z1, z2, *, temperature, mu=None, sigma=None, variant="image", va
   negative), identical on every device under ``axis_name``:
 
     eta_hat          Var(s_neg) / (2 t^2): the KL radius the temperature implies.
-    mi_lower_bound   log K - InfoNCE (sum form), K = terms in the variant's denominator
-                     (image 2B-1, sentence B, graph B-1 for the GraphCL form).
+    mi_lower_bound   log K - InfoNCE with the positive in the denominator, K = the positive
+                     plus the negatives (image 2B-1, sentence B, graph B; for graph this is
+                     not the training loss, whose GraphCL form gives no bound).
     ess_infonce      (sum w)^2 / (N sum w^2) of InfoNCE's implicit weights softmax(s_neg / t).
     s_neg_mean, s_neg_var, s_pos_mean
     with mu and sigma (ADNCE's weight set of the variant; sentence includes the positive):
     ess_adnce, adnce_w_max, adnce_w_min (over all anchors and candidates), adnce_w_mean.
-  Sums of s and s^2 give the variance (clamped at 0), which is accurate to ~1e-7 in float32.
+  The variance comes from sums of s - c and (s - c)^2 in the same pass, c = the anchor's
+  positive cosine (clamped at 0): about 1e-7 absolute in float32, and still accurate relative to
+  the variance itself near collapse, where every cosine is close to c.
   """
   _layout.validate(z1, z2, variant, valid, labels, axis_name)
   _common.check_positive(temperature, "temperature")
@@ -149,7 +155,7 @@ def diagnostics(z1, z2, *, temperature, mu=None, sigma=None, variant="image", va
                          axis_name=axis_name, mode="negatives")
   dtype = layout.q.dtype
   temperature = jax.lax.stop_gradient(_layout.as_param(temperature, dtype))
-  params = {"inv_t": 1.0 / temperature}
+  params = {"inv_t": 1.0 / temperature, "shift": layout.pos_cos[:, None]}
   if with_adnce:
     params["mu"] = jax.lax.stop_gradient(_layout.as_param(mu, dtype))
     params["half_inv_var"] = jax.lax.stop_gradient(0.5 / jnp.square(_layout.as_param(sigma, dtype)))
@@ -158,7 +164,7 @@ def diagnostics(z1, z2, *, temperature, mu=None, sigma=None, variant="image", va
     stats_fn, kinds = _diag_stats, _DIAG_KINDS
   outs, count = row_reduce(stats_fn, kinds, layout.q, layout.k, layout.rows, layout.cols, params,
                            block_size)
-  lse1, lse2, sum_s, sum_s2 = outs[:4]
+  lse1, lse2, sum_centred, sum_centred2 = outs[:4]
   n = jnp.maximum(count, 1.0)
   log_n = jnp.log(n)
   weight = _layout.anchor_weight(layout, count)
@@ -166,13 +172,14 @@ def diagnostics(z1, z2, *, temperature, mu=None, sigma=None, variant="image", va
   def mean(x):
     return _layout.global_mean(x, weight, axis_name)
 
-  neg_mean = sum_s / n
-  neg_var = jnp.maximum(sum_s2 / n - jnp.square(neg_mean), 0.0)
+  centred_mean = sum_centred / n
+  neg_mean = centred_mean + layout.pos_cos
+  neg_var = jnp.maximum(sum_centred2 / n - jnp.square(centred_mean), 0.0)
   pos_logit = layout.pos_cos * params["inv_t"]
-  if variant == "graph":  # GraphCL's sum form: only the negatives in the denominator
-    log_k, log_denominator = log_n, lse1
-  else:  # image and sentence: the positive joins the N negatives
-    log_k, log_denominator = jnp.log(n + 1.0), jnp.logaddexp(pos_logit, lse1)
+  # InfoNCE's bound I >= log K - L needs the positive in L's denominator (K = N + 1 terms). The
+  # graph loss (GraphCL's form) leaves it out, and log(N) minus that loss is no bound (it exceeds
+  # log K), so every variant uses the bound's own form here.
+  log_k, log_denominator = jnp.log(n + 1.0), jnp.logaddexp(pos_logit, lse1)
   result = {
       "eta_hat": mean(neg_var * jnp.square(params["inv_t"]) / 2.0),
       "mi_lower_bound": mean(log_k + pos_logit - log_denominator),
