@@ -1,11 +1,13 @@
 """Linear probe of a trained image encoder, on its own, from a workdir's checkpoint.
 
   python -m cldro_jax.probe --workdir=DIR [--protocol=reference|features] [--epochs=100]
-      [--step=N] [--untrained] [--data_dir=...]
+      [--step=N] [--untrained] [--update_bn] [--data_dir=...]
 
 Uses the run's saved config (dataset, model, augmentation) with the given changes, restores the
 encoder (BatchNorm statistics included; frozen unless --update_bn), trains the linear layer and
-prints the scores. They are also written to DIR/probe_<protocol>_step<N>.json. Pre-training is not
+prints the scores. They are also written to DIR/probe_<protocol>_step<N>.json (with
+`_epochs<E>` / `_update_bn` in the name when those were given, so reruns with other settings do
+not overwrite it). Pre-training is not
 touched, so this can follow a run that used `--config.eval.linear_probe=none`, or compare
 protocols on one checkpoint.
 """
@@ -29,14 +31,15 @@ _EPOCHS = flags.DEFINE_integer("epochs", None, "Probe epochs (default: the run's
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _UNTRAINED = flags.DEFINE_bool("untrained", False,
                                "Probe the encoder at its initialisation instead (the baseline).")
-_UPDATE_BN = flags.DEFINE_bool("update_bn", False, "Reference protocol only: let BatchNorm "
-                               "statistics drift during the probe, as the authors' linear.py.")
+_UPDATE_BN = flags.DEFINE_bool("update_bn", None, "Reference protocol only: let BatchNorm "
+                               "statistics drift during the probe, as the authors' linear.py "
+                               "(default: the run's config.eval.probe_update_bn).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Override config.data.data_dir.")
 flags.mark_flags_as_required(["workdir"])
 
 
 def run_probe(workdir: str, *, protocol: str | None = None, epochs: int | None = None,
-              step: int | None = None, untrained: bool = False, update_bn: bool = False,
+              step: int | None = None, untrained: bool = False, update_bn: bool | None = None,
               data_dir: str | None = None) -> dict:
   """Scores of a linear probe on the workdir's encoder (see the module docstring)."""
   from cldro_jax.tasks import image  # pylint: disable=import-outside-toplevel
@@ -48,7 +51,13 @@ def run_probe(workdir: str, *, protocol: str | None = None, epochs: int | None =
   ev.linear_probe = protocol or (ev.linear_probe if ev.linear_probe != "none" else "reference")
   if epochs is not None:
     ev.linear_probe_epochs = epochs
-  ev.probe_update_bn = update_bn
+  if update_bn is not None:
+    ev.probe_update_bn = update_bn
+  update_bn = bool(ev.probe_update_bn)
+  if update_bn and ev.linear_probe != "reference":
+    raise ValueError("--update_bn applies to the reference protocol only (the features protocol "
+                     "probes cached features of the frozen encoder); add --protocol=reference or "
+                     "--noupdate_bn.")
   if data_dir is not None:
     config.data.data_dir = data_dir
   config.progress_bar = True
@@ -72,7 +81,11 @@ def run_probe(workdir: str, *, protocol: str | None = None, epochs: int | None =
             "untrained": untrained, "update_bn": update_bn, "dataset": task.dataset.name,
             "top1": scores["top1"], "top5": scores["top5"]}
   if jax.process_index() == 0:
-    name = f"probe_{ev.linear_probe}_{'untrained' if untrained else f'step{used_step}'}.json"
+    # Settings that differ from the run's go into the name, so no rerun overwrites another.
+    name = "_".join(["probe", ev.linear_probe]
+                    + ([f"epochs{ev.linear_probe_epochs}"] if epochs is not None else [])
+                    + (["update_bn"] if update_bn else [])
+                    + ["untrained" if untrained else f"step{used_step}"]) + ".json"
     with open(os.path.join(workdir, name), "w", encoding="utf-8") as f:
       json.dump(result, f, indent=2, sort_keys=True)
   return result

@@ -260,6 +260,13 @@ def test_probe_from_a_checkpoint_and_load_encoder_reproduce_the_run(tmp_path):
   assert (again["top1"], again["top5"]) == (results["linear_probe_top1"],
                                             results["linear_probe_top5"])
   assert again["step"] == 3 and os.path.exists(tmp_path / "probe_features_step3.json")
+  # Other settings are named in the file, so they do not overwrite the first result.
+  longer = probe.run_probe(workdir, epochs=4)
+  assert longer["epochs"] == 4
+  assert json.loads((tmp_path / "probe_features_epochs4_step3.json").read_text()) == longer
+  assert json.loads((tmp_path / "probe_features_step3.json").read_text())["epochs"] == 3
+  with pytest.raises(ValueError, match="--update_bn applies to the reference protocol only"):
+    probe.run_probe(workdir, update_bn=True)
 
   encoder = cldro_jax.load_encoder(workdir)
   task = image.ImageTask(config, train.make_mesh(1))
