@@ -103,6 +103,13 @@ def make_mesh(num_devices: int = -1) -> jax.sharding.Mesh:
     if num_devices > len(devices):
       raise ValueError(f"config.mesh.num_devices={num_devices}, but only {len(devices)} devices "
                        "are visible.")
+    if jax.process_count() > 1 and num_devices != len(devices):
+      # The first N devices could leave some processes without a device, and each process
+      # feeds its slice of the batch to its own devices.
+      raise ValueError(
+          f"config.mesh.num_devices={num_devices} with {jax.process_count()} processes: a "
+          f"multi-process run uses all {len(devices)} devices; set --config.mesh.num_devices=-1 "
+          "(or start fewer processes / make fewer devices visible).")
     devices = devices[:num_devices]
   # Auto axes: the jitted step lets XLA propagate the batch sharding through the model.
   return jax.sharding.Mesh(np.asarray(devices), (AXIS,),

@@ -76,3 +76,13 @@ def test_saved_config_mismatch_names_the_fields(tmp_path):
   assert "new --workdir" in str(err.value)
   # Nothing was overwritten.
   assert read_json(workdir, "config.json") == saved
+
+
+def test_mesh_of_part_of_the_devices_is_refused_in_a_multi_process_run(monkeypatch):
+  import jax  # pylint: disable=import-outside-toplevel
+  from cldro_jax import train  # pylint: disable=import-outside-toplevel
+  assert train.make_mesh(4).size == 4        # one process: any first N devices
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(ValueError, match=r"num_devices=4 with 2 processes.*num_devices=-1"):
+    train.make_mesh(4)
+  assert train.make_mesh(-1).size == train.make_mesh(8).size == 8
