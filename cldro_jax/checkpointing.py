@@ -198,11 +198,17 @@ def _shape_table(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
 class Checkpointer:
   """Saves and restores the train state of one workdir (all processes call every method)."""
 
-  def __init__(self, workdir: str, *, keep: int = 3):
+  def __init__(self, workdir: str, *, keep: int = 3, read_only: bool = False):
+    """`read_only` for readers (probe, load_encoder, STS evaluation), which may run beside a
+    training run: they neither create folders nor clean up unfinished temporary checkpoints,
+    one of which may be the save the trainer is writing right now."""
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.read_only = read_only
+    if read_only and not os.path.isdir(self.directory):
+      raise FileNotFoundError(f"No checkpoint in {self.directory}.")
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, cleanup_tmp_directories=True,
-        enable_async_checkpointing=True)
+        max_to_keep=keep, create=not read_only, cleanup_tmp_directories=not read_only,
+        enable_async_checkpointing=True, read_only=read_only)
     # Handlers declared up front so that a checkpoint's array metadata can be read (to compare
     # shapes before restoring) without restoring it.
     self._manager = ocp.CheckpointManager(
@@ -221,6 +227,8 @@ class Checkpointer:
 
     `meta` is stored with the arrays' checksums added (verified on restore).
     """
+    if self.read_only:
+      raise ValueError("this Checkpointer was opened read_only")
     state_dict = flax.serialization.to_state_dict(state)
     meta = dict(meta, checksums=state_checksums(state_dict))
     self._manager.save(step, args=ocp.args.Composite(
@@ -242,8 +250,20 @@ class Checkpointer:
         f"The checkpoint at step {step} in {self.directory} is damaged ({problem}). Nothing was "
         f"changed or deleted. {fix}")
 
+  def _existing_step(self, step: int | None) -> int:
+    """`step`, or the latest when None; FileNotFoundError naming the saved steps otherwise."""
+    steps = self.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"No checkpoint in {self.directory}.")
+    if step is None:
+      return self.latest_step()
+    if step not in steps:
+      raise FileNotFoundError(f"No checkpoint at step {step} in {self.directory}; saved steps: "
+                              f"{sorted(steps)}.")
+    return step
+
   def read_meta(self, step: int | None = None) -> dict[str, Any]:
-    step = self.latest_step() if step is None else step
+    step = self._existing_step(step)
     try:
       restored = self._manager.restore(
           step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
@@ -296,9 +316,7 @@ class Checkpointer:
     CheckpointMismatchError when the checkpoint was written by a different model or holds a
     differently shaped state, CheckpointCorruptError when its files are damaged.
     """
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"No checkpoint in {self.directory}.")
+    step = self._existing_step(step)
     meta = self.read_meta(step)
     saved_signature = meta.get("parameter_signature")
     if expected_signature is not None and saved_signature != expected_signature:
@@ -337,9 +355,7 @@ class Checkpointer:
     The arrays land on this process's first device, whatever topology wrote them; checksums are
     verified (CheckpointCorruptError on damage).
     """
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"No checkpoint in {self.directory}.")
+    step = self._existing_step(step)
     meta = self.read_meta(step)
     # Every array onto this process's first device, whatever mesh or number of processes wrote
     # it: orbax refuses a target-less restore across topologies (e.g. a pod slice's checkpoint

@@ -203,6 +203,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
          f"config.optim.schedule={config.optim.schedule!r} is not one of constant, warmup_cosine,"
          " linear_decay", problems)
   _check(config.optim.lr > 0, "config.optim.lr must be > 0", problems)
+  for field in ("log_every_steps", "checkpoint_every_steps"):
+    _check(config[field] >= 1, f"config.{field} must be >= 1, got {config[field]}", problems)
+  # 0 would make orbax delete every checkpoint, the earlier ones included.
+  _check(config.keep_checkpoints >= 1,
+         f"config.keep_checkpoints must be >= 1 (checkpoints kept), got {config.keep_checkpoints}",
+         problems)
+  _check(config.mesh.num_devices == -1 or config.mesh.num_devices >= 1,
+         f"config.mesh.num_devices must be -1 (all devices) or >= 1, got "
+         f"{config.mesh.num_devices}", problems)
   if domain == "image":
     _check(config.model.dtype in ("float32", "bfloat16"),
            "config.model.dtype must be float32 or bfloat16", problems)

@@ -61,7 +61,7 @@ def load_encoder(workdir: str, *, step: int | None = None) -> ImageEncoder:
   config = checkpointing.read_saved_config(workdir)
   if config.domain != "image":
     raise ValueError(f"load_encoder handles image runs; {workdir} is a {config.domain} run.")
-  checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
+  checkpointer = checkpointing.Checkpointer(workdir, read_only=True)
   try:
     raw, meta = checkpointer.restore_raw(step=step)
   finally:

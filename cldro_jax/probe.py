@@ -68,7 +68,7 @@ def run_probe(workdir: str, *, protocol: str | None = None, epochs: int | None =
     params, model_state = jax.jit(task.init)(train.model_init_key(config.seed))
     used_step = 0
   else:
-    checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
+    checkpointer = checkpointing.Checkpointer(workdir, read_only=True)
     try:
       raw, meta = checkpointer.restore_raw(step=step)
     finally:

@@ -44,6 +44,24 @@ def test_impossible_loss_values_are_rejected(field, value, message):
     config_defaults.validate_config(config)
 
 
+@pytest.mark.parametrize("field,value,message", [
+    ("keep_checkpoints", 0, "keep_checkpoints must be >= 1"),   # orbax would delete them all
+    ("checkpoint_every_steps", 0, "checkpoint_every_steps must be >= 1"),
+    ("log_every_steps", 0, "log_every_steps must be >= 1"),
+    ("mesh.num_devices", 0, r"num_devices must be -1 \(all devices\) or >= 1"),
+    ("mesh.num_devices", -7, r"num_devices must be -1 \(all devices\) or >= 1"),
+])
+def test_impossible_run_settings_are_rejected(field, value, message):
+  config = config_defaults.base_config("image")
+  if "." in field:
+    group, name = field.split(".")
+    config[group][name] = value
+  else:
+    config[field] = value
+  with pytest.raises(ValueError, match=message):
+    config_defaults.validate_config(config)
+
+
 def test_parse_arg_casts_to_default_types_and_rejects_unknown_names():
   arg = config_defaults.parse_arg("runlocal,seed=3,loss=infonce", runlocal=False, seed=0,
                                   loss="adnce")

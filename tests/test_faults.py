@@ -256,6 +256,16 @@ def test_death_while_a_checkpoint_is_written_keeps_the_previous_one(shared, tmp_
   largest = max(files, key=os.path.getsize)
   os.truncate(largest, os.path.getsize(largest) // 2)
 
+  # A reader beside the run (probe, load_encoder, STS evaluation) must leave an unfinished
+  # checkpoint alone: it may be the save a live trainer is writing right now.
+  import cldro_jax  # pylint: disable=import-outside-toplevel
+  assert cldro_jax.load_encoder(workdir).step == EVERY
+  assert os.path.isdir(partial)
+  with pytest.raises(FileNotFoundError, match=rf"No checkpoint at step {hang} in .*saved steps: "
+                     rf"\[{EVERY}\]"):
+    cldro_jax.load_encoder(workdir, step=hang)
+  assert os.path.isdir(partial)
+
   rerun = run_command(shared, workdir)
   assert rerun.returncode == 0, _tail(rerun.stderr)
   assert resumed_from(rerun.stderr) == EVERY   # the previous checkpoint, intact

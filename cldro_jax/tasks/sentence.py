@@ -605,12 +605,9 @@ def load_trained_encoder(workdir: str, checkpoint: str = "auto") -> TrainedEncod
                           f"{record['score']:.2f}")
   if checkpoint != "latest" and not str(checkpoint).isdigit():
     raise ValueError(f"checkpoint must be auto, best, latest or a step number, got {checkpoint!r}")
-  checkpointer = checkpointing.Checkpointer(workdir)
+  checkpointer = checkpointing.Checkpointer(workdir, read_only=True)
   try:
     step = None if checkpoint == "latest" else int(checkpoint)
-    if step is not None and step not in checkpointer.all_steps():
-      raise FileNotFoundError(f"No checkpoint at step {step} in {checkpointer.directory}; saved "
-                              f"steps: {checkpointer.all_steps()}.")
     state, meta = checkpointer.restore_raw(step=step)
   finally:
     checkpointer.close()
