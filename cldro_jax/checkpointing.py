@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 # Fields that may legitimately change when a run is resumed: how long it runs, how often it logs,
 # evaluates or saves, where data lives, and how the same computation is laid out (devices, both
@@ -88,8 +89,8 @@ def _with_defaults(saved: dict[str, Any], defaults: dict[str, Any]) -> dict[str,
   return merged
 
 
-def _saved_config_dict(path: str) -> dict[str, Any]:
-  """config.json completed with today's schema defaults.
+def _completed(saved: dict[str, Any]) -> dict[str, Any]:
+  """A saved config completed with today's schema defaults.
 
   A workdir written by an older cldro_jax lacks the fields added since. Every field added to the
   schema defaults to the behaviour from before it existed (a project rule; e.g.
@@ -97,10 +98,44 @@ def _saved_config_dict(path: str) -> dict[str, Any]:
   defaults describes the run that was made.
   """
   from cldro_jax import config_defaults  # pylint: disable=import-outside-toplevel
-  with open(path, encoding="utf-8") as f:
-    saved = json.load(f)
   schema = config_to_dict(config_defaults.base_config(saved.get("domain", "image")))
   return _with_defaults(saved, schema)
+
+
+def _saved_config_dict(path: str) -> dict[str, Any]:
+  """config.json completed with today's schema defaults (see `_completed`)."""
+  with open(path, encoding="utf-8") as f:
+    return _completed(json.load(f))
+
+
+def _write_json_atomically(path: str, content: Any) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(content, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def _config_from_checkpoints(workdir: str) -> dict[str, Any] | None:
+  """The config stored in the latest checkpoint, when config.json is gone; None when the
+  workdir holds no checkpoint (a first start)."""
+  folder = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(folder) or not any(n.isdigit() for n in os.listdir(folder)):
+    return None
+  checkpointer = Checkpointer(workdir, read_only=True)
+  try:
+    step = checkpointer.latest_step()
+    meta = checkpointer.read_meta(step)
+  finally:
+    checkpointer.close()
+  if not isinstance(meta.get("config"), dict):
+    raise CheckpointMismatchError(
+        f"{workdir} holds checkpoints but no config.json, and its checkpoints predate the copy "
+        "of the config they now carry, so nothing tells which experiment they belong to. "
+        "Nothing was changed. Put back the run's config.json, or use a new --workdir.")
+  logging.warning("%s/config.json is missing; using the copy in the checkpoint of step %d",
+                  workdir, step)
+  return meta["config"]
 
 
 def read_saved_config(workdir: str) -> ml_collections.ConfigDict:
@@ -125,15 +160,16 @@ def check_or_save_config(workdir: str, config: ml_collections.ConfigDict, *,
   """
   path = os.path.join(workdir, "config.json")
   current = config_to_dict(config)
-  if not os.path.exists(path):
-    if save and jax.process_index() == 0:
-      os.makedirs(workdir, exist_ok=True)
-      tmp = path + ".tmp"
-      with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(current, f, indent=2, sort_keys=True)
-      os.replace(tmp, path)
-    return
-  saved_flat, current_flat = _flatten(_saved_config_dict(path)), _flatten(current)
+  if os.path.exists(path):
+    saved = _saved_config_dict(path)
+  else:
+    recovered = _config_from_checkpoints(workdir)
+    if recovered is None:   # a first start
+      if save and jax.process_index() == 0:
+        _write_json_atomically(path, current)
+      return
+    saved = _completed(recovered)
+  saved_flat, current_flat = _flatten(saved), _flatten(current)
   differences = []
   for name in sorted(set(saved_flat) | set(current_flat)):
     if _may_change(name):
@@ -148,6 +184,17 @@ def check_or_save_config(workdir: str, config: ml_collections.ConfigDict, *,
         + "\nNothing was changed. Resume with the original settings, or start the new experiment "
         "in a new --workdir. (Fields that may change on resume: " + ", ".join(RESUMABLE_FIELDS)
         + ".)")
+  # The run goes on with these settings: config.json follows them (where the data live now,
+  # the evaluation asked for), so the probe and load_encoder find what the run used.
+  if save and jax.process_index() == 0 and current != _read_json_or_none(path):
+    _write_json_atomically(path, current)
+
+
+def _read_json_or_none(path: str) -> Any:
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
 
 
 def parameter_signature(params: Any) -> str:

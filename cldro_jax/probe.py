@@ -61,6 +61,9 @@ def run_probe(workdir: str, *, protocol: str | None = None, epochs: int | None =
   if data_dir is not None:
     config.data.data_dir = data_dir
   config.progress_bar = True
+  if config.mesh.num_devices > jax.device_count():
+    # Trained on more devices than this machine has: the probe runs on what is here.
+    config.mesh.num_devices = -1
 
   mesh = train.make_mesh(config.mesh.num_devices)
   task = image.ImageTask(config, mesh)

@@ -349,9 +349,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                      f"{jax.process_count()} processes.")
   checkpointing.check_or_save_config(workdir, config, save=False)
   task = tasks_lib.build_task(config, mesh, workdir)
-  checkpointing.check_or_save_config(workdir, config)
   steps_per_epoch = task.steps_per_epoch
   total_steps = steps_for(config, steps_per_epoch)
+  _check_run_length(workdir, config, total_steps, steps_per_epoch)
+  checkpointing.check_or_save_config(workdir, config)
   schedule = make_schedule(config.optim, total_steps, steps_per_epoch)
   tx = make_full_optimizer(config, schedule)
 
@@ -371,11 +372,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if not bool(jax.device_get(state.finite)):
           raise NonFiniteLossError("The last checkpoint holds a non-finite state; start a new "
                                    "--workdir.")
+        if start_step > total_steps:
+          raise checkpointing.CheckpointMismatchError(
+              f"The latest checkpoint in {workdir} is at step {start_step}, past this run's "
+              f"{total_steps} steps. Nothing was changed. Raise --config.total_steps (or "
+              f"total_epochs) to at least {start_step}, or evaluate that checkpoint: python -m "
+              f"cldro_jax.probe --workdir={workdir}")
+        finished = _finished_results(workdir, config, start_step, total_steps)
+        if finished is not None:
+          return finished
 
       train_step = jax.jit(make_train_step(task, config, tx, schedule, mesh),
                            donate_argnums=(0,), out_shardings=(replicated, replicated))
       writer = metrics_lib.MetricWriter(workdir, resume_step=start_step)
-      meta_base = {"model": task.model_name, "parameter_signature": signature}
+      # The config travels in every checkpoint too: a workdir whose config.json was lost gets
+      # it back from there instead of accepting any config that builds the same shapes.
+      meta_base = {"model": task.model_name, "parameter_signature": signature,
+                   "config": checkpointing.config_to_dict(config)}
       results = _loop(config, task, state, train_step, checkpointer, writer, mesh, start_step,
                       total_steps, meta_base, workdir)
     finally:
@@ -386,6 +399,55 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.close()
       checkpointer.close()
   return results
+
+
+def _check_run_length(workdir, config, total_steps, steps_per_epoch):
+  """A resumed run may change its length only under a constant learning rate: the decaying
+  schedules are functions of the total, so a new total would give the remaining steps (and,
+  from the resumed step on, the whole curve) other learning rates than the run planned."""
+  if config.optim.schedule == "constant" or not os.path.exists(
+      os.path.join(workdir, "config.json")):
+    return
+  planned = steps_for(checkpointing.read_saved_config(workdir), steps_per_epoch)
+  if planned != total_steps:
+    raise checkpointing.CheckpointMismatchError(
+        f"The run in {workdir} was planned for {planned} steps and its learning-rate schedule "
+        f"({config.optim.schedule!r}) depends on that length; resuming it for {total_steps} steps "
+        "would silently make it another experiment. Nothing was changed. Resume with the "
+        "original --config.total_steps / total_epochs, or start the longer run in a new "
+        "--workdir (runs with --config.optim.schedule=constant can be extended).")
+
+
+def _evaluated_with(config) -> dict[str, Any]:
+  """The settings the final scores depend on beyond the trained state: evaluation and data."""
+  return {"eval": checkpointing.config_to_dict(config.eval),
+          "data": checkpointing.config_to_dict(config.data)}
+
+
+def _finished_results(workdir, config, start_step, total_steps) -> dict[str, Any] | None:
+  """The stored results of a run that is already complete, when rerunning its command would
+  only evaluate it again the same way; None when there is work (or new evaluation) to do.
+
+  An evaluation with other settings replaces results.json, after keeping the old file as
+  results.previous-<k>.json."""
+  path = os.path.join(workdir, "results.json")
+  if start_step != total_steps or not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    stored = json.load(f)
+  if stored.get("step") == total_steps and stored.get("evaluated_with") == _evaluated_with(config):
+    logging.info("%s is complete (step %d); its results are in %s", workdir, total_steps, path)
+    print(f"The run in {workdir} is already complete (step {total_steps}); results from {path}. "
+          "(Evaluation or data settings that differ from the stored ones evaluate it again.)",
+          flush=True)
+    return stored
+  multihost_utils.sync_global_devices("read finished results")
+  if jax.process_index() == 0:
+    k = 1
+    while os.path.exists(os.path.join(workdir, f"results.previous-{k}.json")):
+      k += 1
+    os.replace(path, os.path.join(workdir, f"results.previous-{k}.json"))
+  return None
 
 
 def _save(checkpointer, state, step, steps_per_epoch, meta_base):
@@ -470,7 +532,7 @@ def _loop(config, task, state, train_step, checkpointer, writer, mesh, start_ste
     _save(checkpointer, state, total_steps, steps_per_epoch, meta_base)
   checkpointer.wait()
   results = {"step": total_steps, "epochs": total_steps / steps_per_epoch,
-             "loss": config.loss.name}
+             "loss": config.loss.name, "evaluated_with": _evaluated_with(config)}
   if task.monitor_every_steps:
     monitor = task.monitor(state)
     writer.write(total_steps, dict(monitor, epoch=total_steps / steps_per_epoch),

@@ -71,6 +71,50 @@ def test_resume_equals_uninterrupted(tmp_path):
   assert_trees_close(a, b, rtol=0, atol=0)
 
 
+def test_rerunning_a_finished_run_and_changing_its_length(tmp_path):
+  run = tmp_path / "run"
+  workdir = str(run)
+
+  def config(**overrides):
+    return tiny_config(**{"total_steps": 4, "checkpoint_every_steps": 2, **overrides})
+
+  first = json.loads(json.dumps(train.train_and_evaluate(config(), workdir)))
+  log = (run / "metrics.jsonl").read_text()
+  # The same command again: the stored results; nothing evaluated or logged twice.
+  assert train.train_and_evaluate(config(), workdir) == first == read_json(run, "results.json")
+  assert (run / "metrics.jsonl").read_text() == log
+  # Other evaluation settings evaluate it again; the earlier results are kept aside, and
+  # config.json now says how the run was evaluated.
+  probe = {"eval.linear_probe": "features", "eval.linear_probe_epochs": 2}
+  scored = train.train_and_evaluate(config(**probe), workdir)
+  assert 0.0 <= scored["linear_probe_top1"] <= 100.0 and scored["step"] == 4
+  assert read_json(run, "results.previous-1.json") == first
+  assert read_json(run, "config.json")["eval"]["linear_probe"] == "features"
+  # Shorter than the latest checkpoint: refused, with the fix; nothing changed.
+  with pytest.raises(checkpointing.CheckpointMismatchError,
+                     match=r"at step 4, past this run's 2 steps.*total_steps"):
+    train.train_and_evaluate(config(**probe, total_steps=2), workdir)
+  # A lost config.json comes back from the checkpoint: a different experiment is still refused,
+  # the same one carries on (here: complete, so its stored results).
+  os.remove(run / "config.json")
+  with pytest.raises(checkpointing.CheckpointMismatchError, match=r"loss.name: saved 'adnce'"):
+    train.train_and_evaluate(config(**probe, **{"loss.name": "infonce"}), workdir)
+  assert not (run / "config.json").exists()
+  again = train.train_and_evaluate(config(**probe), workdir)
+  assert again["linear_probe_top1"] == scored["linear_probe_top1"]
+  assert read_json(run, "config.json")["eval"] == again["evaluated_with"]["eval"]
+
+
+def test_a_decaying_schedule_keeps_the_length_it_was_planned_for(tmp_path):
+  # warmup_cosine is a function of the total: a longer resume would change every later rate.
+  config = tiny_config(total_steps=2, **{"optim.schedule": "warmup_cosine"})
+  train.train_and_evaluate(config, str(tmp_path))
+  with pytest.raises(checkpointing.CheckpointMismatchError,
+                     match=r"planned for 2 steps.*'warmup_cosine'.*new --workdir"):
+    train.train_and_evaluate(with_overrides(config, total_steps=4), str(tmp_path))
+  assert saved_arrays(str(tmp_path))[1]["step"] == 2
+
+
 def run_step_two_from_one_checkpoint(tmp_path, layouts):
   """Step 1 on 1 device, a pass per view; then step 2 from that same checkpoint in each layout.
   SGD without momentum (`LINEAR_OPTIMIZER`): comparing updates compares gradients."""
@@ -267,6 +311,11 @@ def test_probe_from_a_checkpoint_and_load_encoder_reproduce_the_run(tmp_path):
   assert json.loads((tmp_path / "probe_features_step3.json").read_text())["epochs"] == 3
   with pytest.raises(ValueError, match="--update_bn applies to the reference protocol only"):
     probe.run_probe(workdir, update_bn=True)
+  # A run trained on more devices than this machine has is probed on the devices here.
+  saved = read_json(tmp_path, "config.json")
+  saved["mesh"]["num_devices"] = 64
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  assert probe.run_probe(workdir)["top1"] == again["top1"]
 
   encoder = cldro_jax.load_encoder(workdir)
   task = image.ImageTask(config, train.make_mesh(1))
