@@ -82,9 +82,12 @@ def test_saved_config_mismatch_names_the_fields(tmp_path):
   longer.total_epochs = 800.0
   longer.data.data_dir = "/elsewhere"
   checkpointing.check_or_save_config(workdir, longer)
+  # ...and config.json follows them (where the data live now, how long the run goes).
+  saved = read_json(workdir, "config.json")
+  assert saved == checkpointing.config_to_dict(longer) and saved["total_epochs"] == 800.0
 
   # ...but another experiment in the same workdir is refused, naming every differing field.
-  other = ml_collections.ConfigDict(config.to_dict())
+  other = ml_collections.ConfigDict(longer.to_dict())
   other.loss.mu = 0.1
   other.batch_size = 512
   with pytest.raises(checkpointing.CheckpointMismatchError) as err:
