@@ -169,6 +169,10 @@ def check_or_save_config(workdir: str, config: ml_collections.ConfigDict, *,
         _write_json_atomically(path, current)
       return
     saved = _completed(recovered)
+  if saved.get("domain") != current.get("domain"):   # say so, rather than list every field
+    raise CheckpointMismatchError(
+        f"The workdir {workdir} holds a run of the {saved.get('domain')!r} domain; this config "
+        f"is for the {current.get('domain')!r} domain. Nothing was changed. Use a new --workdir.")
   saved_flat, current_flat = _flatten(saved), _flatten(current)
   differences = []
   for name in sorted(set(saved_flat) | set(current_flat)):

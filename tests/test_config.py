@@ -95,6 +95,11 @@ def test_saved_config_mismatch_names_the_fields(tmp_path):
   assert "loss.mu: saved 0.7, now 0.1" in str(err.value)
   assert "batch_size: saved 256, now 512" in str(err.value)
   assert "new --workdir" in str(err.value)
+  # Another domain is said in one line, not as every field of two schemas.
+  with pytest.raises(checkpointing.CheckpointMismatchError,
+                     match=r"holds a run of the 'image' domain; this config is for the 'graph' domain") as err:
+    checkpointing.check_or_save_config(workdir, config_defaults.base_config("graph"))
+  assert "\n" not in str(err.value)
   # Nothing was overwritten.
   assert read_json(workdir, "config.json") == saved
 
