@@ -449,24 +449,24 @@ def paired_difference(scores: Sequence[float | None], seeds: Sequence[int],
 
 
 def paired_table(rows: Sequence[Mapping[str, Any]], reference_label: str,
-                 score_name: str) -> str:
+                 score_name: str, key: str = "score") -> str:
   """Markdown: every other method's paired difference to `reference_label` (rows of
-  `compare_losses.summarise`: label, score, seeds)."""
+  `compare_losses.summarise`: label, seeds and the per-seed scores under `key`)."""
   reference = next(r for r in rows if r["label"] == reference_label)
   body = []
   for r in rows:
-    if r["label"] == reference_label:
+    if r["label"] == reference_label or key not in r or key not in reference:
       continue
-    d = paired_difference(r["score"], r["seeds"], reference["score"], reference["seeds"])
+    d = paired_difference(r[key], r["seeds"], reference[key], reference["seeds"])
     if d is not None:
       body.append([r["label"], d["n"], f"{d['mean']:+.2f}",
                    f"[{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]", f"{d['p']:.3f}",
-                   f"{d['wins']} / {d['losses']}"])
+                   f"{d['wins']} / {d['losses']} / {d['n'] - d['wins'] - d['losses']}"])
   if not body:
     return ""
   return markdown_table(
       ["method", "seeds", f"{score_name} minus {reference_label}'s (points)", "95% CI",
-       "paired t-test p", "seeds better / worse"], body)
+       "paired t-test p", "seeds better / worse / tied"], body)
 
 
 def fmt(values: Iterable[float], digits: int = 2) -> str:

@@ -166,6 +166,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                common.SCORE_KEYS.get(domain, ("", "score"))[1])
   if paired:
     text += f"\n## Paired by seed, against {rows[0]['label']}\n\n{paired}\n"
+  for key, name in CURVE_KEYS.get(domain, []):   # the same for the monitors' final scores
+    paired = common.paired_table(rows, rows[0]["label"], f"final {name}", key=f"final_{key}")
+    if paired:
+      text += f"\n{paired}\n"
   for key, name in CURVE_KEYS.get(domain, []):
     section = curve_table(curves, key)
     if section:
