@@ -66,6 +66,9 @@ def _image_defaults() -> ml_collections.ConfigDict:
   model = ml_collections.ConfigDict(dict(
       name="resnet50",        # resnet18 | resnet34 | resnet50
       stem="cifar",           # cifar (3x3 stride 1, no max-pool) | imagenet
+      # Init of the stem conv: torchvision (kaiming normal fan_out, like every other conv) |
+      # conv_default (torch's nn.Conv2d default, which the reference's replaced stem keeps).
+      stem_init="torchvision",
       width=64,
       head_hidden=512,
       head_out=128,
@@ -215,6 +218,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if domain == "image":
     _check(config.model.dtype in ("float32", "bfloat16"),
            "config.model.dtype must be float32 or bfloat16", problems)
+    _check(config.model.stem_init in ("torchvision", "conv_default"),
+           f"config.model.stem_init={config.model.stem_init!r} is not torchvision or "
+           "conv_default", problems)
     _check(config.eval.linear_probe in ("reference", "features", "none"),
            "config.eval.linear_probe must be reference, features or none", problems)
   if problems:

@@ -3,6 +3,10 @@ r"""STL-10: ResNet-50 + ADNCE on 32x32 crops of train+unlabeled, linear probe at
 Command:
   python -m cldro_jax.main --config=configs/stl10.py --workdir=workdirs/stl10_adnce
   # InfoNCE baseline: add --config.loss.name=infonce ; tiny smoke run: configs/stl10.py:runlocal
+  # DCL / HCL at their own default temperature (the anchors below use t=0.5):
+  #   add --config.loss.name=dcl|hcl --config.loss.temperature=0.5
+  # The kNN monitor and online probe report every epoch (about 20% of the training time here);
+  # --config.eval.every_epochs=100 monitors as rarely as the reference does.
 
 As the reference: pre-training takes RandomResizedCrop(32) views of the 96x96 images of
 `train+unlabeled` (105k images); the kNN bank and the linear probe use the labelled `train` split;
@@ -39,6 +43,7 @@ def get_config(arg=None):
   config.optim.weight_decay = 1e-6
   config.model.name = "resnet50"
   config.model.stem = "cifar"
+  config.model.stem_init = "conv_default"   # the reference's replaced stem keeps torch's default
   config.augment.crop_size = 32
   config.eval.probe_image_size = 96
   config.eval.linear_probe = "reference"

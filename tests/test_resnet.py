@@ -244,6 +244,20 @@ def test_conv_init_is_torchvision_kaiming_normal_fan_out():
     assert np.mean(np.abs(kernel) > 3 * want_std) == pytest.approx(0.0027, abs=0.001)
     stem = np.asarray(variables["params"]["conv1"]["kernel"])  # (3, 3, 3, 64): fan_out 576
     assert stem.std() == pytest.approx(math.sqrt(2.0 / 576), rel=0.05)
+    # The reference builds its CIFAR stem conv after torchvision's init loop: torch's plain
+    # nn.Conv2d default, kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)), fan_in = 3*3*3.
+    reference_stem = resnet.ResNet(stage_sizes=(1, 1), block_cls=resnet.BasicBlock, width=64,
+                                   stem_init="conv_default")
+    stem_default = np.asarray(jax.jit(lambda key: reference_stem.init(
+        key, jnp.zeros((1, 8, 8, 3)), train=False))(jax.random.key(0, impl="rbg"))[
+            "params"]["conv1"]["kernel"])
+    bound = 1.0 / math.sqrt(27)
+    assert np.abs(stem_default).max() <= bound and np.abs(stem_default).max() > 0.98 * bound
+    assert stem_default.std() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    with pytest.raises(ValueError, match="stem_init must be one of"):
+        resnet.ResNet(stage_sizes=(1,), block_cls=resnet.BasicBlock, width=4,
+                      stem_init="xavier").init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)),
+                                               train=False)
     bn = variables["params"]["layer2_0"]["bn2"]
     np.testing.assert_array_equal(bn["scale"], 1.0)
     np.testing.assert_array_equal(bn["bias"], 0.0)

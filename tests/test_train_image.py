@@ -252,8 +252,8 @@ def test_full_configs_match_the_paper(tmp_path):
     assert (config.optim.name, config.optim.lr, config.optim.weight_decay,
             config.optim.schedule) == ("adam", 1e-3, 1e-6, "constant")
     assert (config.batch_size, config.total_epochs, config.seed) == (256, 400, 2023)
-    assert (config.model.name, config.model.stem, config.model.head_hidden,
-            config.model.head_out) == ("resnet50", "cifar", 512, 128)
+    assert (config.model.name, config.model.stem, config.model.stem_init, config.model.head_hidden,
+            config.model.head_out) == ("resnet50", "cifar", "conv_default", 512, 128)
     assert config.augment.crop_size == 32 and config.eval.knn_k == 200
     shapes = image.model_variables_shape(config)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))

@@ -10,7 +10,8 @@ and the max-pool dropped. This module reproduces that network:
   pixels as torchvision's (Flax's "SAME" pads asymmetrically for even sizes) and torchvision
   weights could be loaded one to one;
 * torchvision's initialisation: conv kernels N(0, 2 / fan_out) (kaiming normal, fan_out, relu),
-  BatchNorm scale 1 and bias 0, no conv biases;
+  BatchNorm scale 1 and bias 0, no conv biases; `stem_init="conv_default"` gives the stem conv
+  torch's plain nn.Conv2d default instead, as the reference's replaced CIFAR stem has;
 * BatchNorm eps 1e-5 and momentum 0.9 in Flax's convention (torch's momentum 0.1 weights the
   new batch; Flax's momentum weights the old running value).
 
@@ -48,8 +49,13 @@ ModuleDef = Any
 # UNtruncated normal with variance 2 / (k_h * k_w * out_channels). Flax's "normal" distribution is
 # the untruncated one ("truncated_normal" would shrink the std by about 12%).
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# torch's default for a freshly built nn.Conv2d: kaiming_uniform(a=sqrt(5)), i.e. U(+-1/sqrt(fan_in)).
+# The reference builds its 3x3 CIFAR stem conv after torchvision's init loop has run, so that one
+# layer keeps this default.
+torch_conv_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 STEMS = ("cifar", "imagenet")
+STEM_INITS = {"torchvision": conv_kernel_init, "conv_default": torch_conv_default_init}
 
 
 def _torch_padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -58,13 +64,15 @@ def _torch_padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
     return ((pad, pad), (pad, pad))
 
 
-def _conv(conv: ModuleDef, features: int, kernel_size: int, strides: int, name: str):
+def _conv(conv: ModuleDef, features: int, kernel_size: int, strides: int, name: str,
+          **kwargs):
     return conv(
         features,
         (kernel_size, kernel_size),
         strides=(strides, strides),
         padding=_torch_padding(kernel_size),
         name=name,
+        **kwargs,
     )
 
 
@@ -133,6 +141,10 @@ class ResNet(nn.Module):
       bn_momentum: Flax convention (0.9 == torch momentum 0.1).
       zero_init_residual: torchvision's option of the same name (zero scale of each block's last
         BN); off by default, as in torchvision and the reference code.
+      stem_init: initialisation of the stem conv: "torchvision" (kaiming normal, fan_out, as
+        every other conv) or "conv_default" (torch's nn.Conv2d default, U(+-1/sqrt(fan_in)),
+        which the reference's replaced CIFAR stem keeps). A BatchNorm follows the stem, so this
+        changes only the scale of the stem's weights relative to their Adam updates.
     """
 
     stage_sizes: Sequence[int]
@@ -144,6 +156,7 @@ class ResNet(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     zero_init_residual: bool = False
+    stem_init: str = "torchvision"
 
     @property
     def num_features(self) -> int:
@@ -180,13 +193,17 @@ class ResNet(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
+        if self.stem_init not in STEM_INITS:
+            raise ValueError(f"stem_init must be one of {sorted(STEM_INITS)}, got "
+                             f"{self.stem_init!r}")
+        stem_init = STEM_INITS[self.stem_init]
         if self.stem == "imagenet":
-            x = _conv(conv, self.width, 7, 2, "conv1")(x)
+            x = _conv(conv, self.width, 7, 2, "conv1", kernel_init=stem_init)(x)
             x = nn.relu(norm(name="bn1")(x))
             # torch pads the max-pool with -inf; so does Flax's max_pool.
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         else:
-            x = _conv(conv, self.width, 3, 1, "conv1")(x)
+            x = _conv(conv, self.width, 3, 1, "conv1", kernel_init=stem_init)(x)
             x = nn.relu(norm(name="bn1")(x))
         for stage, num_blocks in enumerate(self.stage_sizes):
             for block in range(num_blocks):

@@ -34,7 +34,7 @@ AXIS = "data"
 def build_model(model_cfg: ml_collections.ConfigDict) -> heads.ContrastiveModel:
   dtype = jnp.bfloat16 if model_cfg.dtype == "bfloat16" else jnp.float32
   encoder = resnet.get_encoder(model_cfg.name, stem=model_cfg.stem, width=model_cfg.width,
-                               dtype=dtype)
+                               dtype=dtype, stem_init=model_cfg.stem_init)
   head = heads.ProjectionHead(hidden=model_cfg.head_hidden, out=model_cfg.head_out, dtype=dtype)
   return heads.ContrastiveModel(encoder=encoder, head=head)
 
