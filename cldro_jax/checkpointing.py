@@ -1,16 +1,20 @@
 """Checkpoints that a killed run resumes from, and the checks that keep them from being misused.
 
 Layout of a workdir:
-  config.json            the config the run was started with (compared on every resume)
+  config.json            the run's config, compared on every resume (only RESUMABLE_FIELDS may
+                         change; config.json then records their new values)
   checkpoints/<step>/    orbax checkpoints: `state` (every array needed to continue: parameters,
                          optimizer and BatchNorm state, step, RNG) and `meta` (JSON: step, epoch,
-                         the model's parameter signature)
+                         the model's parameter signature, a copy of the config, checksums)
+  results.json           the final scores (a finished run rerun with the same evaluation
+                         settings returns them as they are)
 The data position is a function of the step (see `cldro_jax.data.pipeline`), so the step is all
 the input pipeline needs to resume.
 
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a
 process killed while writing leaves the previous checkpoints intact; unfinished temporary
-directories are ignored and cleaned up on the next start.
+directories are ignored and cleaned up on the trainer's next start (readers open checkpoints
+read-only and leave them alone: one may be the save a live run is writing).
 
 Damage after the fact (a truncated or deleted file, flipped bits on disk) is caught on restore:
 `meta` also holds an exact integer checksum of every saved array (`state_checksums`), because
