@@ -460,6 +460,28 @@ def _save(checkpointer, state, step, steps_per_epoch, meta_base):
   checkpointer.save(step, state, meta=dict(meta_base, step=step, epoch=step / steps_per_epoch))
 
 
+def _monitor(task, state, writer, bar, step):
+  """The kNN monitor / online probe of `step`, logged (and shown above the progress bar)."""
+  monitor = task.monitor(state)
+  epoch = step / task.steps_per_epoch
+  writer.write(step, dict(monitor, epoch=epoch), split="monitor")
+  if bar is not None:
+    bar.write(f"epoch {epoch:.0f}: " + ", ".join(f"{k}={v:.2f}" for k, v in monitor.items()))
+
+
+def _monitor_missing(task, workdir, step, total_steps) -> bool:
+  """Whether a resumed run lacks the monitor line of the step it resumes at."""
+  every = task.monitor_every_steps
+  if not (every and 0 < step < total_steps and step % every == 0):
+    return False
+  # Process 0 writes the metrics; it decides for all, which must run the monitor together.
+  missing = jax.process_index() == 0 and not any(
+      r["step"] == step for r in metrics_lib.read_metrics(workdir, "monitor"))
+  if jax.process_count() > 1:
+    missing = bool(multihost_utils.broadcast_one_to_all(np.asarray(missing)))
+  return bool(missing)
+
+
 def _loop(config, task, state, train_step, checkpointer, writer, mesh, start_step, total_steps,
           meta_base, workdir):
   steps_per_epoch = task.steps_per_epoch
@@ -472,6 +494,10 @@ def _loop(config, task, state, train_step, checkpointer, writer, mesh, start_ste
   pending: list[dict] = []
   last_log_time, last_log_step = time.time(), start_step
   step = start_step
+  if _monitor_missing(task, workdir, start_step, total_steps):
+    # Stopped (SIGTERM at an epoch's end, or killed) between a checkpoint and its monitor: the
+    # curves would lack that epoch.
+    _monitor(task, state, writer, bar, start_step)
   preemption = _PreemptionWatch()
   try:
     for step in range(start_step, total_steps):
@@ -515,11 +541,7 @@ def _loop(config, task, state, train_step, checkpointer, writer, mesh, start_ste
             "Rerun the same command to resume.")
       every = task.monitor_every_steps
       if every and done % every == 0 and done < total_steps:
-        monitor = task.monitor(state)
-        writer.write(done, dict(monitor, epoch=done / steps_per_epoch), split="monitor")
-        if bar is not None:
-          bar.write(f"epoch {done / steps_per_epoch:.0f}: " + ", ".join(
-              f"{k}={v:.2f}" for k, v in monitor.items()))
+        _monitor(task, state, writer, bar, done)
   finally:
     preemption.close()
     if bar is not None:

@@ -105,6 +105,25 @@ def test_rerunning_a_finished_run_and_changing_its_length(tmp_path):
   assert read_json(run, "config.json")["eval"] == again["evaluated_with"]["eval"]
 
 
+def test_a_run_stopped_between_a_checkpoint_and_its_monitor_logs_that_epoch_on_resume(tmp_path):
+  # 40 images, batch 8: 5 steps per epoch; the kNN monitor at the end of every epoch.
+  import shutil  # pylint: disable=import-outside-toplevel
+  config = tiny_config(total_steps=10, checkpoint_every_steps=5, **{"eval.every_epochs": 1})
+  train.train_and_evaluate(config, str(tmp_path))
+  monitor = metrics_lib.read_metrics(str(tmp_path), "monitor")
+  assert [r["step"] for r in monitor] == [5, 10]
+  # As if killed (or stopped by SIGTERM) after checkpoint 5 was saved, before its monitor ran.
+  shutil.rmtree(tmp_path / "checkpoints" / "10")
+  os.remove(tmp_path / "results.json")
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines(keepends=True)
+  (tmp_path / "metrics.jsonl").write_text("".join(
+      line for line in lines if not ('"split": "monitor"' in line and '"step": 5,' in line)))
+  train.train_and_evaluate(config, str(tmp_path))
+  again = metrics_lib.read_metrics(str(tmp_path), "monitor")
+  assert [r["step"] for r in again] == [5, 10]
+  assert again[0]["knn_top1"] == monitor[0]["knn_top1"]
+
+
 def test_a_decaying_schedule_keeps_the_length_it_was_planned_for(tmp_path):
   # warmup_cosine is a function of the total: a longer resume would change every later rate.
   config = tiny_config(total_steps=2, **{"optim.schedule": "warmup_cosine"})
