@@ -19,9 +19,11 @@ Results: docs/benchmarks.md, "Graphs".
 from __future__ import annotations
 
 import argparse
+import datetime
 import functools
 import platform
 import statistics
+import sys
 import time
 from typing import Sequence
 
@@ -50,15 +52,15 @@ def bench(dataset: str, mode: str, loss: str, batch_size: int, steps: int,
     raise ValueError(f"--batch={batch_size} must divide over the {mesh.size} devices.")
   task = graph_task.GraphTask(config, mesh)
   # Full batches only (the last batch of an epoch may be partial): graphs/s counts real graphs.
-  full_steps = [s for s in range(task.steps_per_epoch * (steps + warmup))
-                if task.step_graph_indices(s).size == batch_size][:steps + warmup]
+  total = 1 + warmup + steps   # the first call (compilation), warm-up, timed
+  full_steps = [s for s in range(task.steps_per_epoch * total)
+                if task.step_graph_indices(s).size == batch_size][:total]
   if not full_steps:
     raise ValueError(f"{dataset} has fewer than --batch={batch_size} graphs.")
   pending = iter(full_steps)
   host_time = _median_seconds(lambda: task.host_batch(next(pending)), min(len(full_steps), 10))
   batches = [task.to_global(task.host_batch(s)) for s in full_steps]
 
-  total = steps + warmup
   schedule = train.make_schedule(config.optim, total, task.steps_per_epoch)
   tx = train.make_optimizer(config.optim, schedule)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -76,7 +78,7 @@ def bench(dataset: str, mode: str, loss: str, batch_size: int, steps: int,
       start = time.perf_counter()
       state, metrics = step_fn(state, batches[i])
       jax.block_until_ready((state, metrics))
-      if i >= warmup:
+      if i > warmup:
         times.append(time.perf_counter() - start)
   step_time = statistics.median(times)
   return {"dataset": dataset, "mode": mode, "loss": loss, "batch": batch_size,
@@ -106,12 +108,17 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   parser.add_argument("--steps", type=int, default=30, help="timed steps")
   parser.add_argument("--warmup", type=int, default=5, help="untimed steps after the first")
   args = parser.parse_args(argv)
-  rows = [bench(args.dataset, mode, args.loss, args.batch, args.steps, args.warmup)
-          for mode in args.modes.split(",") if mode]
   device = jax.devices()[0]
-  print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} x "
-        f"{device.device_kind}, host {platform.processor() or platform.machine()}")
-  print(table(rows))
+  print(f"# {datetime.date.today()}  jax {jax.__version__}, backend {jax.default_backend()}, "
+        f"{jax.device_count()} x {device.device_kind}, host "
+        f"{platform.processor() or platform.machine()}")
+  print(f"# command: python benchmarks/{' '.join(['graph_step.py'] + sys.argv[1:])}")
+  header = table([]).splitlines()
+  print("\n".join(header), flush=True)
+  rows = []
+  for mode in (m for m in args.modes.split(",") if m):   # each row as soon as it is measured
+    rows.append(bench(args.dataset, mode, args.loss, args.batch, args.steps, args.warmup))
+    print(table(rows[-1:]).splitlines()[-1], flush=True)
   return rows
 
 

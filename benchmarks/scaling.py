@@ -124,6 +124,7 @@ def main(argv=None) -> None:
         f"{os.cpu_count()} host cores, {platform.processor() or platform.machine()}; "
         f"{args.model} width {args.width} {args.dtype}, {rows[0]['steps']} timed steps after "
         f"{args.warmup} warm-up")
+  print(f"# command: python benchmarks/{' '.join(['scaling.py'] + sys.argv[1:])}")
   print(table(args, rows))
 
 

@@ -25,6 +25,7 @@ import argparse
 import datetime
 import platform
 import statistics
+import sys
 import time
 
 import jax
@@ -131,7 +132,8 @@ def bench_model(name: str, args) -> dict:
   if args.skip_plain:
     return row
   plain_model = image_task.build_model(config.model)
-  variables = plain_model.init(jax.random.PRNGKey(0), jnp.zeros((2, 32, 32, 3)), train=False)
+  variables = jax.jit(lambda key: plain_model.init(key, jnp.zeros((2, 32, 32, 3)), train=False))(
+      jax.random.PRNGKey(0))
   plain_tx = optax.chain(optax.add_decayed_weights(1e-6), optax.adam(1e-3))
   plain = plain_step_fn(plain_model, plain_tx, 0.5)
   images = jnp.asarray(dataset.pretrain[np.arange(args.batch)]["image"])
@@ -177,20 +179,22 @@ def main():
   args = parser.parse_args()
   device = jax.devices()[0]
   print(f"# {datetime.date.today()}  {device.device_kind} x{jax.device_count()} "
-        f"({jax.default_backend()}), jax {jax.__version__}, {platform.processor() or 'cpu'}")
+        f"({jax.default_backend()}), jax {jax.__version__}, host "
+        f"{platform.processor() or platform.machine()}")
   print(f"# batch {args.batch} images ({2 * args.batch} views), width {args.width}, "
         f"{args.dtype}, {'both views in one pass' if args.views_in_one_pass else 'a pass per view'}"
         f", median of {args.iters} steps after {args.warmup} warm-up")
-  rows = [bench_model(name, args) for name in args.models.split(",")]
+  print(f"# command: python benchmarks/{' '.join(['train_step.py'] + sys.argv[1:])}")
   print("| model | step ms | images/s | plain-step images/s | ours / plain speed | augment share "
         "| GFLOP/img | MFU |")
-  print("|---|---|---|---|---|---|---|---|")
-  for r in rows:
+  print("|---|---|---|---|---|---|---|---|", flush=True)
+  for name in args.models.split(","):   # each row as soon as it is measured
+    r = bench_model(name, args)
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (CPU)"
     plain = ("n/a | n/a" if r["plain_images_per_s"] is None else
              f"{r['plain_images_per_s']:,.0f} | {r['ratio_vs_plain']:.2f}x")
     print(f"| {r['model']} | {r['step_ms']:.1f} | {r['images_per_s']:,.0f} | {plain} | "
-          f"{100 * r['augment_share']:.1f}% | {r['gflop_per_image']:.2f} | {mfu} |")
+          f"{100 * r['augment_share']:.1f}% | {r['gflop_per_image']:.2f} | {mfu} |", flush=True)
   print(f"\nhost input pipeline (uint8, in memory, batch {args.batch}): "
         f"{bench_host_pipeline(args.batch):,.0f} images/s")
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import sys
 import functools
 import statistics
 import time
@@ -79,6 +80,7 @@ def main():
   print(f"# {datetime.date.today()}  {jax.devices()[0].device_kind} ({jax.default_backend()}), "
         f"jax {jax.__version__}; batch {args.batch} per view, width {args.width}, {args.dtype}, "
         f"median of {args.iters} after {args.warmup} warm-up")
+  print(f"# command: python benchmarks/{' '.join(['view_batchnorm.py'] + sys.argv[1:])}")
   print("| model | two passes ms | one pass ms | speed-up | one pass, BN over both views ms |")
   print("|---|---:|---:|---:|---:|")
   for name in args.models.split(","):

@@ -13,14 +13,22 @@ fixed-shape int32 `input_ids` / `attention_mask`.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import tokenizers
-from tokenizers import processors
+
+if TYPE_CHECKING:
+  import tokenizers
+
+
+def _tokenizers():
+  # Imported on first use: the image and graph paths (and the benchmarks, which tokenise
+  # nothing, on a bare GPU image) never need the tokenizers package.
+  return importlib.import_module("tokenizers")
 
 WIKI1M_URL = ("https://huggingface.co/datasets/princeton-nlp/datasets-for-simcse/resolve/main/"
               "wiki1m_for_simcse.txt")
@@ -44,7 +52,7 @@ def _wordpiece_from_vocab(folder: str) -> tokenizers.Tokenizer:
   """BERT WordPiece tokenizer from vocab.txt, lower-casing as tokenizer_config.json says."""
   config = _read_json(os.path.join(folder, "tokenizer_config.json"))
   # HF's BertTokenizer defaults to do_lower_case=True; strip_accents None follows lowercase.
-  impl = tokenizers.BertWordPieceTokenizer(
+  impl = _tokenizers().BertWordPieceTokenizer(
       os.path.join(folder, "vocab.txt"), lowercase=config.get("do_lower_case", True),
       strip_accents=config.get("strip_accents"),
       handle_chinese_chars=config.get("tokenize_chinese_chars", True))
@@ -56,7 +64,7 @@ def _byte_level_bpe_from_vocab(folder: str) -> tokenizers.Tokenizer:
   config = _read_json(os.path.join(folder, "tokenizer_config.json"))
   specials = _read_json(os.path.join(folder, "special_tokens_map.json"))
   add_prefix_space = config.get("add_prefix_space", False)
-  impl = tokenizers.ByteLevelBPETokenizer(
+  impl = _tokenizers().ByteLevelBPETokenizer(
       os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
       add_prefix_space=add_prefix_space, trim_offsets=True)
   tok = impl._tokenizer
@@ -69,7 +77,7 @@ def _byte_level_bpe_from_vocab(folder: str) -> tokenizers.Tokenizer:
   for name in (bos, eos):
     if tok.token_to_id(name) is None:
       raise ValueError(f"{folder}/vocab.json has no special token {name!r}.")
-  tok.post_processor = processors.RobertaProcessing(  # positional: (sep, cls, trim, prefix)
+  tok.post_processor = _tokenizers().processors.RobertaProcessing(  # positional: (sep, cls, trim, prefix)
       (eos, tok.token_to_id(eos)), (bos, tok.token_to_id(bos)), True, add_prefix_space)
   return tok
 
@@ -83,7 +91,7 @@ def load_tokenizer(folder: str) -> tokenizers.Tokenizer:
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"Tokenizer folder {folder} does not exist.")
   if os.path.exists(os.path.join(folder, "tokenizer.json")):
-    tok = tokenizers.Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+    tok = _tokenizers().Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
   elif os.path.exists(os.path.join(folder, "vocab.txt")):
     tok = _wordpiece_from_vocab(folder)
   elif all(os.path.exists(os.path.join(folder, f)) for f in ("vocab.json", "merges.txt")):
@@ -131,7 +139,7 @@ class SentenceTokenizer:
     """
     key = (max_length, pad_to_multiple_of)
     if key not in self._by_setting:
-      tok = tokenizers.Tokenizer.from_str(self.tokenizer.to_str())
+      tok = _tokenizers().Tokenizer.from_str(self.tokenizer.to_str())
       tok.enable_truncation(max_length)
       if pad_to_multiple_of is None:
         tok.enable_padding(length=max_length, pad_id=self.pad_id, pad_token=self.pad_token)

@@ -16,8 +16,6 @@ from __future__ import annotations
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
-from sklearn.model_selection import GridSearchCV, StratifiedKFold
-from sklearn.svm import SVC
 
 DEFAULT_C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 1e1, 1e2, 1e3)
 
@@ -40,6 +38,10 @@ def svm_cv_fold_results(embeddings: np.ndarray, labels: np.ndarray, *, seed: int
                         inner_folds: int = 5, c_grid: Sequence[float] = DEFAULT_C_GRID,
                         n_jobs: int | None = None) -> list[dict]:
     """Per outer fold: {"accuracy": test accuracy, "C": the C chosen by the inner CV}."""
+    # Imported here: training (and the benchmarks, on a bare GPU image) never needs scikit-learn.
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold  # pylint: disable=import-outside-toplevel
+    from sklearn.svm import SVC  # pylint: disable=import-outside-toplevel
+
     x, y = _check_inputs(embeddings, labels, folds)
     outer = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     results = []
