@@ -286,8 +286,10 @@ class Checkpointer:
       raise ValueError("this Checkpointer was opened read_only")
     state_dict = flax.serialization.to_state_dict(state)
     meta = dict(meta, checksums=state_checksums(state_dict))
+    # force: the trainer decides when to save. Orbax's own decision would also report `step`
+    # to JAX's preemption sync service, which the trainer's watch counts in ids of its own.
     self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state_dict), meta=ocp.args.JsonSave(meta)))
+        state=ocp.args.StandardSave(state_dict), meta=ocp.args.JsonSave(meta)), force=True)
 
   def _corrupt(self, step: int, problem: str) -> CheckpointCorruptError:
     """The error for a damaged checkpoint, naming the earlier ones and how to fall back."""

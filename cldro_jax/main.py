@@ -14,7 +14,9 @@ when the environment says so (see `cldro_jax/distributed.py` and docs/scaling.md
 
 import json
 import logging as py_logging
+import os
 import sys
+import traceback
 
 import jax
 from absl import app, flags, logging
@@ -63,10 +65,25 @@ def main(argv):
   try:
     results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except train.PreemptedError as stop:
-    # Not a crash: say what happened and exit as a terminated process does (128 + SIGTERM), so
-    # schedulers requeue the job; the rerun resumes from the checkpoint just written.
+    # Not a crash: say what happened and exit as a terminated process does (128 + SIGTERM); the
+    # same command (or a requeued job) resumes from the checkpoint just written.
     print(f"cldro_jax: {stop}", file=sys.stderr)
     sys.exit(143)
+  except BaseException:  # pylint: disable=broad-except
+    if jax.process_count() == 1:
+      raise
+    # An error on one process of several (bad data in its slice, a full disk): the others wait
+    # in a collective for it. A normal exit would first wait at jax.distributed's shutdown
+    # barrier (5 minutes) for processes that never come; leaving at once lets the coordinator
+    # see this process gone (heartbeat timeout) and stop the others.
+    print(f"cldro_jax: process {jax.process_index()} of {jax.process_count()} failed; the other "
+          "processes stop when the coordinator notices (JAX's heartbeat timeout, about 100 s). "
+          "The cause:",
+          file=sys.stderr)
+    traceback.print_exc()
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(1)  # pylint: disable=protected-access
   if jax.process_index() == 0:
     print(json.dumps(results, indent=2, sort_keys=True))
 

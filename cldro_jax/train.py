@@ -55,11 +55,19 @@ class _PreemptionWatch:
   One process: a SIGTERM handler (what schedulers and `kill` send before killing). Several
   processes: JAX's preemption sync point, which agrees on one step for every process (each must
   save the same step), as Cloud TPU and SLURM preemption notices arrive at different times.
+
+  The sync point is counted in this invocation's steps (1, 2, ...), not the global step: a notice
+  that arrives before the first step (while a resumed run restores and compiles) is answered at
+  the next reported id plus one, i.e. 1, which a global step past the checkpoint would never
+  meet: the notice would be swallowed and the job killed without a checkpoint. (Checkpointer.save
+  therefore passes force=True: orbax's own save decision reports global steps to the same
+  service.)
   """
 
   def __init__(self):
     self.multiprocess = jax.process_count() > 1
     self.requested = False
+    self._calls = 0
     self._previous = None
     if not self.multiprocess and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._on_signal)
@@ -70,8 +78,10 @@ class _PreemptionWatch:
   def should_stop(self, step: int) -> bool:
     if not self.multiprocess:
       return self.requested
+    del step   # see the class docstring: the ids count this invocation's steps
+    self._calls += 1
     try:
-      return multihost_utils.reached_preemption_sync_point(step)
+      return multihost_utils.reached_preemption_sync_point(self._calls)
     except RuntimeError:   # no preemption service in this runtime: nothing to watch
       self.multiprocess = False
       return False
@@ -437,9 +447,10 @@ def _finished_results(workdir, config, start_step, total_steps) -> dict[str, Any
     stored = json.load(f)
   if stored.get("step") == total_steps and stored.get("evaluated_with") == _evaluated_with(config):
     logging.info("%s is complete (step %d); its results are in %s", workdir, total_steps, path)
-    print(f"The run in {workdir} is already complete (step {total_steps}); results from {path}. "
-          "(Evaluation or data settings that differ from the stored ones evaluate it again.)",
-          flush=True)
+    if jax.process_index() == 0:
+      print(f"The run in {workdir} is already complete (step {total_steps}); results from {path}. "
+            "(Evaluation or data settings that differ from the stored ones evaluate it again.)",
+            flush=True)
     return stored
   multihost_utils.sync_global_devices("read finished results")
   if jax.process_index() == 0:

@@ -275,7 +275,42 @@ def test_death_while_a_checkpoint_is_written_keeps_the_previous_one(shared, tmp_
   assert_trees_equal(saved_arrays(workdir)[0], saved_arrays(shared["reference"])[0])
 
 
+class _PreemptionSyncService:
+  """JAX's protocol behind multihost_utils.reached_preemption_sync_point: on a notice, the safe
+  step is the largest id reported so far plus one; the call that reports it returns True."""
+
+  def __init__(self):
+    self.reported, self.safe = 0, None
+
+  def notice(self):
+    self.safe = self.reported + 1
+
+  def reached(self, step_id):
+    self.reported = step_id
+    return step_id == self.safe
+
+
+@pytest.mark.parametrize("notice_after_steps", [0, 3])
+def test_a_preemption_notice_reaches_every_process_of_a_resumed_run(monkeypatch,
+                                                                    notice_after_steps):
+  # A notice while a resumed run (checkpoint 11) still restores and compiles: with the global
+  # step as the id (12, 13, ...) the safe step 1 never came and the notice was swallowed.
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  service = _PreemptionSyncService()
+  monkeypatch.setattr(train.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", service.reached)
+  watch = train._PreemptionWatch()  # pylint: disable=protected-access
+  done = 11
+  for _ in range(notice_after_steps):
+    done += 1
+    assert not watch.should_stop(done)
+  service.notice()
+  done += 1
+  assert watch.should_stop(done)   # the very next step's end: checkpoint it and stop
+
+
 # ----------------------------------------------------------------------------------------------
+# Damaged checkpoints# ----------------------------------------------------------------------------------------------
 # Damaged checkpoints
 
 
