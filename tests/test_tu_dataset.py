@@ -1,12 +1,15 @@
 """TU reader: real MUTAG/Cuneiform (bundled with grakel), fixtures in the TU format, corrupt files,
 download/extraction and the offline failure."""
+import concurrent.futures
 import pathlib
 import time
+import unittest.mock
 import zipfile
 
 import numpy as np
 import pytest
 
+from cldro_jax.data import tu_dataset
 from cldro_jax.data.tu_dataset import (download_tu_dataset, grakel_tu_directory, load_tu_dataset,
                                        read_tu_directory)
 
@@ -172,6 +175,38 @@ def test_download_extracts_official_archive_layout(tmp_path):
     (server / "BROKEN.zip").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(ValueError, match="not a valid zip"):
         download_tu_dataset("BROKEN", cache, base_url=server.as_uri())
+
+
+def _load(args):
+    name, cache, base_url = args
+    data = load_tu_dataset(name, root=cache, source="auto", base_url=base_url)
+    return len(data), data.num_edge_lines
+
+
+def test_processes_starting_together_download_once_and_all_read_it(tmp_path):
+    # The processes of one job share the cache: without the lock each deleted and replaced the
+    # folder another was reading (FileNotFoundError on some of them). Threads here: flock
+    # excludes separate opens of the lock file as it excludes separate processes.
+    files = write_tu(tmp_path / "src" / "TOGETHER", "TOGETHER", BASE)
+    server = tmp_path / "server"
+    server.mkdir()
+    with zipfile.ZipFile(server / "TOGETHER.zip", "w") as zf:
+        for path in files.iterdir():
+            zf.write(path, f"TOGETHER/{path.name}")
+    cache = tmp_path / "cache"
+    fetched = []
+    original = tu_dataset.download_tu_dataset
+
+    def counting_download(*args, **kwargs):
+        fetched.append(args[0])
+        return original(*args, **kwargs)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        with unittest.mock.patch.object(tu_dataset, "download_tu_dataset", counting_download):
+            results = list(pool.map(_load,
+                                    [("TOGETHER", cache, server.as_uri())] * 8))
+    assert results == [(3, 10)] * 8
+    assert fetched == ["TOGETHER"]          # one download; the others read its copy
 
 
 def test_download_fails_fast_and_clearly_offline(tmp_path):

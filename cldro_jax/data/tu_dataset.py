@@ -29,7 +29,9 @@ directory. Offline, the download fails within seconds with the manual command to
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import importlib.util
 import os
 import pathlib
@@ -350,9 +352,24 @@ def _extract_zip(archive: pathlib.Path, destination: pathlib.Path) -> None:
         raise ValueError(f"{archive} is not a valid zip archive (truncated download?): {e}") from e
 
 
+@contextlib.contextmanager
+def _cache_lock(root: pathlib.Path, name: str):
+    """An exclusive lock on the cache entry of `name`: the processes of one job (several per
+    machine, or sharing a network cache) would otherwise each delete and replace the folder
+    another one is already reading."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{name}.lock", "w", encoding="utf-8") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def load_tu_dataset(name: str, *, root: str | os.PathLike | None = None, source: str = "auto",
                     download: bool = True, use_node_attributes: bool = False,
-                    node_features: str = "auto", timeout_s: float = 10.0) -> TUDataset:
+                    node_features: str = "auto", timeout_s: float = 10.0,
+                    base_url: str = TU_BASE_URL) -> TUDataset:
     """Loads a TU dataset by name.
 
     Args:
@@ -364,6 +381,10 @@ def load_tu_dataset(name: str, *, root: str | os.PathLike | None = None, source:
       download: in "auto", whether a missing dataset may be downloaded.
       use_node_attributes, node_features: see `read_tu_directory`.
       timeout_s: network timeout of the download.
+      base_url: where the `<name>.zip` archives are (TU Dortmund's server by default).
+
+    Downloads happen under a lock on the cache entry: of several processes starting together,
+    the first downloads and the others then read its copy.
     """
     root = pathlib.Path(root) if root is not None else DEFAULT_CACHE_DIR
     if source not in ("auto", "local", "grakel", "download"):
@@ -373,7 +394,9 @@ def load_tu_dataset(name: str, *, root: str | os.PathLike | None = None, source:
     if source == "grakel":
         return read(grakel_tu_directory(name))
     if source == "download":
-        return read(download_tu_dataset(name, root, timeout_s=timeout_s))
+        with _cache_lock(root, name):
+            directory = download_tu_dataset(name, root, timeout_s=timeout_s, base_url=base_url)
+        return read(directory)
     local = find_local_tu_directory(name, root)
     if local is not None:
         return read(local)
@@ -386,4 +409,7 @@ def load_tu_dataset(name: str, *, root: str | os.PathLike | None = None, source:
     if not download:
         raise FileNotFoundError(f"TU dataset {name!r} not found under {root}; "
                                 f"get it with: {manual_download_command(name, root)}")
-    return read(download_tu_dataset(name, root, timeout_s=timeout_s))
+    with _cache_lock(root, name):   # another process may have fetched it meanwhile
+        directory = find_local_tu_directory(name, root) or download_tu_dataset(
+            name, root, timeout_s=timeout_s, base_url=base_url)
+    return read(directory)
