@@ -123,6 +123,13 @@ def plan_initialization(*, multiprocess: bool = False, coordinator_address: str 
 
   mpi_size = _positive_int(environ, "OMPI_COMM_WORLD_SIZE")
   if mpi_size is not None and mpi_size > 1:
+    if "OMPI_MCA_orte_hnp_uri" not in environ:
+      # JAX finds the coordinator through Open MPI 4's ORTE; Open MPI 5 (PRRTE) has none.
+      raise ValueError(
+          f"An Open MPI launch (OMPI_COMM_WORLD_SIZE={mpi_size}) without Open MPI 4's ORTE "
+          "(no OMPI_MCA_orte_hnp_uri): JAX detects Open MPI 4 and older only. Under Open MPI 5 "
+          "give the job on every process: --coordinator_address=FIRST_HOST:PORT "
+          "--num_processes=$OMPI_COMM_WORLD_SIZE --process_id=$OMPI_COMM_WORLD_RANK")
     return InitPlan(True, given, f"Open MPI launch with OMPI_COMM_WORLD_SIZE={mpi_size}")
 
   if device_ids is not None:
@@ -147,7 +154,7 @@ def initialize(plan: InitPlan) -> None:
     raise ValueError(
         f"Could not start a multi-process run ({plan.reason}): {e} JAX detects the cluster only "
         "on Cloud TPU, under SLURM (srun), Open MPI (mpirun) and Kubernetes; elsewhere give "
-        "--coordinator_address=HOST:PORT --num_processes=N --process_id=I on every process, or "
-        "drop --multiprocess for a single-process run.") from e
+        "--coordinator_address=HOST:PORT --num_processes=N --process_id=I on every process "
+        "(for a single-process run: no --multiprocess, outside the cluster launcher).") from e
   logging.info("Process %d of %d: %d local devices, %d in all.", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())

@@ -82,8 +82,14 @@ def test_environment_detection():
   assert not distributed.plan_initialization(environ=dict(slurm_step, SLURM_NTASKS="1")).multiprocess
   batch_script = {k: v for k, v in slurm_step.items() if k != "SLURM_STEP_NODELIST"}
   assert not distributed.plan_initialization(environ=batch_script).multiprocess
-  assert distributed.plan_initialization(environ={"OMPI_COMM_WORLD_SIZE": "2"}).multiprocess
+  open_mpi_4 = {"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "0",
+                "OMPI_MCA_orte_hnp_uri": "1234.0;tcp://10.0.0.1:5678"}
+  assert distributed.plan_initialization(environ=open_mpi_4).multiprocess
   assert not distributed.plan_initialization(environ={"OMPI_COMM_WORLD_SIZE": "1"}).multiprocess
+  # Open MPI 5 (PRRTE) gives JAX nothing to find the coordinator with: said, with the flags.
+  with pytest.raises(ValueError, match=r"Open MPI 4 and older only.*--num_processes="
+                     r"\$OMPI_COMM_WORLD_SIZE --process_id=\$OMPI_COMM_WORLD_RANK"):
+    distributed.plan_initialization(environ={"OMPI_COMM_WORLD_SIZE": "2", "PRTE_LAUNCHED": "1"})
 
 
 def test_multiprocess_flag_without_a_cluster_fails_fast_and_writes_nothing(tmp_path):
