@@ -56,12 +56,12 @@ class _PreemptionWatch:
   processes: JAX's preemption sync point, which agrees on one step for every process (each must
   save the same step), as Cloud TPU and SLURM preemption notices arrive at different times.
 
-  The sync point is counted in this invocation's steps (1, 2, ...), not the global step: a notice
-  that arrives before the first step (while a resumed run restores and compiles) is answered at
-  the next reported id plus one, i.e. 1, which a global step past the checkpoint would never
-  meet: the notice would be swallowed and the job killed without a checkpoint. (Checkpointer.save
-  therefore passes force=True: orbax's own save decision reports global steps to the same
-  service.)
+  The ids reported to the sync point count this invocation's steps (1, 2, ...), not the global
+  step. JAX answers a notice with the largest id reported so far plus one, so a notice that
+  arrives before the first step (while a resumed run restores and compiles) names id 1, which
+  global steps past the checkpoint would never meet: the notice would be swallowed and the job
+  killed without a checkpoint. (Hence Checkpointer.save passes force=True: orbax's own save
+  decision would report global steps to the same service.)
   """
 
   def __init__(self):
@@ -471,13 +471,14 @@ def _save(checkpointer, state, step, steps_per_epoch, meta_base):
   checkpointer.save(step, state, meta=dict(meta_base, step=step, epoch=step / steps_per_epoch))
 
 
-def _monitor(task, state, writer, bar, step):
+def _monitor(task, state, writer, bar, step) -> dict[str, float]:
   """The kNN monitor / online probe of `step`, logged (and shown above the progress bar)."""
   monitor = task.monitor(state)
   epoch = step / task.steps_per_epoch
   writer.write(step, dict(monitor, epoch=epoch), split="monitor")
   if bar is not None:
     bar.write(f"epoch {epoch:.0f}: " + ", ".join(f"{k}={v:.2f}" for k, v in monitor.items()))
+  return monitor
 
 
 def _monitor_missing(task, workdir, step, total_steps) -> bool:
@@ -567,9 +568,7 @@ def _loop(config, task, state, train_step, checkpointer, writer, mesh, start_ste
   results = {"step": total_steps, "epochs": total_steps / steps_per_epoch,
              "loss": config.loss.name, "evaluated_with": _evaluated_with(config)}
   if task.monitor_every_steps:
-    monitor = task.monitor(state)
-    writer.write(total_steps, dict(monitor, epoch=total_steps / steps_per_epoch),
-                 split="monitor")
+    monitor = _monitor(task, state, writer, None, total_steps)
     results.update({f"final_{k}": v for k, v in monitor.items()})
   results.update(task.final_evaluation(state))
   writer.write(total_steps, {k: v for k, v in results.items()
