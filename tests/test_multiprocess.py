@@ -241,3 +241,34 @@ def test_two_processes_equal_one_and_their_checkpoint_restores_in_one(tmp_path):
   assert "Resumed from step 2" in restored[0][1]
   rerun = read_json(os.path.join(two, "results.json"))
   assert {k: rerun[k] for k in scores} == {k: results_two[k] for k in scores}
+
+
+def test_an_error_on_one_process_stops_the_others_quickly(tmp_path):
+  # Process 1 reads a damaged data file (its own --config.data.path), process 0 a good one and
+  # goes on to its first collective, where it waits for process 1. The failing process prints
+  # its cause and exits at once: without that it first sat at jax.distributed's shutdown barrier
+  # for 5 minutes, and process 0 with it.
+  from test_faults import tiny_arrays  # pylint: disable=import-outside-toplevel
+  good, bad = tmp_path / "good.npz", tmp_path / "bad.npz"
+  np.savez(good, **tiny_arrays())
+  bad.write_bytes(b"PK\x03\x04 not an npz")
+  port = _free_port()
+  env = child_env(2, str(tmp_path / "cache"))
+  procs = []
+  for i, data in enumerate((good, bad)):
+    args = [*TINY, "--config.data.source=npz", f"--config.data.path={data}",
+            f"--workdir={tmp_path / 'work'}", f"--coordinator_address=localhost:{port}",
+            "--num_processes=2", f"--process_id={i}"]
+    with open(tmp_path / f"{i}.err", "w", encoding="utf-8") as err:
+      procs.append(subprocess.Popen([sys.executable, "-m", "cldro_jax.main", *args], cwd=REPO,
+                                    env=env, stdout=subprocess.DEVNULL, stderr=err))
+  try:
+    codes = [proc.wait(timeout=150) for proc in procs]
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  assert codes[0] != 0 and codes[1] == 1
+  failed = (tmp_path / "1.err").read_text()
+  assert "process 1 of 2 failed" in failed and "bad.npz" in failed
