@@ -33,7 +33,8 @@ class MetricWriter:
 
   def __init__(self, workdir: str, *, enabled: bool | None = None, resume_step: int = 0):
     """`resume_step`: the step a resumed run restarts from. Lines logged after it by the killed
-    run are dropped, since the resumed run logs those steps again (no duplicates in the file)."""
+    run are dropped, since the resumed run logs those steps again (no duplicates in the file;
+    TensorBoard is told to hide those events too)."""
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._jsonl = None
     self._tb = None
@@ -46,7 +47,9 @@ class MetricWriter:
     self._jsonl = open(path, "a", encoding="utf-8")
     try:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      # purge_step: TensorBoard hides a killed run's events past the checkpoint (or, before
+      # the first one, all of them), which the resumed run logs again, as the JSON lines above.
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
     except ImportError:  # tensorboardX is a declared dependency; degrade to JSON lines only.
       self._tb = None
 

@@ -1,0 +1,54 @@
+"""MetricWriter on resume: the killed run's records past the checkpoint are dropped from
+metrics.jsonl and hidden in TensorBoard, since the resumed run logs those steps again."""
+import glob
+import os
+import struct
+import time
+
+from tensorboardX.proto import event_pb2
+
+from cldro_jax import metrics
+
+
+def tensorboard_events(workdir):
+  """(file, step, kind, session status) of every event, read from the TFRecord files."""
+  events = []
+  for path in sorted(glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))):
+    with open(path, "rb") as f:
+      data = f.read()
+    offset = 0
+    while offset < len(data):   # TFRecord: length (8 bytes), its crc (4), payload, crc (4)
+      (length,) = struct.unpack("<Q", data[offset:offset + 8])
+      event = event_pb2.Event()
+      event.ParseFromString(data[offset + 12:offset + 12 + length])
+      offset += 12 + length + 4
+      kind = event.WhichOneof("what")
+      events.append((path, event.step, kind,
+                     event.session_log.status if kind == "session_log" else None))
+  return events
+
+
+def test_resume_drops_and_hides_the_killed_runs_records_past_the_checkpoint(tmp_path):
+  workdir = str(tmp_path)
+  writer = metrics.MetricWriter(workdir, enabled=True)
+  for step in (1, 2, 3, 4, 5):
+    writer.write(step, {"loss": 1.0 / step})
+  writer.close()
+  # The event file name carries the second it was created: a later run gets its own file.
+  time.sleep(1.1)
+  resumed = metrics.MetricWriter(workdir, enabled=True, resume_step=3)
+  resumed.write(4, {"loss": 0.3})
+  resumed.close()
+
+  assert [r["step"] for r in metrics.read_metrics(workdir, "train")] == [1, 2, 3, 4]
+  assert metrics.read_metrics(workdir, "train")[-1]["loss"] == 0.3
+  events = tensorboard_events(workdir)
+  files = sorted({path for path, *_ in events})
+  assert len(files) == 2
+  first = [(step, kind) for path, step, kind, _ in events if path == files[0]]
+  assert [step for step, kind in first if kind == "summary"] == [1, 2, 3, 4, 5]
+  # TensorBoard's purge marker: a SessionLog START at step 4 hides every earlier event of this
+  # run directory at steps >= 4 (the killed run's 4 and 5).
+  second = [(step, kind, status) for path, step, kind, status in events if path == files[1]]
+  assert (4, "session_log", event_pb2.SessionLog.START) in second
+  assert [step for step, kind, _ in second if kind == "summary"] == [4]
