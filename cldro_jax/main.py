@@ -77,7 +77,7 @@ def main(argv):
     # barrier (5 minutes) for processes that never come; leaving at once lets the coordinator
     # see this process gone (heartbeat timeout) and stop the others.
     print(f"cldro_jax: process {jax.process_index()} of {jax.process_count()} failed; the other "
-          "processes stop when the coordinator notices (JAX's heartbeat timeout, about 100 s). "
+          "processes stop when they lose it (at most JAX's heartbeat timeout, about 100 s). "
           "The cause:",
           file=sys.stderr)
     traceback.print_exc()
