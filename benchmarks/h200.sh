@@ -9,7 +9,12 @@
 #   bash benchmarks/h200.sh
 # Each benchmark prints its table and writes it to $OUT/<name>.txt; a benchmark that fails or
 # runs past its time limit does not stop the others. Copy the tables into docs/benchmarks.md with
-# the date, `nvidia-smi`'s GPU line and the commands below.
+# the date, `nvidia-smi`'s GPU line and the commands below, and draw the figures here from the
+# returned JSON files (the GPU machine need not have matplotlib), e.g.
+#   python benchmarks/plot.py OUT/losses.json --out docs/figures/benchmark_losses_h200.png
+#   python benchmarks/plot.py OUT/train_step_resnet18.json OUT/one_pass_resnet18.json \
+#     --out docs/figures/benchmark_resnet18_h200.png
+#   python benchmarks/plot.py OUT/sentence_step.json --out docs/figures/benchmark_sentence_h200.png
 set -uo pipefail
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -39,13 +44,13 @@ run() {   # run NAME SECONDS SCRIPT ARGS...: one benchmark with its own time lim
 # Most important first: the targets of the open issues (images/s, sentences/s, the loss), then
 # what decides a default (both views in one pass), then the rest. Plain baselines are skipped on
 # the GPU: the same machine's plain-JAX figures are already recorded (docs/benchmarks.md anchors).
-run train_step_resnet18 80 benchmarks/train_step.py --models resnet18 --skip-plain
-run train_step_resnet50 100 benchmarks/train_step.py --models resnet50 --skip-plain
-run sentence_step 110 benchmarks/sentence_step.py --batches 512,64 --dtypes bfloat16
-run losses 65 benchmarks/losses.py --block-size 2048
+run train_step_resnet18 80 benchmarks/train_step.py --models resnet18 --skip-plain --json "$OUT/train_step_resnet18.json"
+run train_step_resnet50 100 benchmarks/train_step.py --models resnet50 --skip-plain --json "$OUT/train_step_resnet50.json"
+run sentence_step 110 benchmarks/sentence_step.py --batches 512,64 --dtypes bfloat16 --json "$OUT/sentence_step.json"
+run losses 65 benchmarks/losses.py --block-size 2048 --json "$OUT/losses.json"
 # The same step with both views in one forward pass (per-view BatchNorm statistics, the same
 # numbers): whether fewer, larger kernels beat the reference's pass per view decides the default.
-run one_pass_resnet18 55 benchmarks/train_step.py --models resnet18 --views-in-one-pass --skip-plain
-run one_pass_resnet50 70 benchmarks/train_step.py --models resnet50 --views-in-one-pass --skip-plain
+run one_pass_resnet18 55 benchmarks/train_step.py --models resnet18 --views-in-one-pass --skip-plain --json "$OUT/one_pass_resnet18.json"
+run one_pass_resnet50 70 benchmarks/train_step.py --models resnet50 --views-in-one-pass --skip-plain --json "$OUT/one_pass_resnet50.json"
 run graph_step 35 benchmarks/graph_step.py
 run scaling 35 benchmarks/scaling.py --devices 1 --batch 512 --width 64 --dtype bfloat16 --steps 20

@@ -2,6 +2,7 @@
 
     python benchmarks/losses.py                         # device-dependent default sizes
     python benchmarks/losses.py --sizes 512,2048 --dim 128 --block-size 1024
+    python benchmarks/losses.py --json losses.json && python benchmarks/plot.py losses.json
 
 Measures forward + backward (value and gradient with respect to both views, jitted) of the
 image-variant ADNCE loss (CIFAR-10 hyperparameters t=0.4, mu=0.7, sigma=0.5) for B images per
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cldro_jax import losses
+import record  # benchmarks/record.py, beside this script
 
 TEMPERATURE, MU, SIGMA = 0.4, 0.7, 0.5
 CPU_SIZES = "512,2048,4096"
@@ -136,6 +138,8 @@ def main(argv=None):
   parser.add_argument("--block-size", type=int, default=2048 if on_gpu else 512)
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--repeats", type=int, default=20 if on_gpu else 5)
+  parser.add_argument("--json", default="", help="also write the rows to this file "
+                      "(for benchmarks/plot.py)")
   args = parser.parse_args(argv)
   sizes = [int(s) for s in args.sizes.split(",") if s]
   device = jax.devices()[0]
@@ -147,10 +151,15 @@ def main(argv=None):
   print("| B | implementation | fwd+bwd ms | time vs plain | compiled temp MiB | memory vs plain |")
   print("|---:|---|---:|---:|---:|---:|")
   budget = device_memory_bytes()
+  out = record.JsonRecord(args.json, "losses", dim=args.dim, block_size=args.block_size,
+                          repeats=args.repeats, warmup=args.warmup, dtype="float32")
   for batch in sizes:
     rows = bench_size(batch, args.dim, args.block_size, args.warmup, args.repeats, budget)
     plain = rows[0] if rows[0][1] is not None else (None, None, None, "")
     for name, seconds, temp, note in rows:
+      out.add(batch=batch, implementation=name.split(" ")[0],
+              ms=None if seconds is None else seconds * 1e3,
+              temp_mib=None if temp is None else temp / 2 ** 20, note=note)
       if seconds is None:
         print(f"| {batch} | {name} | {note} | | | |")
         continue

@@ -46,6 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cldro_jax import train  # noqa: E402
 from cldro_jax.tasks import sentence  # noqa: E402
 from configs import sts_bert  # noqa: E402
+import record  # noqa: E402  (benchmarks/record.py, beside this script)
 
 SEQ_LEN = 32
 
@@ -66,6 +67,8 @@ def parse_args(argv):
   parser.add_argument("--repeats", type=int, default=3 if on_cpu else 20)
   parser.add_argument("--peak_tflops", type=float, default=0.0,
                       help="device peak for MFU (0: measure a dense matmul in each dtype)")
+  parser.add_argument("--json", default="", help="also write the rows to this file "
+                      "(for benchmarks/plot.py)")
   return parser.parse_args(argv)
 
 
@@ -200,6 +203,10 @@ def main(argv=None) -> None:
     peaks[dtype] = args.peak_tflops or measured_matmul_tflops(
         jnp.bfloat16 if dtype == "bfloat16" else jnp.float32, 2048 if on_cpu else 8192)
     print(f"# measured dense matmul rate, {dtype}: {peaks[dtype]:.3g} TFLOP/s")
+  out = record.JsonRecord(args.json, "sentence_step", architecture=args.architecture,
+                          layers=args.layers or arch.num_hidden_layers, seq_len=SEQ_LEN,
+                          gflop_per_sentence=flops_sentence / 1e9, matmul_tflops=peaks,
+                          warmup=args.warmup, repeats=args.repeats)
   print("\n| program | dtype | batch | ms/step | sentences/s | TFLOP/s | MFU | XLA/analytic FLOPs "
         "| project / plain time |")
   print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -216,6 +223,9 @@ def main(argv=None) -> None:
         seconds[program], _ = time_steps(step, state, data, args.warmup, args.repeats)
         del state
         achieved = flops_sentence * batch / seconds[program] / 1e12
+        out.add(program=program, dtype=dtype, batch=batch, ms=seconds[program] * 1e3,
+                sentences_per_s=batch / seconds[program], tflops=achieved,
+                mfu=achieved / peaks[dtype], xla_over_analytic=counted / (flops_sentence * batch))
         ratio = (f"{seconds['project'] / seconds['plain']:.2f}"
                  if program == "plain" and "project" in seconds else "")
         print(f"| {program} | {dtype} | {batch} | {seconds[program] * 1e3:.1f} | "

@@ -40,6 +40,7 @@ from cldro_jax.data import images as images_lib
 from cldro_jax.data import pipeline
 from cldro_jax.models import resnet
 from cldro_jax.tasks import image as image_task
+import record  # benchmarks/record.py, beside this script
 
 H200_BF16_FLOPS = 790e12   # measured bf16 matmul rate, ANCHORS.md
 
@@ -176,6 +177,8 @@ def main():
                       help="both views in one forward pass (per-view BatchNorm, ViewBatchNorm)")
   parser.add_argument("--skip-plain", action="store_true",
                       help="do not time the plain baseline step (saves its compilation)")
+  parser.add_argument("--json", default="", help="also write the rows to this file "
+                      "(for benchmarks/plot.py)")
   args = parser.parse_args()
   device = jax.devices()[0]
   print(f"# {datetime.date.today()}  {device.device_kind} x{jax.device_count()} "
@@ -188,15 +191,21 @@ def main():
   print("| model | step ms | images/s | plain-step images/s | ours / plain speed | augment share "
         "| GFLOP/img | MFU |")
   print("|---|---|---|---|---|---|---|---|", flush=True)
+  out = record.JsonRecord(args.json, "train_step", batch=args.batch, width=args.width,
+                          dtype=args.dtype, views_in_one_pass=args.views_in_one_pass,
+                          iters=args.iters, warmup=args.warmup)
   for name in args.models.split(","):   # each row as soon as it is measured
     r = bench_model(name, args)
+    out.add(**r)
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (CPU)"
     plain = ("n/a | n/a" if r["plain_images_per_s"] is None else
              f"{r['plain_images_per_s']:,.0f} | {r['ratio_vs_plain']:.2f}x")
     print(f"| {r['model']} | {r['step_ms']:.1f} | {r['images_per_s']:,.0f} | {plain} | "
           f"{100 * r['augment_share']:.1f}% | {r['gflop_per_image']:.2f} | {mfu} |", flush=True)
-  print(f"\nhost input pipeline (uint8, in memory, batch {args.batch}): "
-        f"{bench_host_pipeline(args.batch):,.0f} images/s")
+  host_rate = bench_host_pipeline(args.batch)
+  out.data["host_pipeline_images_per_s"] = host_rate
+  out.add(model="host input pipeline", images_per_s=host_rate)
+  print(f"\nhost input pipeline (uint8, in memory, batch {args.batch}): {host_rate:,.0f} images/s")
 
 
 if __name__ == "__main__":
