@@ -112,3 +112,34 @@ def test_mesh_of_part_of_the_devices_is_refused_in_a_multi_process_run(monkeypat
   with pytest.raises(ValueError, match=r"num_devices=4 with 2 processes.*num_devices=-1"):
     train.make_mesh(4)
   assert train.make_mesh(-1).size == train.make_mesh(8).size == 8
+
+
+@pytest.mark.parametrize("name", ["infonce", "adnce", "dcl", "hcl"])
+def test_config_loss_reaches_the_trainer_with_its_hyperparameters(name):
+  # The trainer's loss for each `config.loss.name`, with non-default values everywhere (a
+  # swapped tau_plus/beta, or mu/sigma left at their defaults, changes the number), against the
+  # float64 transcription of LOSSES.md.
+  import jax
+  import numpy as np
+
+  import reference_losses as ref
+  from cldro_jax import train
+
+  config = config_defaults.base_config("image")
+  config.loss.name, config.loss.temperature = name, 0.3
+  config.loss.mu, config.loss.sigma = 0.2, 0.6
+  config.loss.tau_plus, config.loss.beta = 0.15, 0.8
+  rng = np.random.default_rng(3)
+  z1, z2 = rng.normal(size=(2, 12, 6))
+  labels = np.arange(12) % 3
+  config.loss.use_labels = True
+  loss_fn = train.make_loss_fn(config.loss, "image")
+  got = float(jax.jit(lambda a, b, lab: loss_fn(a, b, None, lab, None))(z1, z2, labels))
+  expected = {
+      "infonce": lambda: ref.weighted_nce(z1, z2, t=0.3, variant="image", labels=labels),
+      "adnce": lambda: ref.weighted_nce(z1, z2, t=0.3, variant="image", mu=0.2, sigma=0.6,
+                                        labels=labels),
+      "dcl": lambda: ref.hcl(z1, z2, t=0.3, tau_plus=0.15, beta=0.0, labels=labels),
+      "hcl": lambda: ref.hcl(z1, z2, t=0.3, tau_plus=0.15, beta=0.8, labels=labels),
+  }[name]()
+  np.testing.assert_allclose(got, expected, rtol=2e-5)
