@@ -265,9 +265,18 @@ def test_dataset_not_on_disk_fails_fast_with_the_download_command(tmp_path):
 @pytest.mark.parametrize("field,value,message", [
     ("data.aug", "random5", "config.data.aug='random5' is not one of"),
     ("data.aug_mode", "exact", "config.data.aug_mode='exact' is not one of"),
+    ("data.budget_quantile", 1.5, "budget_quantile must be 0 .* got 1.5"),
+    ("model.dtype", "float16", "model.dtype must be float32 or bfloat16"),
+    ("model.num_layers", 0, "num_layers and config.model.hidden must be >= 1"),
+    ("model.hidden", 0, "num_layers and config.model.hidden must be >= 1"),
+    ("eval.svm_seeds", 0, "svm_seeds must be >= 1"),
+    ("eval.folds", 1, "folds and inner_folds >= 2"),
+    ("eval.inner_folds", 1, "folds and inner_folds >= 2"),
+    ("eval.batch_size", 0, "eval.batch_size must be >= 1"),
+    ("eval.every_epochs", -1, "every_epochs >= 0"),
 ])
 def test_bad_graph_settings_are_rejected(field, value, message):
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(ValueError, match=f"Invalid graph config:(.|\\n)*{message}"):
     graph_task.GraphTask(mutag_config(**{field: value}), train.make_mesh(1))
 
 

@@ -369,6 +369,26 @@ def test_rst_sentences_and_the_offline_corpus():
   assert any("Fisher" in s for s in corpus)   # the iris description is in
 
 
+@pytest.mark.parametrize("overrides, message", [
+    ({"data.source": "hub"}, "data.source='hub' is not one of file, sklearn_descr"),
+    ({"data.path": ""}, "data.path is empty.*wiki1m"),
+    ({"data.max_length": 1}, "max_length must be >= 2"),
+    ({"eval.pooler": "max"}, "eval.pooler='max' is not ''"),
+    ({"model.mlp_init": "random"}, "mlp_init='random' is not fresh or checkpoint"),
+    ({"model.dtype": "float16"}, "dtype='float16' is not float32 or bfloat16"),
+    ({"model.hidden_dropout": 1.0}, "model.hidden_dropout must be < 1"),
+    ({"model.attention_dropout": 1.5}, "model.attention_dropout must be < 1"),
+    ({"eval.every_steps": -1}, "every_steps must be >= 0"),
+    ({"eval.every_steps": 10, "eval.dev_tasks": ()}, "dev_tasks is empty but"),
+    ({"eval.final_tasks": ("STS17",)}, r"final_tasks \['STS17'\] are not among"),
+    ({"eval.missing_sts": "warn"}, "missing_sts='warn' is not error or skip"),
+    ({"eval.batch_size": 0}, "eval.batch_size must be >= 1"),
+])
+def test_each_impossible_sentence_setting_is_named(tmp_path, overrides, message):
+  with pytest.raises(ValueError, match=f"Invalid sentence config:(.|\n)*{message}"):
+    sentence.validate(tiny_config(tmp_path, **overrides))
+
+
 def test_bad_sentence_settings_are_refused(tmp_path):
   config = tiny_config(tmp_path, **{"model.pooler": "max", "eval.dev_tasks": ("STS12",)})
   with pytest.raises(ValueError) as err:
