@@ -19,6 +19,7 @@ from cldro_jax import config_defaults, losses
 from cldro_jax import metrics as metrics_lib
 from experiments import (
   adaptive_adnce,
+  adnce_sensitivity,
   common,
   compare_losses,
   sampling_bias,
@@ -84,6 +85,33 @@ def test_compare_losses_reruns_skip_finished_runs(compare_out):
   for r in again["runs"]:   # no second training: one train line per step
     steps = [x["step"] for x in metrics_lib.read_metrics(r["workdir"], "train")]
     assert steps == list(range(1, 11))
+
+
+def test_sensitivity_quick_every_mu_at_huge_sigma_is_infonce(tmp_path):
+  summary = run_quick(adnce_sensitivity, tmp_path, "--runs", str(tmp_path / "runs"))
+  runs = {r["label"]: r for r in summary["runs"]}
+  assert set(runs) == {"InfoNCE", "ADNCE mu=0.1 sigma=1e+06", "ADNCE mu=0.9 sigma=1e+06"}
+  for mu in (0.1, 0.9):   # each cell trained with its own mu and sigma
+    workdir = runs[f"ADNCE mu={mu:g} sigma=1e+06"]["workdir"]
+    with open(f"{workdir}/config.json", encoding="utf-8") as f:
+      saved = json.load(f)
+    assert (saved["loss"]["name"], saved["loss"]["mu"], saved["loss"]["sigma"]) == (
+        "adnce", mu, 1e6)
+  lines = {label: metrics_lib.read_metrics(r["workdir"], "train") for label, r in runs.items()}
+  info = np.array([r["loss"] for r in lines["InfoNCE"]])
+  for mu in (0.1, 0.9):
+    adnce = lines[f"ADNCE mu={mu:g} sigma=1e+06"]
+    # flat weights whatever mu: the first steps are InfoNCE's up to float32 rounding
+    assert all(abs(r["adnce_w_max"] - 1) < 1e-5 and abs(r["adnce_w_min"] - 1) < 1e-5
+               for r in adnce)
+    np.testing.assert_allclose(np.array([r["loss"] for r in adnce])[:3], info[:3], rtol=1e-5)
+  text = (tmp_path / "adnce_sensitivity.md").read_text()
+  rows = {r["label"]: r for r in summary["methods"]}
+  for label in runs:   # the grid table holds each cell's mean linear-probe score
+    score = rows[label]["score"][0]
+    assert f"| {common.fmt([score])} |" in text
+  assert "| 0.1 |" in text and "| 0.9 |" in text and "| InfoNCE |" in text
+  assert (tmp_path / "adnce_sensitivity.png").stat().st_size > 10_000
 
 
 def test_sampling_bias_pretrains_stl10_on_its_labelled_split_only():
