@@ -1,5 +1,6 @@
 """The benchmarks' --json files hold the numbers of their printed tables, and benchmarks/plot.py
 draws exactly those numbers (and the ANCHORS.md figures only beside comparable H200 results)."""
+import importlib.util
 import json
 import os
 import pathlib
@@ -12,8 +13,11 @@ import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import plot  # noqa: E402  (benchmarks/plot.py)
+# benchmarks/plot.py by its path: putting benchmarks/ on sys.path would let its script names
+# (losses, plot, record) shadow other modules for the rest of the session.
+_spec = importlib.util.spec_from_file_location("benchmark_plot", ROOT / "benchmarks" / "plot.py")
+plot = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(plot)
 
 
 @pytest.fixture(scope="module")
