@@ -53,4 +53,4 @@ run losses 65 benchmarks/losses.py --block-size 2048 --json "$OUT/losses.json"
 run one_pass_resnet18 55 benchmarks/train_step.py --models resnet18 --views-in-one-pass --skip-plain --json "$OUT/one_pass_resnet18.json"
 run one_pass_resnet50 70 benchmarks/train_step.py --models resnet50 --views-in-one-pass --skip-plain --json "$OUT/one_pass_resnet50.json"
 run graph_step 35 benchmarks/graph_step.py
-run scaling 35 benchmarks/scaling.py --devices 1 --batch 512 --width 64 --dtype bfloat16 --steps 20
+run scaling 35 benchmarks/scaling.py --devices 1 --batch 512 --width 64 --dtype bfloat16 --steps 20 --json "$OUT/scaling.json"

@@ -12,6 +12,8 @@ All files given must come from the same benchmark; several train_step or sentenc
   train_step     images/s per model; on an H200 beside the anchors measured on the same GPU
                  (ANCHORS.md) and the project's targets.
   sentence_step  sentences/s per batch and dtype, with the same anchors and targets on an H200.
+  scaling        the trainer's images/s against the device count at a fixed global batch, with
+                 the linear speed-up line.
 
 Runs anywhere matplotlib is installed (it is a project dependency); the GPU machine only writes
 the JSON files.
@@ -204,8 +206,34 @@ def plot_sentence_step(results: Sequence[dict[str, Any]]):
   return fig
 
 
+def plot_scaling(results: Sequence[dict[str, Any]]):
+  fig, ax = plt.subplots(figsize=(6, 4.2))
+  for result in results:
+    rows = sorted(result["rows"], key=lambda r: r["devices"])
+    devices = [r["devices"] for r in rows]
+    label = result["device_kind"] if len(results) > 1 else "measured"
+    line, = ax.plot(devices, [r["images_per_s"] for r in rows], marker="o", label=label)
+    # linear speed-up from the fewest devices measured
+    ideal = [rows[0]["images_per_s"] * d / devices[0] for d in devices]
+    ax.plot(devices, ideal, linestyle=":", color=line.get_color(),
+            label="linear from " + ("1 device" if devices[0] == 1 else f"{devices[0]} devices"))
+  all_devices = sorted({r["devices"] for result in results for r in result["rows"]})
+  ax.set_xscale("log", base=2)
+  ax.set_xticks(all_devices, [str(d) for d in all_devices])
+  ax.xaxis.set_minor_locator(ticker.NullLocator())
+  ax.set_xlabel("devices (same global batch)")
+  ax.set_ylabel("images/s (2 views each)")
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize=8)
+  settings = results[0]["settings"]
+  ax.set_title(f"Trainer, {settings['model']} width {settings['width']} {settings['dtype']}, "
+               f"global batch {settings['batch']}:\n{_caption(results)}", fontsize=9)
+  fig.tight_layout()
+  return fig
+
+
 PLOTS = {"losses": plot_losses, "train_step": plot_train_step,
-         "sentence_step": plot_sentence_step}
+         "sentence_step": plot_sentence_step, "scaling": plot_scaling}
 
 
 def main(argv=None) -> None:

@@ -14,17 +14,17 @@ import platform
 import sys
 from typing import Any
 
-import jax
 
-
-def environment() -> dict[str, Any]:
-  device = jax.devices()[0]
+def environment(**device_fields: Any) -> dict[str, Any]:
+  """Date, device, versions and command; `device_fields` (backend, device_kind, device_count,
+  jax) replace the ones JAX would report here."""
+  if not device_fields:
+    import jax  # pylint: disable=import-outside-toplevel
+    device_fields = {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+                     "device_count": jax.device_count(), "jax": jax.__version__}
   return {
       "date": datetime.date.today().isoformat(),
-      "backend": jax.default_backend(),
-      "device_kind": device.device_kind,
-      "device_count": jax.device_count(),
-      "jax": jax.__version__,
+      **device_fields,
       "host": platform.processor() or platform.machine(),
       # as run from the repository root, where every documented command starts
       "command": " ".join(["python", "benchmarks/" + os.path.basename(sys.argv[0])] + sys.argv[1:]),
@@ -34,9 +34,13 @@ def environment() -> dict[str, Any]:
 class JsonRecord:
   """Rows of one benchmark run; a no-op when `path` is empty (no --json given)."""
 
-  def __init__(self, path: str | None, benchmark: str, **settings: Any):
+  def __init__(self, path: str | None, benchmark: str, *, env: dict[str, Any] | None = None,
+               **settings: Any):
+    """`env`: the environment fields when this process must not start JAX itself (a parent
+    whose children hold the accelerators); by default they are read from JAX here."""
     self.path = path
-    self.data = {"benchmark": benchmark, **environment(), "settings": settings, "rows": []}
+    self.data = {"benchmark": benchmark, **(env or environment()), "settings": settings,
+                 "rows": []}
     self._write()
 
   def add(self, **row: Any) -> None:

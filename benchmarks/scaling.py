@@ -1,7 +1,8 @@
 """Cost of the multi-device code path: the same global batch on 1 vs N devices.
 
     python benchmarks/scaling.py                              # CPU: 1 vs 8 host devices
-    python benchmarks/scaling.py --devices 1,2,4,8 --batch 128 --width 16
+    python benchmarks/scaling.py --devices 1,2,4,8 --batch 128 --width 16 --json scaling.json
+    python benchmarks/plot.py scaling.json                  # images/s against devices
     python benchmarks/scaling.py --devices 1 --batch 512 --width 64 --dtype bfloat16 \\
         --steps 50                                            # one GPU, same code path
 
@@ -32,6 +33,8 @@ import subprocess
 import sys
 import tempfile
 
+import record  # benchmarks/record.py, beside this script
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -44,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--model", default="resnet18", help="resnet18 | resnet34 | resnet50")
   parser.add_argument("--width", type=int, default=8, help="ResNet base width (64 = standard)")
   parser.add_argument("--dtype", default="float32", help="float32 | bfloat16")
+  parser.add_argument("--json", default="", help="also write the rows to this file "
+                      "(for benchmarks/plot.py)")
   parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
   return parser.parse_args(argv)
 
@@ -75,7 +80,7 @@ def run_child(args: argparse.Namespace) -> dict:
   # examples_per_sec of a one-step window is batch / (time since the previous log line).
   seconds = [args.batch / r["examples_per_sec"] for r in lines]
   timed = seconds[args.warmup:]
-  return {"devices": args.child, "platform": jax.devices()[0].platform,
+  return {"devices": args.child, "platform": jax.devices()[0].platform, "jax": jax.__version__,
           "device_kind": jax.devices()[0].device_kind, "first_step_s": seconds[0],
           "median_step_s": statistics.median(timed), "min_step_s": min(timed),
           "steps": len(timed)}
@@ -119,7 +124,17 @@ def main(argv=None) -> None:
   for n in counts:
     if n < 1 or args.batch % n:
       raise SystemExit(f"--batch={args.batch} must divide over {n} devices")
-  rows = [spawn(args, n) for n in counts]
+  rows, out = [], None
+  for n in counts:
+    rows.append(spawn(args, n))
+    if out is None:   # this process never starts JAX: its children hold the devices
+      out = record.JsonRecord(
+          args.json, "scaling", env=record.environment(
+              backend=rows[0]["platform"], device_kind=rows[0]["device_kind"],
+              device_count=max(counts), jax=rows[0]["jax"]),
+          batch=args.batch, model=args.model, width=args.width, dtype=args.dtype,
+          steps=args.steps, warmup=args.warmup)
+    out.add(**rows[-1], images_per_s=args.batch / rows[-1]["median_step_s"])
   print(f"# {datetime.date.today()}  {rows[0]['platform']} ({rows[0]['device_kind']}), "
         f"{os.cpu_count()} host cores, {platform.processor() or platform.machine()}; "
         f"{args.model} width {args.width} {args.dtype}, {rows[0]['steps']} timed steps after "

@@ -128,3 +128,20 @@ def test_files_of_different_benchmarks_are_refused(losses_run, tmp_path):
   other.write_text(json.dumps(_train_step_result("cpu", 8, False, [])))
   with pytest.raises(SystemExit, match="different benchmarks"):
     plot.load([str(losses_path), str(other)])
+
+
+def test_scaling_figure_draws_images_per_second_and_the_linear_line():
+  rows = [{"devices": d, "images_per_s": v, "median_step_s": 512 / v}
+          for d, v in ((4, 150_000.0), (1, 45_000.0), (2, 85_000.0))]
+  result = {"benchmark": "scaling", "date": "2026-11-29", "backend": "gpu",
+            "device_kind": "NVIDIA H200", "device_count": 4, "jax": "0.11.2", "host": "x86_64",
+            "command": "python benchmarks/scaling.py --devices 1,2,4",
+            "settings": {"batch": 512, "model": "resnet18", "width": 64, "dtype": "bfloat16",
+                         "steps": 20, "warmup": 3},
+            "rows": rows}
+  ax = plot.plot_scaling([result]).axes[0]
+  measured, ideal = ax.get_lines()
+  np.testing.assert_array_equal(measured.get_xdata(), [1, 2, 4])
+  np.testing.assert_array_equal(measured.get_ydata(), [45_000, 85_000, 150_000])
+  np.testing.assert_array_equal(ideal.get_ydata(), [45_000, 90_000, 180_000])
+  assert ideal.get_label() == "linear from 1 device"
