@@ -18,9 +18,14 @@ import ml_collections
 from ml_collections import config_dict
 
 DOMAINS = ("image", "sentence", "graph")
-LOSS_NAMES = ("infonce", "adnce", "dcl", "hcl")
+# The paper's losses, then the CL-DRO family of its Section 3 as training objectives (kl_dro:
+# the KL ball at multiplier t; chi2_dro: the chi-square ball of radius eta; mean_variance:
+# Theorem 3.5's approximation), so the theory's objectives can be trained and compared.
+LOSS_NAMES = ("infonce", "adnce", "dcl", "hcl", "kl_dro", "chi2_dro", "mean_variance")
 # DCL and HCL are defined in the image form only (as in the paper and their reference code).
 IMAGE_ONLY_LOSSES = ("dcl", "hcl")
+# Losses with the memory-bounded blockwise path (`config.loss.block_size`); the others are dense.
+BLOCKWISE_LOSSES = ("infonce", "adnce", "dcl", "hcl", "kl_dro")
 
 
 def _loss_defaults() -> ml_collections.ConfigDict:
@@ -31,6 +36,9 @@ def _loss_defaults() -> ml_collections.ConfigDict:
       sigma=1.0,
       tau_plus=0.1,
       beta=1.0,
+      # Radius of the chi-square ball of chi2_dro (`-f+ + mean + sqrt(eta Var)`); 0 gives the
+      # "basic" objective -f+ + mean(f_neg) that Theorem 3.5 contrasts CL with.
+      eta=1.0,
       # Column-block size of the memory-bounded loss path; 0 uses the dense path.
       block_size=0,
       # Remove same-label candidates from the negatives (the "oracle" of the sampling-bias
@@ -184,7 +192,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check(loss.sigma > 0, f"config.loss.sigma must be > 0, got {loss.sigma}", problems)
   _check(0 <= loss.tau_plus < 1, f"config.loss.tau_plus must be in [0, 1), got {loss.tau_plus}",
          problems)
+  _check(loss.eta >= 0, f"config.loss.eta must be >= 0, got {loss.eta}", problems)
   _check(loss.block_size >= 0, "config.loss.block_size must be >= 0 (0 = dense)", problems)
+  if loss.block_size and loss.name not in BLOCKWISE_LOSSES:
+    problems.append(
+        f"config.loss.name={loss.name!r} has no blockwise path (it needs the full row of "
+        f"negative cosines for their variance); set --config.loss.block_size=0")
   _check(loss.mu_rule in ("fixed", "quantile"),
          f"config.loss.mu_rule={loss.mu_rule!r} is not one of fixed, quantile", problems)
   _check(loss.sigma_rule in ("fixed", "std"),

@@ -183,6 +183,12 @@ def make_loss_fn(loss_cfg: ml_collections.ConfigDict, variant: str) -> Callable[
   elif loss_cfg.name == "hcl":
     fn = functools.partial(losses.hcl, tau_plus=loss_cfg.tau_plus, beta=loss_cfg.beta, **common,
                            **block)
+  elif loss_cfg.name == "kl_dro":
+    fn = functools.partial(losses.kl_dro, variant=variant, **common, **block)
+  elif loss_cfg.name == "chi2_dro":
+    fn = functools.partial(losses.chi2_dro, variant=variant, eta=loss_cfg.eta)
+  elif loss_cfg.name == "mean_variance":
+    fn = functools.partial(losses.mean_variance, variant=variant, **common)
   else:
     raise ValueError(f"Unknown loss {loss_cfg.name!r}")
 

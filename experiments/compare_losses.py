@@ -61,6 +61,8 @@ def method_specs(args, domain: str) -> list[common.Method]:
 
 def hyperparameters(config, loss_name: str) -> str:
   loss = config.loss
+  if loss_name == "chi2_dro":   # no temperature in the objective (the kNN monitor still uses t)
+    return f"eta={loss.eta:g}"
   text = f"t={loss.temperature:g}"
   if loss_name == "adnce":
     mu = f"q{loss.mu_quantile:g}(s_neg)" if loss.mu_rule == "quantile" else f"{loss.mu:g}"

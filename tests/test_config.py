@@ -36,6 +36,7 @@ def test_dcl_hcl_rejected_outside_images(domain, loss):
     ("sigma", -1.0, "sigma must be > 0"),
     ("tau_plus", 1.0, r"tau_plus must be in \[0, 1\)"),
     ("name", "simclr", "is not one of"),
+    ("eta", -0.1, "eta must be >= 0"),
 ])
 def test_impossible_loss_values_are_rejected(field, value, message):
   config = config_defaults.base_config("image")
@@ -114,7 +115,24 @@ def test_mesh_of_part_of_the_devices_is_refused_in_a_multi_process_run(monkeypat
   assert train.make_mesh(-1).size == train.make_mesh(8).size == 8
 
 
-@pytest.mark.parametrize("name", ["infonce", "adnce", "dcl", "hcl"])
+@pytest.mark.parametrize("name", ["chi2_dro", "mean_variance"])
+def test_dense_only_losses_refuse_a_block_size(name):
+  config = config_defaults.base_config("image")
+  config.loss.name, config.loss.block_size = name, 64
+  with pytest.raises(ValueError, match=f"{name}.*has no blockwise path.*block_size=0"):
+    config_defaults.validate_config(config)
+
+
+@pytest.mark.parametrize("domain", ["sentence", "graph"])
+@pytest.mark.parametrize("name", ["kl_dro", "chi2_dro", "mean_variance"])
+def test_cl_dro_losses_are_accepted_in_every_domain(domain, name):
+  config = config_defaults.base_config(domain)
+  config.loss.name = name
+  config_defaults.validate_config(config)
+
+
+@pytest.mark.parametrize("name", ["infonce", "adnce", "dcl", "hcl", "kl_dro", "chi2_dro",
+                                  "mean_variance"])
 def test_config_loss_reaches_the_trainer_with_its_hyperparameters(name):
   # The trainer's loss for each `config.loss.name`, with non-default values everywhere (a
   # swapped tau_plus/beta, or mu/sigma left at their defaults, changes the number), against the
@@ -129,6 +147,7 @@ def test_config_loss_reaches_the_trainer_with_its_hyperparameters(name):
   config.loss.name, config.loss.temperature = name, 0.3
   config.loss.mu, config.loss.sigma = 0.2, 0.6
   config.loss.tau_plus, config.loss.beta = 0.15, 0.8
+  config.loss.eta = 0.35
   rng = np.random.default_rng(3)
   z1, z2 = rng.normal(size=(2, 12, 6))
   labels = np.arange(12) % 3
@@ -141,5 +160,35 @@ def test_config_loss_reaches_the_trainer_with_its_hyperparameters(name):
                                         labels=labels),
       "dcl": lambda: ref.hcl(z1, z2, t=0.3, tau_plus=0.15, beta=0.0, labels=labels),
       "hcl": lambda: ref.hcl(z1, z2, t=0.3, tau_plus=0.15, beta=0.8, labels=labels),
+      "kl_dro": lambda: ref.kl_dro(z1, z2, t=0.3, variant="image", labels=labels),
+      "chi2_dro": lambda: ref.chi2_dro(z1, z2, eta=0.35, variant="image", labels=labels),
+      "mean_variance": lambda: ref.mean_variance(z1, z2, t=0.3, variant="image", labels=labels),
   }[name]()
+  np.testing.assert_allclose(got, expected, rtol=2e-5)
+
+
+@pytest.mark.parametrize("variant", ["sentence", "graph"])
+@pytest.mark.parametrize("name,block_size", [("kl_dro", 0), ("kl_dro", 4), ("chi2_dro", 0),
+                                             ("mean_variance", 0)])
+def test_cl_dro_trainer_loss_follows_the_domain_variant(variant, name, block_size):
+  # Sentence and graph runs pair z1 row i with z2 row i and take the B-1 other z2 rows as
+  # negatives; the image form would use 2B-2. The blockwise kl_dro gives the same number.
+  import jax
+  import numpy as np
+
+  import reference_losses as ref
+  from cldro_jax import train
+
+  config = config_defaults.base_config(variant)
+  config.loss.name, config.loss.temperature, config.loss.eta = name, 0.25, 0.6
+  config.loss.block_size = block_size
+  rng = np.random.default_rng(5)
+  z1, z2 = rng.normal(size=(2, 10, 5))
+  valid = np.arange(10) < 9
+  loss_fn = train.make_loss_fn(config.loss, variant)
+  got = float(jax.jit(lambda a, b, v: loss_fn(a, b, v, None, None))(z1, z2, valid))
+  expected = {"kl_dro": lambda: ref.kl_dro(z1, z2, t=0.25, variant=variant, valid=valid),
+              "chi2_dro": lambda: ref.chi2_dro(z1, z2, eta=0.6, variant=variant, valid=valid),
+              "mean_variance": lambda: ref.mean_variance(z1, z2, t=0.25, variant=variant,
+                                                         valid=valid)}[name]()
   np.testing.assert_allclose(got, expected, rtol=2e-5)
