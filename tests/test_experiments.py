@@ -22,6 +22,7 @@ from experiments import (
   adnce_sensitivity,
   common,
   compare_losses,
+  dro_family,
   sampling_bias,
   temperature_radius,
   weights_plot,
@@ -112,6 +113,48 @@ def test_sensitivity_quick_every_mu_at_huge_sigma_is_infonce(tmp_path):
     assert f"| {common.fmt([score])} |" in text
   assert "| 0.1 |" in text and "| 0.9 |" in text and "| InfoNCE |" in text
   assert (tmp_path / "adnce_sensitivity.png").stat().st_size > 10_000
+
+
+def test_dro_family_quick_mean_variance_at_huge_t_is_the_basic_objective(tmp_path):
+  summary = run_quick(dro_family, tmp_path, "--runs", str(tmp_path / "runs"))
+  runs = {r["label"]: r for r in summary["runs"]}
+  huge = f"mean-variance t={dro_family.QUICK_HUGE_T:g}"
+  assert set(runs) == {dro_family.BASIC, huge}
+  saved = {}
+  for label, r in runs.items():   # each run trained its own objective
+    with open(f"{r['workdir']}/config.json", encoding="utf-8") as f:
+      saved[label] = json.load(f)["loss"]
+  assert (saved[dro_family.BASIC]["name"], saved[dro_family.BASIC]["eta"]) == ("chi2_dro", 0.0)
+  assert (saved[huge]["name"], saved[huge]["temperature"]) == ("mean_variance", 1e9)
+  lines = {label: metrics_lib.read_metrics(r["workdir"], "train") for label, r in runs.items()}
+  for label, t in ((dro_family.BASIC, np.inf), (huge, 1e9)):
+    # Every logged loss is the objective of that step's logged statistics (computed by
+    # losses.diagnostics, not by the loss): -mean f+ + mean f_neg (+ mean Var / 2t).
+    for r in lines[label]:
+      expected = r["s_neg_mean"] - r["s_pos_mean"] + r["s_neg_var"] / (2 * t)
+      assert r["loss"] == pytest.approx(expected, abs=2e-6)
+  basic = np.array([r["loss"] for r in lines[dro_family.BASIC]])
+  other = np.array([r["loss"] for r in lines[huge]])
+  assert basic.shape == other.shape == (10,)
+  # No variance term left at t = 1e9: the same training, seed for seed, up to float32 rounding.
+  np.testing.assert_allclose(other[:3], basic[:3], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(other, basic, rtol=2e-2, atol=1e-3)
+  text = (tmp_path / "dro_family.md").read_text()
+  assert "Training statistics" in text and f"| {dro_family.BASIC} | eta=0 |" in text
+  for name in ("dro_family_knn_top1", "dro_family_diagnostics"):
+    assert (tmp_path / f"{name}.png").stat().st_size > 10_000
+  saved_summary = json.loads((tmp_path / "dro_family.json").read_text())
+  assert len(saved_summary["diagnostics"][huge]["s_neg_var"]["epochs"]) == 10
+
+
+def test_dro_family_methods_are_the_family_beside_infonce():
+  labels = [m.label for m in dro_family.family_methods([0.75, 3.0], quick=False)]
+  assert labels == ["InfoNCE", "KL-DRO", "mean-variance", "chi2-DRO eta=0.75", "chi2-DRO eta=3",
+                    dro_family.BASIC]
+  overrides = {m.label: dict(m.overrides) for m in dro_family.family_methods([3.0], quick=False)}
+  assert overrides["chi2-DRO eta=3"] == {"loss.name": "chi2_dro", "loss.eta": 3.0}
+  assert overrides[dro_family.BASIC] == {"loss.name": "chi2_dro", "loss.eta": 0.0}
+  assert overrides["mean-variance"] == {"loss.name": "mean_variance"}
 
 
 def test_sampling_bias_pretrains_stl10_on_its_labelled_split_only():

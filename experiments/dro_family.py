@@ -1,0 +1,177 @@
+r"""The CL-DRO family as training objectives: is contrastive learning its mean-variance form?
+
+Section 3 of the paper reads InfoNCE as KL-ball DRO over the negatives, and Theorem 3.5
+approximates it by a mean-variance objective, ``-f+ + mean(f_neg) + Var(f_neg) / (2t)``: CL is
+the "basic" objective ``-f+ + mean(f_neg)`` plus a variance penalty set by the temperature. The
+paper argues from the formulas; this trains them, every objective with the same seeds, encoder,
+data and temperature:
+
+- InfoNCE (the reference) and KL-DRO (``t * InfoNCE`` without the positive in the normaliser),
+- mean-variance (Theorem 3.5's approximation, same t),
+- chi-square DRO ``-f+ + mean + sqrt(eta Var)`` (another divergence ball; `--etas`),
+- basic: chi-square DRO at eta=0, no variance term at all.
+
+It reports the final score (image: linear probe top-1; graph: SVM accuracy; sentence: STS) and
+the monitors paired by seed against InfoNCE, and, as figures against epochs, the statistics the
+theory speaks of: the negatives' cosine variance (what the penalty acts on), their mean, and the
+positives' cosine (alignment).
+
+Choosing eta: the chi-square penalty's gradient in Var, sqrt(eta) / (2 sqrt(Var)), equals the
+mean-variance one, 1 / (2t), where eta = Var / t^2 = 2 eta_hat (the KL radius InfoNCE implies,
+logged as `eta_hat`; the chi-square divergence is twice KL to second order). InfoNCE's runs end
+near eta_hat = 1.5 on the quick-start setting (t=0.2) and 1.9 on MUTAG (t=0.15), hence eta=3;
+eta=0.75 is a 4x smaller ball.
+
+  # docs/results.md, claim 7 (images: about 50 min on 2 CPU cores; reuses the InfoNCE runs of
+  # claim 6 through --runs)
+  python experiments/dro_family.py --out results/dro_family --seeds 0 1 2 3 4 \
+      --set total_epochs=20 --set eval.every_epochs=2 --set log_every_steps=1 \
+      --runs results/runs
+  # graphs (about 10 min)
+  python experiments/dro_family.py --out results/dro_family_mutag --config configs/tu_mutag.py \
+      --seeds 0 1 2 3 4 5 6 7 8 9 --set eval.every_epochs=2 --runs results/runs
+  python experiments/dro_family.py --out /tmp/dro --quick
+
+Quick check (tests/test_experiments.py): mean-variance at t = 1e9 has no variance term left, so
+it must train seed for seed like basic (chi-square at eta=0), a different code path; every run
+must carry its own loss and eta.
+Writes OUT/dro_family.md, OUT/dro_family.json and OUT/dro_family_*.png.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments import (
+  common,
+  compare_losses,
+)
+
+REFERENCE = "InfoNCE"
+BASIC = "basic (chi2-DRO eta=0)"
+DEFAULT_ETAS = [0.75, 3.0]
+QUICK_HUGE_T = 1e9
+# Training statistics logged every step (losses.diagnostics), as the theory names them.
+DIAGNOSTICS = [("s_neg_var", "Var(f_neg): negatives' cosine variance"),
+               ("s_neg_mean", "mean(f_neg): negatives' mean cosine"),
+               ("s_pos_mean", "f+: positives' mean cosine")]
+
+
+def parse_args(argv):
+  parser = common.base_parser(__doc__)
+  parser.add_argument("--etas", type=float, nargs="+", default=DEFAULT_ETAS,
+                      help=f"chi-square ball radii besides 0 (default {DEFAULT_ETAS})")
+  return parser.parse_args(argv)
+
+
+def family_methods(etas: Sequence[float], quick: bool, pin: str = "") -> list[common.Method]:
+  if quick:   # the same objective by two code paths (`pin`: settings both runs must share)
+    return [common.parse_method(f"chi2_dro:eta=0.0{pin},label={BASIC}"),
+            common.parse_method(f"mean_variance:temperature={QUICK_HUGE_T!r}{pin},"
+                                f"label=mean-variance t={QUICK_HUGE_T:g}")]
+  methods = [common.parse_method(f"infonce:label={REFERENCE}"),
+             common.parse_method("kl_dro:label=KL-DRO"),
+             common.parse_method("mean_variance:label=mean-variance")]
+  methods += [common.parse_method(f"chi2_dro:eta={eta!r},label=chi2-DRO eta={eta:g}")
+              for eta in etas if eta > 0]
+  methods.append(common.parse_method(f"chi2_dro:eta=0.0,label={BASIC}"))
+  return methods
+
+
+def diagnostic_curves(records, labels) -> dict:
+  """Per method and statistic: (epochs, values (seeds, points)) of the logged training values."""
+  by_label = common.group_by(records)
+  return {label: {key: common.stack_curves(by_label[(label,)], "train", key)
+                  for key, _ in DIAGNOSTICS} for label in labels}
+
+
+def final_diagnostics_table(curves: dict, last_fraction: float = 0.1) -> str:
+  """Each statistic averaged over the last 10% of training steps, mean +- std over seeds."""
+  body = []
+  for label, stats in curves.items():
+    line = [label]
+    for key, _ in DIAGNOSTICS:
+      _, values = stats[key]
+      if values.size == 0:
+        line.append("n/a")
+        continue
+      tail = max(1, int(round(values.shape[1] * last_fraction)))
+      line.append(common.fmt(values[:, -tail:].mean(axis=1), 3))
+    body.append(line)
+  return common.markdown_table(["objective"] + [name for _, name in DIAGNOSTICS], body)
+
+
+def plot_diagnostics(curves: dict, out: str, title: str) -> str:
+  fig, axes = common.plt.subplots(1, len(DIAGNOSTICS), figsize=(5.5 * len(DIAGNOSTICS), 4),
+                                  squeeze=False)
+  for ax, (key, name) in zip(axes[0], DIAGNOSTICS):
+    for label, stats in curves.items():
+      epochs, values = stats[key]
+      if values.size:   # one point per logged step: a line and its band, no markers
+        mean = values.mean(0)
+        line, = ax.plot(epochs, mean, label=label, linewidth=1.2)
+        if values.shape[0] > 1:
+          std = values.std(0, ddof=1)
+          ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("epoch")
+    ax.set_title(name, fontsize=10)
+    ax.grid(alpha=0.3)
+  axes[0][0].legend(fontsize=8)
+  fig.suptitle(f"{title}: training statistics, mean ± std over seeds", fontsize=11)
+  path = f"{out}/dro_family_diagnostics.png"
+  common.save_figure(fig, path)
+  return path
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+  args = parse_args(argv)
+  common.setup(args)
+  base = common.base_config(args)
+  domain = base.domain
+  pin = ""
+  if "knn_temperature" in base.eval:   # image kNN monitor: 0 means the loss temperature
+    pin = f",eval.knn_temperature={float(base.eval.knn_temperature or base.loss.temperature)!r}"
+  methods = family_methods(args.etas, args.quick, pin)
+  specs = [common.RunSpec(m.label, seed, m.overrides) for m in methods for seed in args.seeds]
+  records = common.run_all(base, specs, args.runs or f"{args.out}/runs", desc="dro_family")
+  rows, curves = compare_losses.summarise(records, domain)
+  reference = rows[0]["label"]
+  dataset = records[0].results.get("dataset", domain)
+  title = f"CL-DRO objectives on {dataset}"
+  figures = compare_losses.plot(curves, domain, args.out, title, prefix="dro_family")
+  stats = diagnostic_curves(records, [r["label"] for r in rows])
+  figures.append(plot_diagnostics(stats, args.out, title))
+
+  command = common.command_line(argv, "dro_family.py")
+  text = common.header(title, command, args.seeds, sum(r.wall_s for r in records))
+  text += "\n" + compare_losses.table(rows, domain) + "\n"
+  score_name = common.SCORE_KEYS.get(domain, ("", "score"))[1]
+  for key, name in [("score", score_name)] + [
+      (f"final_{k}", f"final {n}") for k, n in compare_losses.CURVE_KEYS.get(domain, [])]:
+    paired = common.paired_table(rows, reference, name, key=key)
+    if paired:
+      text += f"\nPaired by seed, against {reference}:\n\n{paired}\n"
+  text += ("\n## Training statistics (last 10% of the steps)\n\n"
+           + final_diagnostics_table(stats) + "\n")
+  for key, name in compare_losses.CURVE_KEYS.get(domain, []):
+    section = compare_losses.curve_table(curves, key)
+    if section:
+      text += f"\n## {name} against epochs\n\n{section}\n"
+  text += "\n" + "".join(f"![{Path(p).stem}]({Path(p).name})\n" for p in figures)
+  common.write_text(f"{args.out}/dro_family.md", text)
+  summary = {"domain": domain, "dataset": dataset, "methods": rows,
+             "diagnostics": {label: {key: {"epochs": e, "values": v}
+                                     for key, (e, v) in by_key.items()}
+                             for label, by_key in stats.items()},
+             "runs": [common.record_summary(r) for r in records],
+             "environment": common.environment(), "command": command}
+  common.write_json(f"{args.out}/dro_family.json", summary)
+  return summary
+
+
+if __name__ == "__main__":
+  main()
