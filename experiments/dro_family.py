@@ -46,6 +46,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np
+
 from experiments import (
   common,
   compare_losses,
@@ -87,6 +89,35 @@ def diagnostic_curves(records, labels) -> dict:
   by_label = common.group_by(records)
   return {label: {key: common.stack_curves(by_label[(label,)], "train", key)
                   for key, _ in DIAGNOSTICS} for label in labels}
+
+
+def effective_rank(features: np.ndarray, eps: float = 1e-7) -> float:
+  """RankMe (Garrido et al., 2023): exp of the entropy of the normalised singular values.
+
+  Between 1 (every embedding on one line) and min(N, F) (a flat spectrum): how many directions
+  the representation uses, the collapse that a missing variance term would allow.
+  """
+  singular = np.linalg.svd(np.asarray(features, np.float64), compute_uv=False)
+  p = singular / singular.sum() + eps
+  return float(np.exp(-np.sum(p * np.log(p))))
+
+
+def representation_ranks(records) -> dict | None:
+  """Effective rank of each image run's final encoder features on the test split, by label
+  (and "feature_dim")."""
+  if not records or records[0].config.domain != "image":
+    return None   # load_encoder embeds images only
+  import cldro_jax  # pylint: disable=import-outside-toplevel
+  from cldro_jax.data import images  # pylint: disable=import-outside-toplevel
+  test = images.materialize(images.load_image_dataset(records[0].config.data).test)
+  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+  ranks: dict[str, list[float]] = {}
+  for r in tqdm(records, desc="effective rank", unit="run", file=sys.stderr):
+    encoder = cldro_jax.load_encoder(r.workdir)
+    features = encoder.embed(test.images, image_size=r.config.eval.probe_image_size or None)
+    ranks.setdefault(r.spec.label, []).append(effective_rank(features))
+  ranks["feature_dim"] = int(features.shape[1])
+  return ranks
 
 
 def final_diagnostics_table(curves: dict, last_fraction: float = 0.1) -> str:
@@ -157,6 +188,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
       text += f"\nPaired by seed, against {reference}:\n\n{paired}\n"
   text += ("\n## Training statistics (last 10% of the steps)\n\n"
            + final_diagnostics_table(stats) + "\n")
+  ranks = representation_ranks(records)
+  if ranks:
+    text += ("\n## Effective rank of the final representation (RankMe, test split)\n\n"
+             + common.markdown_table(
+                 ["objective", f"effective rank (of {ranks['feature_dim']} dims)"],
+                 [[label, common.fmt(v, 1)] for label, v in ranks.items()
+                  if label != "feature_dim"]) + "\n")
   for key, name in compare_losses.CURVE_KEYS.get(domain, []):
     section = compare_losses.curve_table(curves, key)
     if section:
@@ -167,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
              "diagnostics": {label: {key: {"epochs": e, "values": v}
                                      for key, (e, v) in by_key.items()}
                              for label, by_key in stats.items()},
-             "runs": [common.record_summary(r) for r in records],
+             "effective_rank": ranks, "runs": [common.record_summary(r) for r in records],
              "environment": common.environment(), "command": command}
   common.write_json(f"{args.out}/dro_family.json", summary)
   return summary

@@ -145,6 +145,24 @@ def test_dro_family_quick_mean_variance_at_huge_t_is_the_basic_objective(tmp_pat
     assert (tmp_path / f"{name}.png").stat().st_size > 10_000
   saved_summary = json.loads((tmp_path / "dro_family.json").read_text())
   assert len(saved_summary["diagnostics"][huge]["s_neg_var"]["epochs"]) == 10
+  ranks = saved_summary["effective_rank"]   # of the final encoders: the same training, the same
+  assert 1 <= ranks[dro_family.BASIC][0] <= ranks["feature_dim"]
+  assert ranks[huge][0] == pytest.approx(ranks[dro_family.BASIC][0], rel=1e-3)
+
+
+def test_effective_rank_counts_the_directions_a_representation_uses():
+  from scipy import stats  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  basis, _ = np.linalg.qr(rng.normal(size=(40, 40)))
+  for r in (1, 3, 16):   # r orthogonal directions with equal weight: rank r
+    orthonormal = np.linalg.svd(rng.normal(size=(200, r)), full_matrices=False)[0]
+    whitened = orthonormal @ basis[:r]   # (200, 40), r equal singular values, the rest 0
+    assert dro_family.effective_rank(whitened) == pytest.approx(r, rel=1e-4)
+  features = rng.normal(size=(300, 40)) * np.linspace(0.1, 3.0, 40)
+  singular = np.linalg.svd(features, compute_uv=False)
+  # RankMe = exp(Shannon entropy of the normalised singular values), via scipy.
+  assert dro_family.effective_rank(features) == pytest.approx(
+      np.exp(stats.entropy(singular)), rel=1e-4)
 
 
 def test_dro_family_methods_are_the_family_beside_infonce():
