@@ -141,7 +141,7 @@ def plot(curves: dict, domain: str, out: str, title: str,
     ax.set_ylabel(name)
     ax.set_title(f"{title}\n{name}, mean ± std over seeds", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8 if len(labels) > 4 else None)   # small enough not to hide the curves
     path = f"{out}/{prefix}_{key}.png"
     common.save_figure(fig, path)
     paths.append(path)
