@@ -143,6 +143,11 @@ def base_config(domain: str = "image") -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3
   config.progress_bar = True
+  # A workdir whose latest checkpoint's encoder (parameters and BatchNorm statistics) starts this
+  # run instead of a fresh initialisation, e.g. to continue an InfoNCE run with another loss; the
+  # optimizer, the online probe and the step start afresh. Used on a first start only (a resume
+  # continues from this workdir's own checkpoint). "" = initialise as usual.
+  config.init_from = ""
   config.loss = _loss_defaults()
   config.optim = _optim_defaults()
   config.mesh = ml_collections.ConfigDict(dict(num_devices=-1))   # -1 = all devices

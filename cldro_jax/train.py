@@ -368,7 +368,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   steps_per_epoch = task.steps_per_epoch
   total_steps = steps_for(config, steps_per_epoch)
   _check_run_length(workdir, config, total_steps, steps_per_epoch)
-  checkpointing.check_or_save_config(workdir, config)
   schedule = make_schedule(config.optim, total_steps, steps_per_epoch)
   tx = make_full_optimizer(config, schedule)
 
@@ -381,7 +380,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer = None
     try:
       start_step = 0
-      if checkpointer.latest_step() is not None:
+      resuming = checkpointer.latest_step() is not None
+      if not resuming and config.init_from:   # checked before config.json is written, so that
+        # a wrong source leaves no workdir that would refuse the corrected command
+        state = _start_from_encoder(state, config.init_from, signature, task.model_name)
+      checkpointing.check_or_save_config(workdir, config)
+      if resuming:
         state, meta = checkpointer.restore(state, expected_signature=signature)
         start_step = int(meta["step"])
         logging.info("Resumed from step %d in %s", start_step, workdir)
@@ -415,6 +419,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.close()
       checkpointer.close()
   return results
+
+
+def _start_from_encoder(state: TrainState, source: str, signature: str,
+                        model_name: str) -> TrainState:
+  """`state` with the encoder (parameters and model state) of `source`'s latest checkpoint.
+
+  The source must hold the same model (parameter signature); its values are cast to this run's
+  dtypes and placed with this run's shardings. Optimizer, online probe, step and RNG stay fresh.
+  """
+  if not os.path.isdir(os.path.join(source, "checkpoints")):
+    raise FileNotFoundError(
+        f"config.init_from={source!r} has no checkpoints folder: it must be the --workdir of an "
+        "earlier run (python -m cldro_jax.main --config=... --workdir=DIR), or '' for a fresh "
+        "initialisation.")
+  checkpointer = checkpointing.Checkpointer(source, read_only=True)
+  try:
+    if checkpointer.latest_step() is None:
+      raise FileNotFoundError(f"config.init_from={source!r} holds no checkpoint yet.")
+    raw, meta = checkpointer.restore_raw()
+  finally:
+    checkpointer.close()
+  if meta.get("parameter_signature") != signature:
+    raise checkpointing.CheckpointMismatchError(
+        f"config.init_from={source!r} holds a {meta.get('model', '?')} encoder (parameter "
+        f"signature {meta.get('parameter_signature')}); this config builds {model_name} "
+        f"(signature {signature}). Nothing was changed. Point --config.init_from at a run of "
+        "the same model, or give this run the source run's --config.model settings.")
+  if not bool(np.asarray(raw["finite"])):
+    raise NonFiniteLossError(f"config.init_from={source!r}: its last checkpoint holds a "
+                             "non-finite state; use an earlier run.")
+
+  def like(new, old):   # via NumPy: every process puts its own copy of the replicated value
+    return jax.device_put(np.asarray(new).astype(old.dtype), old.sharding)
+
+  params = dict(state.params, model=jax.tree.map(like, raw["params"]["model"],
+                                                 state.params["model"]))
+  model_state = jax.tree.map(like, raw["model_state"], state.model_state)
+  logging.info("Encoder initialised from %s (step %s)", source, meta.get("step"))
+  return state.replace(params=params, model_state=model_state)
 
 
 def _check_run_length(workdir, config, total_steps, steps_per_epoch):

@@ -237,6 +237,65 @@ def test_checkpoint_from_another_model_is_refused(tmp_path):
     train.train_and_evaluate(tiny_config(total_steps=2, **{"model.width": 8}), workdir)
 
 
+def test_init_from_starts_with_the_source_encoder_and_fresh_optimizer(tmp_path):
+  source = str(tmp_path / "source")
+  train.train_and_evaluate(tiny_config(total_steps=2), source)
+  config = tiny_config(init_from=source)
+  mesh = train.make_mesh(1)
+  task = tasks_lib.build_task(config, mesh, str(tmp_path / "new"))
+  tx = train.make_full_optimizer(config, train.make_schedule(config.optim, 4, task.steps_per_epoch))
+  with jax.set_mesh(mesh):
+    fresh = train.initial_state(task, config, tx, mesh)
+    signature = checkpointing.parameter_signature(fresh.params["model"])
+    started = train._start_from_encoder(  # pylint: disable=protected-access
+        fresh, source, signature, task.model_name)
+  saved, _ = saved_arrays(source)
+  # The encoder and its BatchNorm statistics are the source's, bit for bit ...
+  assert_trees_close(started.params["model"], saved["params"]["model"], rtol=0, atol=0)
+  assert_trees_close(started.model_state, saved["model_state"], rtol=0, atol=0)
+  # ... everything else is this run's fresh start (the source's Adam moments are not carried).
+  for field in ("opt_state", "step", "rng"):
+    assert_trees_close(getattr(started, field), getattr(fresh, field), rtol=0, atol=0)
+  assert_trees_close(started.params["probe"], fresh.params["probe"], rtol=0, atol=0)
+  assert not np.allclose(jax.tree.leaves(saved["params"]["model"])[0],
+                         jax.tree.leaves(fresh.params["model"])[0])
+
+
+def test_init_from_applies_to_the_first_start_only(tmp_path):
+  """A run started from another run's encoder resumes from its own checkpoint: stopped after 2
+  steps and resumed to 4, it equals the same run made in one go (re-reading the source on resume
+  would restart it from there)."""
+  source = str(tmp_path / "source")
+  train.train_and_evaluate(tiny_config(total_steps=2), source)
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  train.train_and_evaluate(tiny_config(total_steps=4, init_from=source), straight)
+  train.train_and_evaluate(tiny_config(total_steps=2, init_from=source), resumed)
+  train.train_and_evaluate(tiny_config(total_steps=4, init_from=source), resumed)
+  assert_trees_close(saved_arrays(straight)[0], saved_arrays(resumed)[0], rtol=0, atol=0)
+  assert read_json(straight, "config.json")["init_from"] == source
+  # And it is another run than a fresh start of the same config.
+  fresh = str(tmp_path / "fresh")
+  train.train_and_evaluate(tiny_config(total_steps=4), fresh)
+  assert not np.allclose(jax.tree.leaves(saved_arrays(fresh)[0]["params"]["model"])[0],
+                         jax.tree.leaves(saved_arrays(straight)[0]["params"]["model"])[0])
+
+
+def test_init_from_refuses_another_model_or_a_missing_run(tmp_path):
+  source = str(tmp_path / "source")
+  train.train_and_evaluate(tiny_config(total_steps=2), source)
+  with pytest.raises(checkpointing.CheckpointMismatchError,
+                     match=r"init_from=.*holds a resnet18.*encoder.*Nothing was changed"):
+    train.train_and_evaluate(tiny_config(init_from=source, **{"model.width": 8}),
+                             str(tmp_path / "wider"))
+  new = str(tmp_path / "new")
+  with pytest.raises(FileNotFoundError, match=r"init_from=.*no checkpoints folder.*--workdir"):
+    train.train_and_evaluate(tiny_config(init_from=str(tmp_path / "nowhere")), new)
+  # Nothing was saved for the failed start: the corrected command starts normally.
+  assert not os.path.exists(os.path.join(new, "config.json"))
+  train.train_and_evaluate(tiny_config(total_steps=2, init_from=source), new)
+  assert read_json(new, "config.json")["init_from"] == source
+
+
 def test_workdir_of_an_older_version_loads_resumes_and_keeps_its_meaning(tmp_path):
   """A workdir whose config.json predates fields added since (here `model.views_in_one_pass` and
   `loss.mu_rule`) is read with those fields at their defaults, the behaviour it was trained with:
