@@ -67,6 +67,9 @@ def parse_args(argv):
   parser = common.base_parser(__doc__)
   parser.add_argument("--etas", type=float, nargs="+", default=DEFAULT_ETAS,
                       help=f"chi-square ball radii besides 0 (default {DEFAULT_ETAS})")
+  parser.add_argument("--after-infonce", nargs="+", default=None, metavar="SPEC",
+                      help="loss specs (as compare_losses' --losses, e.g. 'chi2_dro:eta=3.0') "
+                           "also trained from each seed's final InfoNCE encoder")
   return parser.parse_args(argv)
 
 
@@ -136,7 +139,7 @@ def final_diagnostics_table(curves: dict, last_fraction: float = 0.1) -> str:
   return common.markdown_table(["objective"] + [name for _, name in DIAGNOSTICS], body)
 
 
-def plot_diagnostics(curves: dict, out: str, title: str) -> str:
+def plot_diagnostics(curves: dict, path: str, title: str) -> str:
   fig, axes = common.plt.subplots(1, len(DIAGNOSTICS), figsize=(5.5 * len(DIAGNOSTICS), 4),
                                   squeeze=False)
   for ax, (key, name) in zip(axes[0], DIAGNOSTICS):
@@ -153,7 +156,6 @@ def plot_diagnostics(curves: dict, out: str, title: str) -> str:
     ax.grid(alpha=0.3)
   axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))   # beside, not over
   fig.suptitle(f"{title}: training statistics, mean ± std over seeds", fontsize=11)
-  path = f"{out}/dro_family_diagnostics.png"
   common.save_figure(fig, path)
   return path
 
@@ -168,18 +170,51 @@ def main(argv: Sequence[str] | None = None) -> dict:
     pin = f",eval.knn_temperature={float(base.eval.knn_temperature or base.loss.temperature)!r}"
   methods = family_methods(args.etas, args.quick, pin)
   specs = [common.RunSpec(m.label, seed, m.overrides) for m in methods for seed in args.seeds]
-  records = common.run_all(base, specs, args.runs or f"{args.out}/runs", desc="dro_family")
-  rows, curves = compare_losses.summarise(records, domain)
-  reference = rows[0]["label"]
+  runs_dir = args.runs or f"{args.out}/runs"
+  records = common.run_all(base, specs, runs_dir, desc="dro_family")
   dataset = records[0].results.get("dataset", domain)
   title = f"CL-DRO objectives on {dataset}"
-  figures = compare_losses.plot(curves, domain, args.out, title, prefix="dro_family")
-  stats = diagnostic_curves(records, [r["label"] for r in rows])
-  figures.append(plot_diagnostics(stats, args.out, title))
+  text, figures, summary = report(records, domain, args.out, title, "dro_family")
+
+  after = []
+  if args.after_infonce:
+    # Each seed's run continues from the encoder InfoNCE trained with that seed.
+    sources = {r.spec.seed: r.workdir for r in records if r.spec.label == REFERENCE}
+    if not sources:
+      raise ValueError("--after-infonce needs the InfoNCE runs; it has no quick mode.")
+    warm = [common.parse_method(spec) for spec in args.after_infonce]
+    warm_specs = [common.RunSpec(f"{m.label} after InfoNCE", seed,
+                                 m.overrides + (("init_from", sources[seed]),))
+                  for m in warm for seed in args.seeds]
+    after = common.run_all(base, warm_specs, runs_dir, desc="dro_family, after InfoNCE")
+    more_text, more_figures, more = report(after, domain, args.out,
+                                           f"{title}, started from InfoNCE's encoder",
+                                           "dro_family_after_infonce")
+    text += ("\n# Started from InfoNCE's trained encoder\n\nEach run starts from the final "
+             "encoder of the InfoNCE run with its seed (fresh optimizer), and trains as long "
+             "again.\n" + more_text)
+    figures += more_figures
+    summary["after_infonce"] = more
 
   command = common.command_line(argv, "dro_family.py")
-  text = common.header(title, command, args.seeds, sum(r.wall_s for r in records))
-  text += "\n" + compare_losses.table(rows, domain) + "\n"
+  header = common.header(title, command, args.seeds, sum(r.wall_s for r in records + after))
+  text = header + text + "\n" + "".join(f"![{Path(p).stem}]({Path(p).name})\n" for p in figures)
+  common.write_text(f"{args.out}/dro_family.md", text)
+  summary.update({"domain": domain, "dataset": dataset, "environment": common.environment(),
+                  "command": command})
+  common.write_json(f"{args.out}/dro_family.json", summary)
+  return summary
+
+
+def report(records, domain: str, out: str, title: str, prefix: str) -> tuple[str, list, dict]:
+  """Markdown (scores, paired differences against the first method, training statistics,
+  effective ranks, curves), the figures' paths and the numbers, for one set of runs."""
+  rows, curves = compare_losses.summarise(records, domain)
+  reference = rows[0]["label"]
+  figures = compare_losses.plot(curves, domain, out, title, prefix=prefix)
+  stats = diagnostic_curves(records, [r["label"] for r in rows])
+  figures.append(plot_diagnostics(stats, f"{out}/{prefix}_diagnostics.png", title))
+  text = "\n" + compare_losses.table(rows, domain) + "\n"
   score_name = common.SCORE_KEYS.get(domain, ("", "score"))[1]
   for key, name in [("score", score_name)] + [
       (f"final_{k}", f"final {n}") for k, n in compare_losses.CURVE_KEYS.get(domain, [])]:
@@ -201,16 +236,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     section = compare_losses.curve_table(curves, key)
     if section:
       text += f"\n## {name} against epochs\n\n{section}\n"
-  text += "\n" + "".join(f"![{Path(p).stem}]({Path(p).name})\n" for p in figures)
-  common.write_text(f"{args.out}/dro_family.md", text)
-  summary = {"domain": domain, "dataset": dataset, "methods": rows,
+  summary = {"methods": rows,
              "diagnostics": {label: {key: {"epochs": e, "values": v}
                                      for key, (e, v) in by_key.items()}
                              for label, by_key in stats.items()},
-             "effective_rank": ranks, "runs": [common.record_summary(r) for r in records],
-             "environment": common.environment(), "command": command}
-  common.write_json(f"{args.out}/dro_family.json", summary)
-  return summary
+             "effective_rank": ranks, "runs": [common.record_summary(r) for r in records]}
+  return text, figures, summary
 
 
 if __name__ == "__main__":

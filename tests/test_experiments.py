@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference_losses as ref
+from helpers import read_json
 from jax.sharding import PartitionSpec as P
 
 from cldro_jax import config_defaults, losses
@@ -148,6 +149,31 @@ def test_dro_family_quick_mean_variance_at_huge_t_is_the_basic_objective(tmp_pat
   ranks = saved_summary["effective_rank"]   # of the final encoders: the same training, the same
   assert 1 <= ranks[dro_family.BASIC][0] <= ranks["feature_dim"]
   assert ranks[huge][0] == pytest.approx(ranks[dro_family.BASIC][0], rel=1e-3)
+
+
+def test_dro_family_after_infonce_starts_each_seed_from_its_infonce_encoder(tmp_path):
+  # The quick sizes, but the real method list (--etas 0: InfoNCE, KL-DRO, mean-variance, basic)
+  # and one continuation, on two seeds.
+  sets = [x for k, v in common.QUICK_OVERRIDES["image"].items() for x in ("--set", f"{k}={v!r}")]
+  summary = dro_family.main(["--out", str(tmp_path), "--seeds", "0", "1", "--etas", "0",
+                             "--set", "total_steps=4", "--set", "eval.every_epochs=0", *sets,
+                             "--after-infonce", "chi2_dro:eta=3.0,label=chi2 eta=3"])
+  infonce = {r["seed"]: r["workdir"] for r in summary["runs"] if r["label"] == "InfoNCE"}
+  warm = summary["after_infonce"]["runs"]
+  assert [(r["label"], r["seed"]) for r in warm] == [("chi2 eta=3 after InfoNCE", 0),
+                                                     ("chi2 eta=3 after InfoNCE", 1)]
+  for r in warm:
+    saved = read_json(r["workdir"], "config.json")
+    assert saved["init_from"] == infonce[r["seed"]] and saved["loss"]["name"] == "chi2_dro"
+    # Its first step saw InfoNCE's trained encoder, not a fresh one: the positives' cosine
+    # logged at step 1 is not the untrained network's (the same for every loss of that seed).
+    first = metrics_lib.read_metrics(r["workdir"], "train")[0]
+    fresh = metrics_lib.read_metrics(infonce[r["seed"]], "train")[0]
+    assert first["step"] == 1 and abs(first["s_pos_mean"] - fresh["s_pos_mean"]) > 1e-4
+  text = (tmp_path / "dro_family.md").read_text()
+  assert "Started from InfoNCE's trained encoder" in text
+  assert (tmp_path / "dro_family_after_infonce_diagnostics.png").stat().st_size > 10_000
+  assert len(summary["after_infonce"]["effective_rank"]["chi2 eta=3 after InfoNCE"]) == 2
 
 
 def test_effective_rank_counts_the_directions_a_representation_uses():
