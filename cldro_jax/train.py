@@ -18,6 +18,7 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -543,6 +544,17 @@ def _monitor_missing(task, workdir, step, total_steps) -> bool:
   return bool(missing)
 
 
+# Collapse: after the first epoch, every negative's cosine within about 0.01 of a value above
+# 0.95. Pre-trained text encoders can start with high but spread cosines (anisotropy); a
+# collapsed projection has them all at the same value.
+COLLAPSE_MEAN_COSINE, COLLAPSE_VARIANCE = 0.95, 1e-4
+
+
+def _collapsed(summary: dict, done: int, steps_per_epoch: int) -> bool:
+  return (done >= steps_per_epoch and summary.get("s_neg_mean", 0.0) > COLLAPSE_MEAN_COSINE
+          and summary.get("s_neg_var", 1.0) < COLLAPSE_VARIANCE)
+
+
 def _loop(config, task, state, train_step, checkpointer, writer, mesh, start_step, total_steps,
           meta_base, workdir):
   steps_per_epoch = task.steps_per_epoch
@@ -553,6 +565,7 @@ def _loop(config, task, state, train_step, checkpointer, writer, mesh, start_ste
   bar = metrics_lib.progress_bar(total_steps, initial=start_step, unit=task.example_unit,
                                  unit_scale=config.batch_size) if config.progress_bar else None
   pending: list[dict] = []
+  collapsed_at = None
   last_log_time, last_log_step = time.time(), start_step
   step = start_step
   if _monitor_missing(task, workdir, start_step, total_steps):
@@ -588,6 +601,18 @@ def _loop(config, task, state, train_step, checkpointer, writer, mesh, start_ste
               "stopping. The last good checkpoint is kept in "
               f"{checkpointer.directory}. Lower --config.optim.lr, raise "
               "--config.loss.temperature, or use --config.model.dtype=float32.")
+        if collapsed_at is None and _collapsed(summary, done, steps_per_epoch):
+          collapsed_at = done
+          message = (
+              f"Representation collapse by step {done} (epoch {summary['epoch']:.2f}): the "
+              f"negatives' mean cosine is {summary['s_neg_mean']:.4f} with variance "
+              f"{summary['s_neg_var']:.1e}, so every embedding points the same way and nothing "
+              f"is being learned. Check the loss settings (e.g. chi2_dro with a large "
+              f"--config.loss.eta collapses, docs/results.md claim 7) or lower "
+              f"--config.optim.lr. Training goes on; results.json records the step.")
+          logging.warning(message)
+          if jax.process_index() == 0:
+            print(f"WARNING: {message}", file=sys.stderr, flush=True)
         if bar is not None:
           bar.set_postfix(loss=f"{summary['loss']:.4f}", epoch=f"{summary['epoch']:.2f}")
       if done % config.checkpoint_every_steps == 0 and done < total_steps:
@@ -616,6 +641,8 @@ def _loop(config, task, state, train_step, checkpointer, writer, mesh, start_ste
   checkpointer.wait()
   results = {"step": total_steps, "epochs": total_steps / steps_per_epoch,
              "loss": config.loss.name, "evaluated_with": _evaluated_with(config)}
+  if collapsed_at is not None:
+    results["collapsed_at_step"] = collapsed_at
   if task.monitor_every_steps:
     monitor = _monitor(task, state, writer, None, total_steps)
     results.update({f"final_{k}": v for k, v in monitor.items()})

@@ -44,7 +44,7 @@ def test_runlocal_configs_end_to_end_on_mock_tfds(tmp_path, config_module, num_e
     results = train.train_and_evaluate(config, str(tmp_path))
   saved = read_json(tmp_path, "results.json")
   assert saved == json.loads(json.dumps(results))
-  assert saved["step"] == config.total_steps
+  assert saved["step"] == config.total_steps and "collapsed_at_step" not in saved
   for key in ("linear_probe_top1", "final_knn_top1", "final_online_probe_top1"):
     assert 0.0 <= saved[key] <= 100.0
   train_lines = metrics_lib.read_metrics(str(tmp_path), "train")
@@ -227,6 +227,20 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
   # The first workdir still holds its good checkpoint, untouched.
   assert_trees_close(saved_arrays(workdir)[0], good, rtol=0, atol=0)
+
+
+def test_a_collapsing_run_is_reported_at_the_step_its_logged_statistics_show(tmp_path, capsys):
+  # chi2_dro with a huge radius pulls every cosine to one value (docs/results.md, claim 7).
+  config = tiny_config(total_steps=15, **{"loss.name": "chi2_dro", "loss.eta": 100.0,
+                                          "optim.lr": 1e-2})
+  results = train.train_and_evaluate(config, str(tmp_path))
+  steps_per_epoch = 5   # 40 images, batch 8
+  expected = next(r["step"] for r in metrics_lib.read_metrics(str(tmp_path), "train")
+                  if r["step"] >= steps_per_epoch and r["s_neg_mean"] > 0.95
+                  and r["s_neg_var"] < 1e-4)
+  assert results["collapsed_at_step"] == expected
+  assert read_json(tmp_path, "results.json")["collapsed_at_step"] == expected
+  assert f"Representation collapse by step {expected}" in capsys.readouterr().err
 
 
 def test_checkpoint_from_another_model_is_refused(tmp_path):
