@@ -56,6 +56,8 @@ from experiments import (
 REFERENCE = "InfoNCE"
 BASIC = "basic (chi2-DRO eta=0)"
 DEFAULT_ETAS = [0.75, 3.0]
+# --temperatures trains these two at each t (loss name, label).
+TEMPERATURE_PAIR = (("infonce", REFERENCE), ("mean_variance", "mean-variance"))
 QUICK_HUGE_T = 1e9
 # Training statistics logged every step (losses.diagnostics), as the theory names them.
 DIAGNOSTICS = [("s_neg_var", "Var(f_neg): negatives' cosine variance"),
@@ -67,6 +69,9 @@ def parse_args(argv):
   parser = common.base_parser(__doc__)
   parser.add_argument("--etas", type=float, nargs="+", default=DEFAULT_ETAS,
                       help=f"chi-square ball radii besides 0 (default {DEFAULT_ETAS})")
+  parser.add_argument("--temperatures", type=float, nargs="+", default=None,
+                      help="also train InfoNCE and mean-variance at each of these t: does the "
+                           "approximation track InfoNCE across the radius?")
   parser.add_argument("--after-infonce", nargs="+", default=None, metavar="SPEC",
                       help="loss specs (as compare_losses' --losses, e.g. 'chi2_dro:eta=3.0') "
                            "also trained from each seed's final InfoNCE encoder")
@@ -176,6 +181,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
   title = f"CL-DRO objectives on {dataset}"
   text, figures, summary = report(records, domain, args.out, title, "dro_family")
 
+  by_t = []
+  if args.temperatures:
+    t_specs = [common.RunSpec(f"{label} t={t:g}", seed, (("loss.name", name),
+                                                         ("loss.temperature", t)),
+                              group=(("temperature", t),))
+               for t in args.temperatures for name, label in TEMPERATURE_PAIR
+               for seed in args.seeds]
+    by_t = common.run_all(base, t_specs, runs_dir, desc="dro_family, temperatures")
+    more_text, figure, summary["temperatures"] = temperature_report(by_t, domain, args.out,
+                                                                    title)
+    text += more_text
+    figures.append(figure)
+
   after = []
   if args.after_infonce:
     # Each seed's run continues from the encoder InfoNCE trained with that seed.
@@ -197,13 +215,60 @@ def main(argv: Sequence[str] | None = None) -> dict:
     summary["after_infonce"] = more
 
   command = common.command_line(argv, "dro_family.py")
-  header = common.header(title, command, args.seeds, sum(r.wall_s for r in records + after))
+  header = common.header(title, command, args.seeds,
+                         sum(r.wall_s for r in records + by_t + after))
   text = header + text + "\n" + "".join(f"![{Path(p).stem}]({Path(p).name})\n" for p in figures)
   common.write_text(f"{args.out}/dro_family.md", text)
   summary.update({"domain": domain, "dataset": dataset, "environment": common.environment(),
                   "command": command})
   common.write_json(f"{args.out}/dro_family.json", summary)
   return summary
+
+
+def temperature_report(records, domain: str, out: str, title: str) -> tuple[str, str, dict]:
+  """InfoNCE against mean-variance at each temperature: table, paired differences, figure."""
+  score_name = common.SCORE_KEYS.get(domain, ("", "score"))[1]
+  keys = [("score", score_name)] + [(f"final_{k}", f"final {n}")
+                                    for k, n in compare_losses.CURVE_KEYS.get(domain, [])[:1]]
+  temperatures = sorted({dict(r.spec.group)["temperature"] for r in records})
+  rows_by_t = {}
+  for t in temperatures:
+    rows, _ = compare_losses.summarise(
+        [r for r in records if dict(r.spec.group)["temperature"] == t], domain)
+    rows_by_t[t] = rows
+  body = []
+  for t, rows in rows_by_t.items():
+    for key, name in keys:
+      if key != "score" and all(r.get(key) == r["score"] for r in rows):
+        continue
+      d = common.paired_difference(rows[1][key], rows[1]["seeds"], rows[0][key], rows[0]["seeds"])
+      body.append([f"{t:g}", name, common.fmt(rows[0][key]), common.fmt(rows[1][key]),
+                   "n/a" if d is None else f"{d['mean']:+.2f} [{d['ci_low']:+.2f}, "
+                                           f"{d['ci_high']:+.2f}], p={d['p']:.3f}"])
+  text = ("\n# InfoNCE and its mean-variance form across temperatures\n\n"
+          + common.markdown_table(["t", "score", "InfoNCE", "mean-variance",
+                                   "mean-variance minus InfoNCE, paired (95% CI)"], body) + "\n")
+  shown = [(k, n) for k, n in keys if any(rows[0].get(k) for rows in rows_by_t.values())]
+  fig, axes = common.plt.subplots(1, len(shown), figsize=(5.5 * len(shown), 4), squeeze=False)
+  for ax, (key, name) in zip(axes[0], shown):
+    for i, (_, label) in enumerate(TEMPERATURE_PAIR):
+      values = [np.asarray([v for v in rows_by_t[t][i].get(key, []) if v is not None])
+                for t in temperatures]
+      ax.errorbar(np.asarray(temperatures) * (1 + 0.03 * (i - 0.5)),   # side by side
+                  [v.mean() for v in values],
+                  yerr=[v.std(ddof=1) if v.size > 1 else 0.0 for v in values],
+                  marker="o", capsize=3, label=label)
+    ax.set_xscale("log")
+    ax.set_xticks(temperatures, [f"{t:g}" for t in temperatures])
+    ax.set_xlabel("temperature t")
+    ax.set_ylabel(name)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.suptitle(f"{title}: InfoNCE and mean-variance against t, mean ± std over seeds",
+               fontsize=11)
+  path = f"{out}/dro_family_temperatures.png"
+  common.save_figure(fig, path)
+  return text, path, {f"{t:g}": rows for t, rows in rows_by_t.items()}
 
 
 def report(records, domain: str, out: str, title: str, prefix: str) -> tuple[str, list, dict]:

@@ -157,7 +157,8 @@ def test_dro_family_after_infonce_starts_each_seed_from_its_infonce_encoder(tmp_
   sets = [x for k, v in common.QUICK_OVERRIDES["image"].items() for x in ("--set", f"{k}={v!r}")]
   summary = dro_family.main(["--out", str(tmp_path), "--seeds", "0", "1", "--etas", "0",
                              "--set", "total_steps=4", "--set", "eval.every_epochs=0", *sets,
-                             "--after-infonce", "chi2_dro:eta=3.0,label=chi2 eta=3"])
+                             "--after-infonce", "chi2_dro:eta=3.0,label=chi2 eta=3",
+                             "--temperatures", "0.3"])
   infonce = {r["seed"]: r["workdir"] for r in summary["runs"] if r["label"] == "InfoNCE"}
   warm = summary["after_infonce"]["runs"]
   assert [(r["label"], r["seed"]) for r in warm] == [("chi2 eta=3 after InfoNCE", 0),
@@ -174,6 +175,12 @@ def test_dro_family_after_infonce_starts_each_seed_from_its_infonce_encoder(tmp_
   assert "Started from InfoNCE's trained encoder" in text
   assert (tmp_path / "dro_family_after_infonce_diagnostics.png").stat().st_size > 10_000
   assert len(summary["after_infonce"]["effective_rank"]["chi2 eta=3 after InfoNCE"]) == 2
+  # --temperatures: InfoNCE and mean-variance at t=0.3, each run with that temperature.
+  rows = summary["temperatures"]["0.3"]
+  assert [r["label"] for r in rows] == ["InfoNCE t=0.3", "mean-variance t=0.3"]
+  assert [r["hyper"] for r in rows] == ["t=0.3", "t=0.3"] and rows[0]["seeds"] == [0, 1]
+  assert "across temperatures" in text
+  assert (tmp_path / "dro_family_temperatures.png").stat().st_size > 10_000
 
 
 def test_effective_rank_counts_the_directions_a_representation_uses():
