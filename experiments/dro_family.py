@@ -11,6 +11,12 @@ data and temperature:
 - chi-square DRO ``-f+ + mean + sqrt(eta Var)`` (another divergence ball; `--etas`),
 - basic: chi-square DRO at eta=0, no variance term at all.
 
+`--temperatures` also trains InfoNCE and mean-variance at other t (does the approximation track
+InfoNCE across the radius?); `--after-infonce` trains the given losses once more, each seed
+starting from that seed's final InfoNCE encoder (`config.init_from`; fresh optimizer, as many
+epochs again), to tell what a loss does to a trained representation from what it does to a
+random one.
+
 It reports the final score (image: linear probe top-1; graph: SVM accuracy; sentence: STS) and
 the monitors paired by seed against InfoNCE, and, as figures against epochs, the statistics the
 theory speaks of: the negatives' cosine variance (what the penalty acts on), their mean, and the
@@ -22,11 +28,13 @@ logged as `eta_hat`; the chi-square divergence is twice KL to second order). Inf
 near eta_hat = 1.5 on the quick-start setting (t=0.2) and 1.9 on MUTAG (t=0.15), hence eta=3;
 eta=0.75 is a 4x smaller ball.
 
-  # docs/results.md, claim 7 (images: about 45 min on 2 CPU cores; reuses the InfoNCE runs of
-  # claim 6 through --runs)
+  # docs/results.md, claim 7 (images: about 45 min on 2 CPU cores for the family, 35 more for
+  # the temperatures, 30 for the continuations; reuses the InfoNCE runs of claim 6 via --runs)
   python experiments/dro_family.py --out results/dro_family --seeds 0 1 2 3 4 \
       --set total_epochs=20 --set eval.every_epochs=2 --set log_every_steps=1 \
-      --runs results/runs
+      --runs results/runs --temperatures 0.1 0.2 0.5 \
+      --after-infonce "infonce:label=InfoNCE" "chi2_dro:eta=3.0,label=chi2-DRO eta=3" \
+      "chi2_dro:eta=0.0,label=basic (chi2-DRO eta=0)"
   # graphs (about 11 min)
   python experiments/dro_family.py --out results/dro_family_mutag --config configs/tu_mutag.py \
       --seeds 0 1 2 3 4 5 6 7 8 9 --set eval.every_epochs=2 --runs results/runs
@@ -260,6 +268,7 @@ def temperature_report(records, domain: str, out: str, title: str) -> tuple[str,
                   marker="o", capsize=3, label=label)
     ax.set_xscale("log")
     ax.set_xticks(temperatures, [f"{t:g}" for t in temperatures])
+    ax.minorticks_off()   # only the trained temperatures are labelled
     ax.set_xlabel("temperature t")
     ax.set_ylabel(name)
     ax.grid(alpha=0.3)
