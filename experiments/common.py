@@ -672,11 +672,12 @@ def record_summary(r: RunRecord) -> dict[str, Any]:
           "workdir": r.workdir}
 
 
-def plot_mean_std(ax, x: np.ndarray, ys: np.ndarray, label: str, **kwargs) -> None:
-  """A mean line with a +- std band over the runs (rows of ys)."""
+def plot_mean_std(ax, x: np.ndarray, ys: np.ndarray, label: str, *, marker: str | None = "o",
+                  **kwargs) -> None:
+  """A mean line with a +- std band over the runs (rows of ys); marker=None for dense curves."""
   ys = np.atleast_2d(ys)
   mean = ys.mean(0)
-  line, = ax.plot(x, mean, label=label, marker="o", markersize=3, **kwargs)
+  line, = ax.plot(x, mean, label=label, marker=marker, markersize=3, **kwargs)
   if ys.shape[0] > 1:
     std = ys.std(0, ddof=1)
     ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)

@@ -158,12 +158,8 @@ def plot_diagnostics(curves: dict, path: str, title: str) -> str:
   for ax, (key, name) in zip(axes[0], DIAGNOSTICS):
     for label, stats in curves.items():
       epochs, values = stats[key]
-      if values.size:   # one point per logged step: a line and its band, no markers
-        mean = values.mean(0)
-        line, = ax.plot(epochs, mean, label=label, linewidth=1.2)
-        if values.shape[0] > 1:
-          std = values.std(0, ddof=1)
-          ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+      if values.size:   # one point per logged step: no markers
+        common.plot_mean_std(ax, epochs, values, label, marker=None, linewidth=1.2)
     ax.set_xlabel("epoch")
     ax.set_title(name, fontsize=10)
     ax.grid(alpha=0.3)
