@@ -608,7 +608,8 @@ def _loop(config, task, state, train_step, checkpointer, writer, mesh, start_ste
               f"negatives' mean cosine is {summary['s_neg_mean']:.4f} with variance "
               f"{summary['s_neg_var']:.1e}, so every embedding points the same way and nothing "
               f"is being learned. Check the loss settings (e.g. chi2_dro with a large "
-              f"--config.loss.eta collapses, docs/results.md claim 7) or lower "
+              f"--config.loss.eta collapses from a random start, docs/results.md claim 7; "
+              f"--config.init_from=WORKDIR starts from a trained encoder) or lower "
               f"--config.optim.lr. Training goes on; results.json records the step.")
           logging.warning(message)
           if jax.process_index() == 0:
