@@ -78,12 +78,10 @@ def plot(rows_by_label: dict, mus, sigmas, panels, out: str, title: str) -> str:
       ax.axhspan(mean - std, mean + std, color="k", alpha=0.1)
     spread = 0.012 * (max(mus) - min(mus) or 1.0)   # side by side, so error bars do not hide
     for i, sigma in enumerate(sigmas):
-      cells = [np.asarray([v for v in rows_by_label[cell_label(mu, sigma)].get(key, [])
-                           if v is not None]) for mu in mus]
       xs = np.asarray(mus) + (i - (len(sigmas) - 1) / 2) * spread
-      ax.errorbar(xs, [c.mean() for c in cells],
-                  yerr=[c.std(ddof=1) if c.size > 1 else 0.0 for c in cells],
-                  marker="o", capsize=3, label=f"ADNCE sigma={sigma:g}")
+      common.errorbar_over_seeds(
+          ax, xs, [rows_by_label[cell_label(mu, sigma)].get(key, []) for mu in mus],
+          f"ADNCE sigma={sigma:g}")
     ax.set_xlabel("mu (centre of the Gaussian weight, cosine)")
     ax.set_ylabel(name)
     ax.set_title(f"{name}, mean ± std over seeds", fontsize=10)

@@ -683,6 +683,14 @@ def plot_mean_std(ax, x: np.ndarray, ys: np.ndarray, label: str, *, marker: str 
     ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
 
 
+def errorbar_over_seeds(ax, xs: Sequence[float], per_point: Sequence[Iterable[float]],
+                        label: str, **kwargs) -> None:
+  """Mean +- std over seeds (`mean_std`) of each point's scores, as error bars."""
+  stats = [mean_std(values) for values in per_point]
+  ax.errorbar(np.asarray(xs, float), [m for m, _ in stats], yerr=[s for _, s in stats],
+              marker="o", capsize=3, label=label, **kwargs)
+
+
 def save_figure(fig, path: str) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.tight_layout()

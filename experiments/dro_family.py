@@ -256,12 +256,9 @@ def temperature_report(records, domain: str, out: str, title: str) -> tuple[str,
   fig, axes = common.plt.subplots(1, len(shown), figsize=(5.5 * len(shown), 4), squeeze=False)
   for ax, (key, name) in zip(axes[0], shown):
     for i, (_, label) in enumerate(TEMPERATURE_PAIR):
-      values = [np.asarray([v for v in rows_by_t[t][i].get(key, []) if v is not None])
-                for t in temperatures]
-      ax.errorbar(np.asarray(temperatures) * (1 + 0.03 * (i - 0.5)),   # side by side
-                  [v.mean() for v in values],
-                  yerr=[v.std(ddof=1) if v.size > 1 else 0.0 for v in values],
-                  marker="o", capsize=3, label=label)
+      common.errorbar_over_seeds(ax, np.asarray(temperatures) * (1 + 0.03 * (i - 0.5)),
+                                 [rows_by_t[t][i].get(key, []) for t in temperatures],
+                                 label)   # side by side: the bars do not hide each other
     ax.set_xscale("log")
     ax.set_xticks(temperatures, [f"{t:g}" for t in temperatures])
     ax.minorticks_off()   # only the trained temperatures are labelled
