@@ -116,6 +116,64 @@ def test_perturb_edges_rejection_sampling_path_on_a_large_sparse_graph():
     assert len(old - new) == len(new - old) == 2 * 99 and all(a != b for a, b in new)
 
 
+def random_graph(rng: np.random.Generator, n: int, m: int, undirected: bool) -> Graph:
+    u, v = rng.integers(n, size=(2, m))
+    edges = np.stack([u[u != v], v[u != v]])
+    if undirected:
+        edges = np.concatenate([edges, edges[::-1]], axis=1)
+    return Graph(np.ones((n, 1), np.float32), edges.astype(np.int64), 0)
+
+
+@pytest.mark.parametrize("undirected", [True, False])
+def test_edge_addition_draws_uniformly_from_the_listed_non_edges(undirected):
+    # Reference: list every candidate pair row-major (u < v, or u != v), drop the edges, pick
+    # `count` of the rest without replacement. The implementation never builds that list (it maps
+    # ranks), so it must return exactly these pairs for the same Generator state.
+    rng = np.random.default_rng(0)
+    for n, m in [(2, 1), (3, 0), (5, 20), (9, 12), (17, 60), (40, 30), (120, 400)]:
+        graph = random_graph(rng, n, m, undirected)
+        src, dst = graph.edge_index
+        upper = (src < dst) if undirected else (src != dst)
+        keys = np.unique(src[upper] * n + dst[upper])
+        if undirected:
+            u, v = np.triu_indices(n, k=1)
+        else:
+            u, v = np.nonzero(~np.eye(n, dtype=bool))
+        free = ~np.isin(u * n + v, keys)
+        for count in (1, 3, 50):
+            for seed in range(5):
+                expected_pick = np.random.default_rng(seed).choice(
+                    free.sum(), min(count, free.sum()), replace=False)
+                expected = np.stack([u[free][expected_pick], v[free][expected_pick]])
+                got = ga._sample_non_edges(n, keys, count, undirected,  # pylint: disable=protected-access
+                                           np.random.default_rng(seed))
+                np.testing.assert_array_equal(got, expected)
+
+
+def test_faithful_subgraph_equals_the_reference_draw_loop(mutag):
+    # The reference's loop, one draw at a time: add a random start neighbour if new, until the
+    # set holds int(0.2 n) + 1 nodes or n draws were made. The implementation draws all at once.
+    def loop(graph, rng):
+        n = graph.num_nodes
+        src, dst = graph.edge_index
+        start = int(rng.integers(n))
+        taken, neighbours = [start], np.unique(dst[src == start])
+        for _ in range(n):
+            if len(taken) > int(0.2 * n) or neighbours.size == 0:
+                break
+            node = int(neighbours[rng.integers(neighbours.size)])
+            if node not in taken:
+                taken.append(node)
+        return {e for e in edge_set(graph.edge_index) if e[0] in taken and e[1] in taken}
+
+    star = Graph(np.ones((40, 1), np.float32),
+                 np.array([[0] * 39 + list(range(1, 40)), list(range(1, 40)) + [0] * 39]), 0)
+    for graph in [*mutag.graphs[:40], star, path_graph(12)]:
+        for seed in range(6):
+            out = ga.subgraph(graph, np.random.default_rng(seed), ratio=0.2, mode="faithful")
+            assert edge_set(out.edge_index) == loop(graph, np.random.default_rng(seed))
+
+
 @pytest.mark.parametrize("mode", ga.MODES)
 def test_mask_attributes_replaces_ten_percent_with_normal_samples(mode):
     rng = np.random.default_rng(0)

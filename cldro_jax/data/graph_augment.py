@@ -49,7 +49,8 @@ MIXTURES = {
     "random4": ("drop_nodes", "perturb_edges", "subgraph", "mask_attributes"),
 }
 DEFAULT_RATIOS = {"drop_nodes": 0.1, "subgraph": 0.2, "perturb_edges": 0.1, "mask_attributes": 0.1}
-# Enumerate all candidate pairs for edge addition below this many; rejection-sample above.
+# Edge addition picks among all non-edges by rank below this many candidate pairs (exactly
+# uniform whatever the density) and rejection-samples above (large graphs are sparse).
 _ENUMERATE_PAIRS_LIMIT = 200_000
 
 
@@ -62,11 +63,29 @@ def _keep_edges(graph: Graph, edge_keep: np.ndarray) -> Graph:
     return Graph(graph.node_features, graph.edge_index[:, edge_keep], graph.label)
 
 
-def _dedupe_sorted(edge_index: np.ndarray) -> np.ndarray:
-    """Unique edges sorted by (row, col): what the reference's ``adj.nonzero()`` round trip yields."""
+def _edge_keys(edge_index: np.ndarray, n: int) -> np.ndarray:
+    """One int64 key per edge, ``src * n + dst``: sorting keys sorts edges by (row, col)."""
+    return edge_index[0].astype(np.int64) * n + edge_index[1]
+
+
+def _unique(keys: np.ndarray) -> np.ndarray:
+    """``np.unique(keys)`` for a 1-D integer array. Sort-and-compare: NumPy 2's hash-based unique
+    is about three times slower on the few thousand keys of one graph, and these run per graph
+    per step on the host."""
+    keys = np.sort(keys)
+    first = np.empty(keys.size, bool)
+    first[:1] = True
+    np.not_equal(keys[1:], keys[:-1], out=first[1:])
+    return keys[first]
+
+
+def _dedupe_sorted(edge_index: np.ndarray, n: int) -> np.ndarray:
+    """Unique edges sorted by (row, col): what the reference's ``adj.nonzero()`` round trip yields.
+    (Scalar keys rather than ``np.unique(axis=1)``, which sorts structured records, far slower.)"""
     if edge_index.shape[1] == 0:
         return edge_index
-    return np.unique(edge_index.T, axis=0).T
+    keys = _unique(_edge_keys(edge_index, n))
+    return np.stack([keys // n, keys % n])
 
 
 def induced_subgraph(graph: Graph, keep: np.ndarray) -> Graph:
@@ -89,17 +108,18 @@ def drop_nodes(graph: Graph, rng: np.random.Generator, *, ratio: float = 0.1,
         return induced_subgraph(graph, ~dropped)
     src, dst = graph.edge_index
     kept = _keep_edges(graph, ~dropped[src] & ~dropped[dst])
-    return Graph(kept.node_features, _dedupe_sorted(kept.edge_index), graph.label)
+    return Graph(kept.node_features, _dedupe_sorted(kept.edge_index, n), graph.label)
 
 
-def _undirected_neighbours(graph: Graph) -> list[np.ndarray]:
+def _undirected_adjacency(graph: Graph) -> tuple[np.ndarray, np.ndarray]:
+    """CSR form of the undirected adjacency: node i's neighbours are
+    ``targets[bounds[i]:bounds[i + 1]]`` (duplicates kept)."""
     n = graph.num_nodes
     src, dst = graph.edge_index
     both_src, both_dst = np.concatenate([src, dst]), np.concatenate([dst, src])
     order = np.argsort(both_src, kind="stable")
     bounds = np.searchsorted(both_src[order], np.arange(n + 1))
-    targets = both_dst[order]
-    return [targets[bounds[i]:bounds[i + 1]] for i in range(n)]
+    return both_dst[order], bounds
 
 
 def subgraph(graph: Graph, rng: np.random.Generator, *, ratio: float = 0.2,
@@ -110,21 +130,24 @@ def subgraph(graph: Graph, rng: np.random.Generator, *, ratio: float = 0.2,
         return _subgraph_faithful(graph, rng, ratio)
     n = graph.num_nodes
     target = max(1, int(n * ratio))
-    neighbours = _undirected_neighbours(graph)
+    targets, bounds = _undirected_adjacency(graph)
     taken = np.zeros(n, bool)
-    frontier = np.zeros(n, bool)
+    frontier = np.zeros(n, bool)     # neighbours of taken nodes that are not taken themselves
 
     def take(node: int) -> None:
         taken[node] = True
-        frontier[neighbours[node]] = True
-        frontier[taken] = False
+        frontier[node] = False
+        neighbours = targets[bounds[node]:bounds[node + 1]]
+        frontier[neighbours[~taken[neighbours]]] = True
 
+    # `candidates[rng.integers(size)]` draws exactly what `rng.choice(candidates)` draws, without
+    # choice's overhead (this loop runs once per kept node).
     take(int(rng.integers(n)))
     for _ in range(target - 1):
         candidates = np.flatnonzero(frontier)
         if candidates.size == 0:  # component exhausted: continue from a fresh random node
             candidates = np.flatnonzero(~taken)
-        take(int(rng.choice(candidates)))
+        take(int(candidates[rng.integers(candidates.size)]))
     return induced_subgraph(graph, taken)
 
 
@@ -133,46 +156,69 @@ def _subgraph_faithful(graph: Graph, rng: np.random.Generator, ratio: float) -> 
     limit = int(n * ratio)
     src, dst = graph.edge_index
     start = int(rng.integers(n))
-    taken = [start]
     # Sorted so the draw does not depend on Python's set order; the set never grows (see module doc).
-    start_neighbours = np.unique(dst[src == start])
-    draws = 0
-    while len(taken) <= limit:
-        draws += 1
-        if draws > n or start_neighbours.size == 0:
-            break
-        candidate = int(rng.choice(start_neighbours))
-        if candidate not in taken:
-            taken.append(candidate)
+    start_neighbours = _unique(dst[src == start])
     keep = np.zeros(n, bool)
-    keep[taken] = True
+    keep[start] = True
+    if limit >= 1 and start_neighbours.size:
+        # The reference's loop draws a start neighbour, adds it if new, and stops once the set
+        # holds limit + 1 nodes or after n draws. All n draws at once (the same values as n single
+        # draws from this Generator), then the first `limit` new nodes in draw order: the same set.
+        draws = start_neighbours[rng.integers(start_neighbours.size, size=n)]
+        values, first_draw = np.unique(draws, return_index=True)
+        is_new = values != start
+        added = values[is_new][np.argsort(first_draw[is_new])][:limit]
+        keep[added] = True
     kept = _keep_edges(graph, keep[src] & keep[dst])
-    return Graph(kept.node_features, _dedupe_sorted(kept.edge_index), graph.label)
+    return Graph(kept.node_features, _dedupe_sorted(kept.edge_index, n), graph.label)
 
 
 def _is_symmetric(edge_index: np.ndarray, n: int) -> bool:
     src, dst = edge_index
-    forward = np.unique(src.astype(np.int64) * n + dst)
-    backward = np.unique(dst.astype(np.int64) * n + src)
+    forward = _unique(src.astype(np.int64) * n + dst)
+    backward = _unique(dst.astype(np.int64) * n + src)
     return forward.shape == backward.shape and bool(np.all(forward == backward))
+
+
+def _pair_rank(u: np.ndarray, v: np.ndarray, n: int, undirected: bool) -> np.ndarray:
+    """Position of pair (u, v) in the row-major list of all candidate pairs: u < v
+    (``np.triu_indices(n, 1)``) when undirected, u != v otherwise."""
+    u, v = u.astype(np.int64), v.astype(np.int64)
+    if undirected:
+        return u * n - u * (u + 1) // 2 + (v - u - 1)
+    return u * (n - 1) + v - (v > u)
+
+
+def _pair_at_rank(rank: np.ndarray, n: int, undirected: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of `_pair_rank`."""
+    if undirected:
+        rows = np.arange(n, dtype=np.int64)
+        row_start = rows * n - rows * (rows + 1) // 2
+        u = np.searchsorted(row_start, rank, side="right") - 1
+        return u, rank - row_start[u] + u + 1
+    u, column = rank // (n - 1), rank % (n - 1)
+    return u, column + (column >= u)
 
 
 def _sample_non_edges(n: int, existing_keys: np.ndarray, count: int, undirected: bool,
                       rng: np.random.Generator) -> np.ndarray:
     """``count`` distinct pairs (u, v), u != v (u < v when undirected), whose key u*n+v is not in
-    ``existing_keys``; fewer if the graph has fewer non-edges. Returns (2, count) int64."""
+    ``existing_keys`` (distinct keys of such pairs); fewer if the graph has fewer non-edges.
+    Returns (2, count) int64."""
     if count <= 0:
         return np.zeros((2, 0), np.int64)
     total_pairs = n * (n - 1) // (2 if undirected else 1)
     if total_pairs <= _ENUMERATE_PAIRS_LIMIT:
-        if undirected:
-            u, v = np.triu_indices(n, k=1)
-        else:
-            u, v = np.nonzero(~np.eye(n, dtype=bool))
-        free = ~np.isin(u.astype(np.int64) * n + v, existing_keys)
-        u, v = u[free], v[free]
-        pick = rng.choice(u.size, min(count, u.size), replace=False)
-        return np.stack([u[pick], v[pick]]).astype(np.int64)
+        # Uniform without replacement over the list of non-edges in row-major order. The list is
+        # not built: the k-th non-edge's rank is k plus the number of edges ranked before it
+        # (a search over `edge_rank - i`), so the cost follows the edges, not n^2 pairs.
+        edge_rank = np.sort(_pair_rank(existing_keys // n, existing_keys % n, n, undirected))
+        num_free = total_pairs - edge_rank.size
+        pick = rng.choice(num_free, min(count, num_free), replace=False).astype(np.int64)
+        if pick.size == 0:
+            return np.zeros((2, 0), np.int64)
+        rank = pick + np.searchsorted(edge_rank - np.arange(edge_rank.size), pick, side="right")
+        return np.stack(_pair_at_rank(rank, n, undirected)).astype(np.int64)
     # Large sparse graph: rejection sampling converges fast (almost every pair is a non-edge).
     chosen = np.zeros(0, np.int64)
     while chosen.size < count:
@@ -200,20 +246,20 @@ def perturb_edges(graph: Graph, rng: np.random.Generator, *, ratio: float = 0.1,
     undirected = _is_symmetric(edges, n)
     src, dst = edges
     non_loop = src != dst
-    if undirected:  # operate on unordered pairs {u, v}, u < v
-        pairs = np.unique(np.stack([src[non_loop & (src < dst)], dst[non_loop & (src < dst)]]), axis=1)
-    else:
-        pairs = np.unique(edges[:, non_loop], axis=1)
+    # Unique (u, v) pairs in (u, v) order; unordered pairs {u, v} as u < v when undirected.
+    pair_keys = _unique(_edge_keys(edges[:, non_loop & (src < dst)] if undirected
+                                     else edges[:, non_loop], n))
+    pairs = np.stack([pair_keys // n, pair_keys % n])
     loops = edges[:, ~non_loop]
     num_changed = int(pairs.shape[1] * ratio)
     removed = np.zeros(pairs.shape[1], bool)
     removed[rng.choice(pairs.shape[1], num_changed, replace=False)] = True
-    added = _sample_non_edges(n, pairs[0] * n + pairs[1], num_changed, undirected, rng)
+    added = _sample_non_edges(n, pair_keys, num_changed, undirected, rng)
     new_pairs = np.concatenate([pairs[:, ~removed], added], axis=1)
     if undirected:
         new_pairs = np.concatenate([new_pairs, new_pairs[::-1]], axis=1)
     new_edges = np.concatenate([new_pairs, loops], axis=1).astype(np.int64)
-    return Graph(graph.node_features, _dedupe_sorted(new_edges), graph.label)
+    return Graph(graph.node_features, _dedupe_sorted(new_edges, n), graph.label)
 
 
 def mask_attributes(graph: Graph, rng: np.random.Generator, *, ratio: float = 0.1,

@@ -101,29 +101,44 @@ def pack_graphs(graphs: Sequence[Graph], budget: GraphBudget) -> GraphBatch:
     if not graphs:
         raise ValueError("pack_graphs needs at least one graph")
     feature_dim = graphs[0].node_features.shape[1]
-    n_pad, e_pad, g_pad = budget.max_nodes, budget.max_edges, budget.max_graphs
-
-    node_features = np.zeros((n_pad, feature_dim), np.float32)
-    node_graph = np.full((n_pad,), g_pad - 1, np.int32)
-    senders = np.full((e_pad,), n_pad - 1, np.int32)
-    receivers = np.full((e_pad,), n_pad - 1, np.int32)
-    labels = np.full((g_pad,), -1, np.int32)
-    node_offset = edge_offset = 0
     for slot, graph in enumerate(graphs):
         if graph.node_features.shape[1] != feature_dim:
             raise ValueError(f"graph {slot} has {graph.node_features.shape[1]} features, "
                              f"graph 0 has {feature_dim}")
-        n, e = graph.num_nodes, graph.num_edges
-        if e and (graph.edge_index.min() < 0 or graph.edge_index.max() >= n):
-            raise ValueError(f"graph {slot} has an edge to node {graph.edge_index.max()} but only "
-                             f"{n} nodes (edge ids must be 0-based local ids)")
-        node_features[node_offset:node_offset + n] = graph.node_features
-        node_graph[node_offset:node_offset + n] = slot
-        senders[edge_offset:edge_offset + e] = graph.edge_index[0] + node_offset
-        receivers[edge_offset:edge_offset + e] = graph.edge_index[1] + node_offset
-        labels[slot] = graph.label
-        node_offset += n
-        edge_offset += e
+    n_pad, e_pad, g_pad = budget.max_nodes, budget.max_edges, budget.max_graphs
+    node_counts = np.array([g.num_nodes for g in graphs], np.int64)
+    edge_counts = np.array([g.num_edges for g in graphs], np.int64)
+    node_offsets = np.cumsum(node_counts) - node_counts
+    # One vectorised pass for the whole batch (a Python loop per graph was a third of the host
+    # time of a MUTAG batch), written straight into the output arrays: fresh temporaries the size
+    # of a batch of large graphs (10^5-10^6 edges) cost more in page faults than the loop did.
+    senders = np.full((e_pad,), n_pad - 1, np.int32)
+    receivers = np.full((e_pad,), n_pad - 1, np.int32)
+    if num_edges:
+        np.concatenate([g.edge_index[0] for g in graphs], out=senders[:num_edges],
+                       casting="same_kind")
+        np.concatenate([g.edge_index[1] for g in graphs], out=receivers[:num_edges],
+                       casting="same_kind")
+        # Valid local ids lie in [0, n) of their graph; checked before the offsets are added.
+        limit = np.repeat(node_counts.astype(np.int32), edge_counts)
+        bad = ((senders[:num_edges] < 0) | (receivers[:num_edges] < 0)
+               | (senders[:num_edges] >= limit) | (receivers[:num_edges] >= limit))
+        if bad.any():
+            slot = int(np.searchsorted(np.cumsum(edge_counts), np.argmax(bad), side="right"))
+            raise ValueError(f"graph {slot} has an edge to node {graphs[slot].edge_index.max()} "
+                             f"but only {graphs[slot].num_nodes} nodes (edge ids must be 0-based "
+                             "local ids)")
+        offset = np.repeat(node_offsets.astype(np.int32), edge_counts)
+        senders[:num_edges] += offset
+        receivers[:num_edges] += offset
+
+    node_features = np.zeros((n_pad, feature_dim), np.float32)
+    np.concatenate([g.node_features for g in graphs], out=node_features[:num_nodes],
+                   casting="same_kind")
+    node_graph = np.full((n_pad,), g_pad - 1, np.int32)
+    node_graph[:num_nodes] = np.repeat(np.arange(len(graphs), dtype=np.int32), node_counts)
+    labels = np.full((g_pad,), -1, np.int32)
+    labels[:len(graphs)] = [g.label for g in graphs]
     return GraphBatch(
         node_features=node_features, senders=senders, receivers=receivers, node_graph=node_graph,
         node_mask=np.arange(n_pad) < num_nodes, edge_mask=np.arange(e_pad) < num_edges,
