@@ -14,6 +14,8 @@ All files given must come from the same benchmark; several train_step or sentenc
   sentence_step  sentences/s per batch and dtype, with the same anchors and targets on an H200.
   scaling        the trainer's images/s against the device count at a fixed global batch, with
                  the linear speed-up line.
+  graph_host     host graphs/s of the graph pipeline per augmentation and mode, one panel per
+                 dataset size, beside the baseline revision measured in the same process.
 
 Runs anywhere matplotlib is installed (it is a project dependency); the GPU machine only writes
 the JSON files.
@@ -232,8 +234,42 @@ def plot_scaling(results: Sequence[dict[str, Any]]):
   return fig
 
 
+def plot_graph_host(results: Sequence[dict[str, Any]]):
+  result = results[0]
+  rows = result["rows"]
+  datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+  against = result["settings"].get("against")
+  fig, axes = plt.subplots(1, len(datasets), squeeze=False, sharey=True,
+                           figsize=(3.6 * len(datasets) + 1.8, 0.5 * len(rows) / len(datasets) + 1.6))
+  for ax, dataset in zip(axes.flat, datasets):
+    mine = [r for r in rows if r["dataset"] == dataset][::-1]   # first row on top
+    y = list(range(len(mine)))
+    height = 0.4 if against else 0.7
+    ax.barh([v + (height / 2 if against else 0) for v in y], [r["graphs_per_s"] for r in mine],
+            height=height, color="tab:blue", label="this revision")
+    if against:
+      ax.barh([v - height / 2 for v in y], [r["batch"] / r["baseline_ms"] * 1e3 for r in mine],
+              height=height, color="0.6", label=f"{against} (same process)")
+      for v, r in zip(y, mine):
+        ax.annotate(f"{r['speedup']:.1f}x", (r["graphs_per_s"], v + height / 2), fontsize=7,
+                    xytext=(2, -3), textcoords="offset points")
+    ax.set_yticks(y, [f"{r['aug']}, {r['mode']}" for r in mine])
+    ax.set_title(dataset, fontsize=10)
+    ax.set_xlabel("graphs/s (host, one core)")
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+    ax.margins(x=0.25)
+  handles, labels = axes.flat[0].get_legend_handles_labels()
+  fig.legend(handles, labels, fontsize=8, loc="lower center", ncols=2)
+  fig.suptitle(f"Graph host pipeline, batch {result['settings']['batch']}: {result['host']}, "
+               f"{result['date']}", fontsize=10)
+  fig.tight_layout(rect=(0, 0.07, 1, 1))
+  return fig
+
+
 PLOTS = {"losses": plot_losses, "train_step": plot_train_step,
-         "sentence_step": plot_sentence_step, "scaling": plot_scaling}
+         "sentence_step": plot_sentence_step, "scaling": plot_scaling,
+         "graph_host": plot_graph_host}
 
 
 def main(argv=None) -> None:

@@ -145,3 +145,24 @@ def test_scaling_figure_draws_images_per_second_and_the_linear_line():
   np.testing.assert_array_equal(measured.get_ydata(), [45_000, 85_000, 150_000])
   np.testing.assert_array_equal(ideal.get_ydata(), [45_000, 90_000, 180_000])
   assert ideal.get_label() == "linear from 1 device"
+
+
+def test_graph_host_figure_draws_both_revisions_per_dataset():
+  def row(dataset, aug, ms, baseline_ms):
+    return {"dataset": dataset, "aug": aug, "mode": "proper", "batch": 128, "ms": ms,
+            "graphs_per_s": 128e3 / ms, "baseline_ms": baseline_ms, "speedup": baseline_ms / ms}
+  result = {"benchmark": "graph_host", "date": "2026-11-29", "backend": "cpu",
+            "device_kind": "host", "device_count": 1, "jax": "n/a", "host": "x86_64",
+            "command": "python benchmarks/graph_host.py --against c0a35c7",
+            "settings": {"batch": 128, "against": "c0a35c7"},
+            "rows": [row("MUTAG", "random3", 10.0, 20.0), row("MUTAG", "subgraph", 8.0, 8.0),
+                     row("DD-sized", "random3", 40.0, 120.0),
+                     row("DD-sized", "subgraph", 50.0, 100.0)]}
+  panels = plot.plot_graph_host([result]).axes
+  assert [ax.get_title() for ax in panels] == ["MUTAG", "DD-sized"]
+  # Per panel: this revision's bars, then the baseline's, each listed bottom row first.
+  np.testing.assert_allclose([p.get_width() for p in panels[1].patches],
+                             [128e3 / 50, 128e3 / 40, 128e3 / 100, 128e3 / 120])
+  assert [t.get_text() for t in panels[1].texts] == ["2.0x", "3.0x"]
+  assert [t.get_text() for t in panels[0].get_yticklabels()] == ["subgraph, proper",
+                                                                 "random3, proper"]

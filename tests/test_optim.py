@@ -33,6 +33,12 @@ def test_constant_and_linear_decay_schedules():
   decay = train.make_schedule(optim_config(schedule="linear_decay", lr=3e-5), 4, 4)
   np.testing.assert_allclose([float(decay(s)) for s in range(4)],
                              [3e-5, 2.25e-5, 1.5e-5, 7.5e-6], rtol=1e-6)
+  # constant after a linear warm-up from 0 (1.5 epochs of 4 steps = 6 steps)
+  warm = train.make_schedule(optim_config(lr=0.3, warmup_epochs=1.5), 40, 4)
+  np.testing.assert_allclose([float(warm(s)) for s in (0, 3, 5, 6, 7, 39)],
+                             [0.0, 0.15, 0.25, 0.3, 0.3, 0.3], rtol=1e-6)
+  with pytest.raises(ValueError, match="Unknown schedule 'step'"):
+    train.make_schedule(optim_config(schedule="step"), 10, 5)
 
 
 def _one_update(config, params, grads):
