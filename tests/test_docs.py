@@ -2,13 +2,15 @@
 
 - every command line in README.md, docs/*.md and the docstrings of configs/, experiments/ and
   benchmarks/ names a file that exists, passes flags its program defines, and `--config.KEY=`
-  overrides that the config schema has (a renamed flag or key fails here, not on a user);
+  overrides that the config schema has, and `configs/x.py:arg` arguments its config file accepts
+  (a renamed flag, key or argument fails here, not on a user);
 - the loss signatures listed in docs/losses.md are the functions' real signatures;
 - benchmarks/h200.sh (the one GPU call) runs real benchmarks with real flags within its limit;
 - the README's loss example and docs/losses.md's `jax.shard_map` train step run, and the latter's
   claim holds: on 8 devices it takes the same step as one device on the whole batch.
 """
 import ast
+import importlib.util
 import inspect
 import pathlib
 import re
@@ -87,6 +89,13 @@ def has_config_key(dotted: str) -> bool:
   return False
 
 
+def _config_module(config_file: str):
+  spec = importlib.util.spec_from_file_location("documented_config", ROOT / config_file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def all_commands() -> list[tuple[str, str]]:
   return [(where, cmd) for where, text in documented_texts() for cmd in command_lines(text)]
 
@@ -112,8 +121,15 @@ def test_documented_command_uses_real_files_flags_and_config_keys(where, command
     if dotted == "key":            # the generic form, "[--config.key=value ...]"
       continue
     assert has_config_key(dotted), f"{where}: `{command}` sets config.{dotted}, not a config key"
-  for config_file in re.findall(r"--config[= ]([\w/]+\.py)", command):
+  for config_file, arg in re.findall(r"--config[= ]([\w/]+\.py)(?::([\w=,.-]+))?", command):
     assert (ROOT / config_file).exists(), f"{where}: `{command}` names missing {config_file}"
+    # `configs/x.py:seed=0,loss=infonce`: the file must accept every name and value (a value in
+    # capitals, `seed=S`, is a placeholder for the reader).
+    if arg and not re.search(r"=[A-Z]+(,|$)", arg):
+      try:
+        config_defaults.validate_config(_config_module(config_file).get_config(arg))
+      except ValueError as err:
+        pytest.fail(f"{where}: `{command}`: {config_file} refuses {arg!r}: {err}")
 
 
 def test_config_keys_named_in_prose_exist():
