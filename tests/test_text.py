@@ -76,6 +76,26 @@ def test_tokenizer_from_vocab_txt_matches_tokenizer_json(minilm_dir, sentences, 
   np.testing.assert_array_equal(ours["attention_mask"], ref["attention_mask_len32"])
 
 
+def test_tokenizer_config_lowercasing_overrides_tokenizer_json(minilm_dir, tmp_path):
+  """transformers' BertTokenizerFast rebuilds tokenizer.json's normaliser when
+  tokenizer_config.json disagrees: with do_lower_case=False an uncased vocabulary no longer knows
+  "Hello", with or without tokenizer.json."""
+  config = json.loads((minilm_dir / "tokenizer_config.json").read_text())
+  with_json, vocab_only = tmp_path / "with_json", tmp_path / "vocab_only"
+  for folder, names in ((with_json, ("tokenizer.json", "vocab.txt", "special_tokens_map.json")),
+                        (vocab_only, ("vocab.txt", "special_tokens_map.json"))):
+    folder.mkdir()
+    for name in names:
+      shutil.copy(minilm_dir / name, folder / name)
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "do_lower_case": False}))
+  unk, cls, sep = (int(x) for x in text.load_tokenizer(str(minilm_dir)).encode(
+      "[UNK] [CLS] [SEP]", add_special_tokens=False).ids)
+  cased = [text.load_tokenizer(str(f)).encode("Hello hello").ids for f in (with_json, vocab_only)]
+  uncased = text.load_tokenizer(str(minilm_dir)).encode("Hello hello").ids
+  assert cased[0] == cased[1] == [cls, unk, uncased[2], sep]
+  assert uncased[1] == uncased[2] != unk
+
+
 def test_roberta_tokenizers_match_transformers(sentences, tmp_path):
   """tokenizer.json and, without it, byte-level BPE from vocab.json + merges.txt."""
   ref = _reference("roberta_tiny_reference.npz")

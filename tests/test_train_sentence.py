@@ -383,6 +383,9 @@ def test_rst_sentences_and_the_offline_corpus():
     ({"eval.final_tasks": ("STS17",)}, r"final_tasks \['STS17'\] are not among"),
     ({"eval.missing_sts": "warn"}, "missing_sts='warn' is not error or skip"),
     ({"eval.batch_size": 0}, "eval.batch_size must be >= 1"),
+    # scoring through an MLP that was never trained: random weights (the reference's defect)
+    ({"model.pooler": "cls", "eval.pooler": "cls_mlp", "model.mlp_init": "fresh"},
+     "eval.pooler='cls_mlp' scores through an MLP that training never used"),
 ])
 def test_each_impossible_sentence_setting_is_named(tmp_path, overrides, message):
   with pytest.raises(ValueError, match=f"Invalid sentence config:(.|\n)*{message}"):

@@ -82,16 +82,39 @@ def _byte_level_bpe_from_vocab(folder: str) -> tokenizers.Tokenizer:
   return tok
 
 
+# tokenizer_config.json keys of BERT's tokenizer -> fields of the BertNormalizer they set.
+_BERT_NORMALISER_KEYS = {"do_lower_case": "lowercase", "strip_accents": "strip_accents",
+                         "tokenize_chinese_chars": "handle_chinese_chars"}
+
+
+def _apply_bert_normaliser_settings(tok: tokenizers.Tokenizer, folder: str) -> None:
+  """Lets tokenizer_config.json override tokenizer.json's BertNormalizer, as transformers'
+  BertTokenizerFast does when the two disagree (a folder saved with ``do_lower_case=False``
+  around an uncased tokenizer.json lower-cases nothing there). Keys the config does not set
+  keep tokenizer.json's value. Other normalisers (RoBERTa has none) are left alone."""
+  state = json.loads(tok.to_str()).get("normalizer") or {}
+  if state.get("type") != "BertNormalizer":
+    return
+  config = _read_json(os.path.join(folder, "tokenizer_config.json"))
+  wanted = {field: config[key] for key, field in _BERT_NORMALISER_KEYS.items() if key in config}
+  if all(state.get(field) == value for field, value in wanted.items()):
+    return
+  fields = {k: v for k, v in state.items() if k != "type"} | wanted
+  tok.normalizer = _tokenizers().normalizers.BertNormalizer(**fields)
+
+
 def load_tokenizer(folder: str) -> tokenizers.Tokenizer:
   """A `tokenizers.Tokenizer` from a HF model folder, with padding and truncation switched off.
 
-  Uses `tokenizer.json` when present; otherwise builds WordPiece from `vocab.txt` (BERT) or
-  byte-level BPE from `vocab.json` + `merges.txt` (RoBERTa).
+  Uses `tokenizer.json` when present (with tokenizer_config.json's lower-casing, accent and
+  Chinese-character settings, as transformers applies them); otherwise builds WordPiece from
+  `vocab.txt` (BERT) or byte-level BPE from `vocab.json` + `merges.txt` (RoBERTa).
   """
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"Tokenizer folder {folder} does not exist.")
   if os.path.exists(os.path.join(folder, "tokenizer.json")):
     tok = _tokenizers().Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+    _apply_bert_normaliser_settings(tok, folder)
   elif os.path.exists(os.path.join(folder, "vocab.txt")):
     tok = _wordpiece_from_vocab(folder)
   elif all(os.path.exists(os.path.join(folder, f)) for f in ("vocab.json", "merges.txt")):

@@ -290,8 +290,9 @@ def two_views(model: SentenceEncoder, params: Params, input_ids: Array, attentio
               dropout_rng: Array, *, use_mlp: bool = True) -> tuple[Array, Array]:
   """SimCSE's positive pairs: every sentence encoded twice with independent dropout.
 
-  One forward pass over the batch stacked twice (2B rows, as SimCSE does): Flax dropout draws an
-  independent mask per element, so rows i and B + i are two dropout views of sentence i; one
+  One forward pass over the batch stacked twice (2B rows; SimCSE also runs 2B rows in one pass,
+  interleaved as 2i, 2i + 1 rather than i, B + i, which makes no difference): Flax dropout draws
+  an independent mask per element, so rows i and B + i are two dropout views of sentence i; one
   pass of 2B keeps the matmuls large. Returns z1, z2 of shape (B, h), float32.
   """
   batch = input_ids.shape[0]

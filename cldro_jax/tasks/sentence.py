@@ -156,6 +156,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     problems.append(f"config.model.pooler={model.pooler!r} is not one of {sorted(bert.POOLERS)}")
   if ev.pooler and ev.pooler not in bert.POOLERS:
     problems.append(f"config.eval.pooler={ev.pooler!r} is not '' or one of {sorted(bert.POOLERS)}")
+  if ev.pooler == "cls_mlp" and model.pooler != "cls_mlp" and model.mlp_init == "fresh":
+    # The MLP would be its random initialisation: the reference's "random pooler" defect.
+    problems.append("config.eval.pooler='cls_mlp' scores through an MLP that training never used "
+                    f"(config.model.pooler={model.pooler!r}) and that is freshly initialised "
+                    "(config.model.mlp_init='fresh'): random weights. Evaluate without it "
+                    "(--config.eval.pooler=''), train with it (--config.model.pooler=cls_mlp) "
+                    "or take the checkpoint's (--config.model.mlp_init=checkpoint).")
   if model.mlp_init not in ("fresh", "checkpoint"):
     problems.append(f"config.model.mlp_init={model.mlp_init!r} is not fresh or checkpoint")
   if model.dtype not in ("float32", "bfloat16"):
@@ -244,9 +251,10 @@ def dropout_views(model: bert.SentenceEncoder, params, input_ids, attention_mask
                   use_mlp: bool):
   """SimCSE's positive pairs: each sentence encoded twice with independent dropout, one pass.
 
-  Rows 2i and 2i+1 of the doubled batch are sentence i (`jnp.repeat`, not SimCSE's
-  concatenation): with the batch sharded over devices, both copies of a sentence stay on the
-  device that holds it, so the doubled batch needs no communication. Dropout draws an
+  Rows 2i and 2i+1 of the doubled batch are sentence i (`jnp.repeat`: SimCSE's layout too, its
+  (batch, 2, length) input viewed as (2 batch, length)); with the batch sharded over devices, both
+  copies of a sentence stay on the device that holds it, so the doubled batch needs no
+  communication. Dropout draws an
   independent mask per element, so the two rows are two dropout views. Returns z1, z2 (B, d).
   """
   batch = input_ids.shape[0]
@@ -537,8 +545,13 @@ class SentenceTask:
         shutil.rmtree(folder, ignore_errors=True)
         self._export(params, folder, extra={"selected": selected, "step": step})
       results["hf_export"] = folder
+      if self.eval_use_mlp:   # sentence-transformers' Pooling has no MLP; pooler.dense is it
+        how = ("pooling: cls_mlp = transformers' pooler_output; sentence-transformers' cls "
+               "pooling gives CLS without the MLP")
+      else:
+        how = f"pooling: {self.eval_pooler}, no training MLP"
       print(f"Exported the encoder to {folder} (transformers AutoModel / sentence-transformers; "
-            f"pooling: {self.eval_pooler}, no training MLP)", flush=True)
+            f"{how})", flush=True)
     return results
 
 
