@@ -354,6 +354,28 @@ def test_adaptive_rule_under_shard_map_std_is_global_quantile_is_device_mean():
   per_device = [np.quantile(cos[2 * d:2 * d + 2][off[2 * d:2 * d + 2]], 0.5) for d in range(8)]
   assert float(mu) == pytest.approx(np.mean(per_device), abs=2e-6)
 
+  # A padded last batch: rows 11-15 invalid, so device 7 holds only padding and device 5 one
+  # anchor. Devices weigh by their (anchor, negative) pairs; the empty one counts for nothing.
+  valid = np.arange(16) < 11
+
+  def local_valid(a, b, v):
+    return losses.adaptive_mu_sigma(a, b, mu=0.0, sigma=1.0, mu_rule="quantile",
+                                    mu_quantile=0.5, variant="graph", valid=v, axis_name="data")
+  mu, _ = jax.block_until_ready(jax.shard_map(
+      local_valid, mesh=mesh, in_specs=(P("data"),) * 3, out_specs=(P(), P()))(
+          jnp.asarray(z1), jnp.asarray(z2), jnp.asarray(valid)))
+  pairs = off & valid[:, None] & valid[None, :]
+  devices = [d for d in range(8) if pairs[2 * d:2 * d + 2].any()]
+  quantiles = [np.quantile(cos[2 * d:2 * d + 2][pairs[2 * d:2 * d + 2]], 0.5) for d in devices]
+  weights = [pairs[2 * d:2 * d + 2].sum() for d in devices]
+  assert len(devices) == 6 and np.isfinite(float(mu))
+  assert float(mu) == pytest.approx(np.average(quantiles, weights=weights), abs=2e-6)
+  # No (anchor, negative) pair anywhere (every candidate shares the anchor's label): the given mu.
+  mu, sigma = losses.adaptive_mu_sigma(jnp.asarray(z1), jnp.asarray(z2), mu=0.25, sigma=1.0,
+                                       mu_rule="quantile", sigma_rule="std", variant="graph",
+                                       labels=jnp.zeros(16, jnp.int32))
+  assert (float(mu), float(sigma)) == (0.25, pytest.approx(losses.adaptive.MIN_SIGMA))
+
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"mu_rule": "median"}, "mu_rule must be one of"),

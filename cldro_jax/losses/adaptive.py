@@ -15,8 +15,11 @@ step and stop-gradient:
 
 Under ``axis_name`` (inside ``jax.shard_map``) the standard deviation is exact over the global
 batch (sums are psum-ed); the quantile is each device's quantile over its own anchors' rows
-(against every gathered candidate), averaged over devices: exact on one device and a consistent
-estimate otherwise (an exact global quantile would gather the whole (2B)^2 similarity matrix).
+(against every gathered candidate), averaged over devices weighted by their number of (anchor,
+negative) pairs (a device holding only padding counts for nothing): exact on one device and a
+consistent estimate otherwise (an exact global quantile would gather the whole (2B)^2 similarity
+matrix). With no (anchor, negative) pair at all, "quantile" returns the given mu and "std"
+returns MIN_SIGMA (the loss is 0 then, whatever the weights).
 """
 from __future__ import annotations
 
@@ -86,9 +89,15 @@ def adaptive_mu_sigma(z1, z2, *, mu, sigma, mu_rule="fixed", mu_quantile=0.9,
 
   out_mu = jnp.asarray(mu, dtype)
   if mu_rule == "quantile":
-    out_mu = _masked_quantile(sim, mask, jnp.asarray(mu_quantile, dtype))
+    local = _masked_quantile(sim, mask, jnp.asarray(mu_quantile, dtype))
+    count = jnp.sum(mask, dtype=dtype)
+    # A device (or batch) without a single (anchor, negative) pair has no quantile: its padding
+    # rows would otherwise give inf - inf = NaN. Devices weigh by their number of pairs; with no
+    # pair anywhere the loss is 0 whatever mu is, and the given mu is returned.
+    weighted = jnp.where(count > 0, local, 0.0) * count
     if axis_name is not None:
-      out_mu = jax.lax.pmean(out_mu, axis_name)
+      weighted, count = jax.lax.psum((weighted, count), axis_name)
+    out_mu = jnp.where(count > 0, weighted / jnp.maximum(count, 1.0), out_mu)
 
   out_sigma = jnp.asarray(sigma, dtype)
   if sigma_rule == "std":
