@@ -13,6 +13,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.special
 import pytest
 from jax import test_util as jtu
 
@@ -285,6 +286,41 @@ def test_numerics_float32(family):
   assert all(np.all(np.asarray(g) == 0.0) for g in grads)
 
 
+def test_float32_keeps_relative_precision_of_small_losses_and_far_gaussians():
+  # A nearly solved batch: the image loss is 5e-5 at t = 0.05 and 1e-7 at t = 0.03; rounding at
+  # ulp(1/t) ~ 2e-6 after the logsumexp would cost it percents, or all of it (softplus keeps
+  # float32's relative precision).
+  rng = np.random.default_rng(21)
+  z1 = np.eye(8, 16) + 0.2 * rng.normal(size=(8, 16))
+  z2 = z1 + 0.05 * rng.normal(size=(8, 16))
+  for t in (0.05, 0.03):
+    expected = ref.weighted_nce(z1, z2, t=t, variant="image")
+    assert 1e-8 < expected < 1e-4
+    value, _ = run("infonce-image", z1, z2, t, {})
+    np.testing.assert_allclose(float(value), expected, rtol=1e-4)
+  # ADNCE with mu outside [-1, 1] and a narrow Gaussian: every raw log g is a large negative
+  # number (about -180 at the closest cosine here) next to which s / t rounds in float32; log g
+  # is taken relative to the nearest point of [-1, 1] (docs/losses.md, "Conventions and
+  # numerics"), which removes most of it. The reference works in logs: its exp(log g) would
+  # underflow at these settings. Graph form: w = g / mean(g), loss_i = -s+/t + log mean w e^(s/t).
+  def log_domain_graph_adnce(z1, z2, t, mu, sigma):
+    per_anchor = []
+    for s_pos, cands in ref.anchors(z1, z2, "graph"):
+      log_g = -(cands - mu) ** 2 / (2 * sigma ** 2)
+      log_w = log_g - (scipy.special.logsumexp(log_g) - np.log(len(cands)))
+      per_anchor.append(-s_pos / t + scipy.special.logsumexp(log_w + cands / t)
+                        - np.log(len(cands)))
+    return np.mean(per_anchor)
+
+  z1, z2 = make_views("random", seed=22)
+  for mu, sigma in ((2.0, 0.05), (-1.5, 0.05), (2.0, 0.1), (0.7, 0.5)):
+    hp = dict(mu=mu, sigma=sigma)
+    value, grads = run("adnce-graph", z1, z2, 0.2, hp)
+    expected = log_domain_graph_adnce(z1, z2, 0.2, mu, sigma)
+    np.testing.assert_allclose(float(value), expected, rtol=0, atol=3e-6)
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
+
+
 # The upcast is shared by every loss: each variant and loss appears once per dtype.
 @pytest.mark.parametrize("family,dtype", [
     ("adnce-image", jnp.float16), ("hcl-image", jnp.float16), ("adnce-graph", jnp.bfloat16),
@@ -378,6 +414,7 @@ def test_array_hyperparameters_do_not_recompile():
     (lambda z: losses.infonce(z[:, :, None], z[:, :, None], temperature=0.5), "2-D"),
     (lambda z: losses.infonce(z.astype(jnp.int32), z.astype(jnp.int32), temperature=0.5),
      "floating point"),
+    (lambda z: losses.infonce(z[:, :0], z[:, :0], temperature=0.5), "d >= 1"),
     (lambda z: losses.infonce(z[:1], z[:1], temperature=0.5), "at least 2 rows"),
     (lambda z: losses.infonce(z, z, temperature=0.5, valid=jnp.array([True] + [False] * 5)),
      "at least 2 are needed"),

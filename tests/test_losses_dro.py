@@ -269,6 +269,16 @@ def test_diagnostics_radius_stays_accurate_near_collapse(variant):
     assert float(got["eta_hat"]) < 1e-6
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_diagnostics_without_a_counting_anchor_are_all_zero(variant):
+  # Every row shares one label: no anchor keeps a negative. The losses are 0 then; so is every
+  # statistic (not a mix of 0, -inf and +inf).
+  args = [jnp.asarray(x, jnp.float32) for x in (*views(50), 0.2, 0.6, 0.5)]
+  same_label = jnp.zeros(BATCH, jnp.int32)
+  for got in _diagnostics(variant, True)(*args, jnp.ones(BATCH, bool), same_label):
+    assert {k: float(v) for k, v in got.items()} == {k: 0.0 for k in got}
+
+
 def test_diagnostics_are_stop_gradient_and_fit_in_a_train_step():
   z1, z2 = (jnp.asarray(z, jnp.float32) for z in views(30))
 

@@ -44,6 +44,19 @@ def l2_normalize_rows(z: jax.Array) -> jax.Array:
   return jnp.where(nonzero, scaled * jax.lax.rsqrt(jnp.where(nonzero, sq_norm, 1.0)), 0.0)
 
 
+def gaussian_log_weight(sim: jax.Array, mu, half_inv_var) -> jax.Array:
+  """ADNCE's log g(s) = -(s - mu)^2 / (2 sigma^2), up to a constant that cancels in g / mean(g).
+
+  Computed as -(s - b)(s - 2 mu + b) / (2 sigma^2), b = clip(mu, -1, 1): the same as log g when
+  mu lies in [-1, 1] (b = mu), and log g + (mu - b)^2 / (2 sigma^2) otherwise. The constant
+  keeps the values near 0 at the cosines closest to mu; with mu outside [-1, 1] and a small
+  sigma every raw log g would be a large negative number next to which s / t and the
+  differences between candidates round away in float32.
+  """
+  nearest = jnp.clip(mu, -1.0, 1.0)
+  return -(sim - nearest) * (sim - 2.0 * mu + nearest) * half_inv_var
+
+
 def is_traced(x: Any) -> bool:
   return isinstance(x, jax.core.Tracer)
 
@@ -115,6 +128,9 @@ def check_views(z1: Any, z2: Any) -> None:
     if not jnp.issubdtype(z.dtype, jnp.floating):
       raise ValueError(f"{name} must be floating point, got dtype {z.dtype}; cast it, e.g. "
                        f"{name}.astype(jnp.float32).")
+    if z.shape[1] == 0:
+      raise ValueError(f"{name} has shape {tuple(z.shape)}: projections need d >= 1 features "
+                       "(an empty projection has no cosine).")
   if tuple(z1.shape) != tuple(z2.shape):
     raise ValueError(f"z1 and z2 must have the same shape (row i of each is the same example), "
                      f"got {tuple(z1.shape)} and {tuple(z2.shape)}.")

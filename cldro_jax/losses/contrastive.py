@@ -31,7 +31,8 @@ def _logits(sim, params):
 def _gaussian_log_weight(sim, params):
   """log g(s) of ADNCE, stop-gradient: the weights are constants of the backward pass."""
   sim = jax.lax.stop_gradient(sim)
-  return jax.lax.stop_gradient(-jnp.square(sim - params["mu"]) * params["half_inv_var"])
+  return jax.lax.stop_gradient(
+      _common.gaussian_log_weight(sim, params["mu"], params["half_inv_var"]))
 
 
 def _adnce_stats(sim, params):
@@ -71,7 +72,9 @@ def _nce_from_log_sum(layout, params, log_sum, count, variant, axis_name):
   pos_logit = layout.pos_cos * params["inv_t"]
   log_count = jnp.log(jnp.maximum(count, 1.0))
   if variant == "image":
-    per_anchor = jnp.logaddexp(pos_logit, log_sum) - pos_logit
+    # log(1 + sum/exp(pos)) as softplus: `logaddexp(pos, sum) - pos` rounds at ulp(1/t) and
+    # loses the relative precision of a small loss.
+    per_anchor = jax.nn.softplus(log_sum - pos_logit)
     n_negatives = count
   elif variant == "sentence":
     per_anchor = log_sum - pos_logit

@@ -103,7 +103,7 @@ _DIAG_KINDS = ("lse", "lse", "sum", "sum")
 
 
 def _diag_stats_adnce(sim, params):
-  log_g = -jnp.square(sim - params["mu"]) * params["half_inv_var"]
+  log_g = _common.gaussian_log_weight(sim, params["mu"], params["half_inv_var"])
   return _diag_stats(sim, params) + (log_g, 2.0 * log_g, log_g, log_g)
 
 
@@ -112,12 +112,14 @@ _DIAG_KINDS_ADNCE = _DIAG_KINDS + ("lse", "lse", "max", "min")
 
 def _global_max(x, weight, axis_name):
   out = jnp.max(jnp.where(weight, x, -jnp.inf))
-  return out if axis_name is None else jax.lax.pmax(out, axis_name)
+  out = out if axis_name is None else jax.lax.pmax(out, axis_name)
+  return jnp.where(jnp.isinf(out), 0.0, out)   # no anchor counts: 0, like the means
 
 
 def _global_min(x, weight, axis_name):
   out = jnp.min(jnp.where(weight, x, jnp.inf))
-  return out if axis_name is None else jax.lax.pmin(out, axis_name)
+  out = out if axis_name is None else jax.lax.pmin(out, axis_name)
+  return jnp.where(jnp.isinf(out), 0.0, out)
 
 
 def diagnostics(z1, z2, *, temperature, mu=None, sigma=None, variant="image", valid=None,
@@ -126,7 +128,8 @@ def diagnostics(z1, z2, *, temperature, mu=None, sigma=None, variant="image", va
 
   One pass over the negatives of each anchor (dense, or in column blocks with ``block_size``).
   Every entry is a scalar averaged over the anchors that count in the loss (valid, >= 1
-  negative), identical on every device under ``axis_name``:
+  negative), identical on every device under ``axis_name``; when no anchor counts, every entry
+  is 0 (as the losses):
 
     eta_hat          Var(s_neg) / (2 t^2): the KL radius the temperature implies.
     mi_lower_bound   log K - InfoNCE with the positive in the denominator, K = the positive
@@ -137,7 +140,7 @@ def diagnostics(z1, z2, *, temperature, mu=None, sigma=None, variant="image", va
     with mu and sigma (ADNCE's weight set of the variant; sentence includes the positive):
     ess_adnce, adnce_w_max, adnce_w_min (over all anchors and candidates), adnce_w_mean.
   The variance comes from sums of s - c and (s - c)^2 in the same pass, c = the anchor's
-  positive cosine (clamped at 0): about 1e-7 absolute in float32, and still accurate relative to
+  positive cosine: about 1e-7 absolute in float32, and still accurate relative to
   the variance itself near collapse, where every cosine is close to c.
   """
   _layout.validate(z1, z2, variant, valid, labels, axis_name)
@@ -192,7 +195,8 @@ def diagnostics(z1, z2, *, temperature, mu=None, sigma=None, variant="image", va
     lse_g, lse_g2, max_g, min_g = outs[4:]
     n_w = n
     if variant == "sentence":  # SimCSE's weight set also holds the positive (diagonal)
-      log_g_pos = -jnp.square(layout.pos_cos - params["mu"]) * params["half_inv_var"]
+      log_g_pos = _common.gaussian_log_weight(layout.pos_cos, params["mu"],
+                                              params["half_inv_var"])
       lse_g = jnp.logaddexp(lse_g, log_g_pos)
       lse_g2 = jnp.logaddexp(lse_g2, 2.0 * log_g_pos)
       max_g, min_g = jnp.maximum(max_g, log_g_pos), jnp.minimum(min_g, log_g_pos)
