@@ -10,6 +10,7 @@ import math
 import os
 import sys
 import time
+import uuid
 from typing import Any, Mapping
 
 import jax
@@ -46,10 +47,9 @@ class MetricWriter:
       _drop_lines_after(path, resume_step)
     self._jsonl = open(path, "a", encoding="utf-8")
     try:
-      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
       # purge_step: TensorBoard hides a killed run's events past the checkpoint (or, before
       # the first one, all of them), which the resumed run logs again, as the JSON lines above.
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
+      self._tb = _EventFile(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
     except ImportError:  # tensorboardX is a declared dependency; degrade to JSON lines only.
       self._tb = None
 
@@ -61,11 +61,10 @@ class MetricWriter:
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()
     if self._tb is not None:
-      for name, value in record.items():
-        if name in ("step", "split", "time"):
-          continue
-        if isinstance(value, (int, float)) and math.isfinite(value):
-          self._tb.add_scalar(f"{split}/{name}", value, int(step))
+      self._tb.add_scalars(int(step), record["time"], {
+          f"{split}/{name}": value for name, value in record.items()
+          if name not in ("step", "split", "time")
+          and isinstance(value, (int, float)) and math.isfinite(value)})
       self._tb.flush()
 
   def close(self) -> None:
@@ -75,6 +74,41 @@ class MetricWriter:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+
+
+class _EventFile:
+  """TensorBoard scalars in an event file, written synchronously: after `flush()` every event so
+  far is in the file, as every line is in metrics.jsonl. tensorboardX's SummaryWriter hands
+  events to a background thread that flushes every `flush_secs` (120 s), so a run killed during
+  a long epoch-end evaluation lost the points logged just before its checkpoint for good (the
+  resumed run does not log those steps again)."""
+
+  def __init__(self, logdir: str, *, purge_step: int):
+    # pylint: disable=import-outside-toplevel
+    from tensorboardX.event_file_writer import EventsWriter
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+    from tensorboardX.summary import scalar
+    os.makedirs(logdir, exist_ok=True)
+    self._event, self._scalar = Event, scalar
+    # The file name holds the creation second; a random suffix keeps two writers of the same
+    # second (a quick resume) from writing one file.
+    self._writer = EventsWriter(os.path.join(logdir, "events"),
+                                filename_suffix=f".{uuid.uuid4().hex[:8]}")
+    # TensorBoard's purge marker (what SummaryWriter(purge_step=...) writes): earlier events of
+    # this directory at steps >= purge_step are hidden.
+    self._writer.write_event(Event(step=purge_step, wall_time=time.time(),
+                                   session_log=SessionLog(status=SessionLog.START)))
+
+  def add_scalars(self, step: int, wall_time: float, values: Mapping[str, float]) -> None:
+    for tag, value in values.items():
+      self._writer.write_event(self._event(wall_time=wall_time, step=step,
+                                           summary=self._scalar(tag, value)))
+
+  def flush(self) -> None:
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
 
 
 def _drop_lines_after(path: str, step: int) -> None:
