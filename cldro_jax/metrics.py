@@ -10,7 +10,6 @@ import math
 import os
 import sys
 import time
-import uuid
 from typing import Any, Mapping
 
 import jax
@@ -90,10 +89,11 @@ class _EventFile:
     from tensorboardX.summary import scalar
     os.makedirs(logdir, exist_ok=True)
     self._event, self._scalar = Event, scalar
-    # The file name holds the creation second; a random suffix keeps two writers of the same
-    # second (a quick resume) from writing one file.
+    # The file name holds the creation second; the nanosecond suffix keeps two writers of the
+    # same second (a quick resume) apart AND in creation order, which TensorBoard, reading the
+    # files in name order, needs for the purge marker to hide the older file's events.
     self._writer = EventsWriter(os.path.join(logdir, "events"),
-                                filename_suffix=f".{uuid.uuid4().hex[:8]}")
+                                filename_suffix=f".{time.time_ns():020d}")
     # TensorBoard's purge marker (what SummaryWriter(purge_step=...) writes): earlier events of
     # this directory at steps >= purge_step are hidden.
     self._writer.write_event(Event(step=purge_step, wall_time=time.time(),
