@@ -120,11 +120,15 @@ def _write_json_atomically(path: str, content: Any) -> None:
   os.replace(tmp, path)
 
 
+def _has_checkpoints(workdir: str) -> bool:
+  folder = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(folder) and any(n.isdigit() for n in os.listdir(folder))
+
+
 def _config_from_checkpoints(workdir: str) -> dict[str, Any] | None:
   """The config stored in the latest checkpoint, when config.json is gone; None when the
   workdir holds no checkpoint (a first start)."""
-  folder = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(folder) or not any(n.isdigit() for n in os.listdir(folder)):
+  if not _has_checkpoints(workdir):
     return None
   checkpointer = Checkpointer(workdir, read_only=True)
   try:
@@ -153,6 +157,16 @@ def read_saved_config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(_saved_config_dict(path))
 
 
+def saved_config_or_none(workdir: str) -> ml_collections.ConfigDict | None:
+  """The config of the run in `workdir`: config.json, or the copy in its latest checkpoint when
+  config.json is gone; None for a workdir with neither (nothing started there)."""
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path):
+    return ml_collections.ConfigDict(_saved_config_dict(path))
+  recovered = _config_from_checkpoints(workdir)
+  return None if recovered is None else ml_collections.ConfigDict(_completed(recovered))
+
+
 def check_or_save_config(workdir: str, config: ml_collections.ConfigDict, *,
                          save: bool = True) -> None:
   """Saves `config.json` on the first start; on a resume, refuses a config that differs.
@@ -164,6 +178,13 @@ def check_or_save_config(workdir: str, config: ml_collections.ConfigDict, *,
   """
   path = os.path.join(workdir, "config.json")
   current = config_to_dict(config)
+  if os.path.exists(path) and not _has_checkpoints(workdir):
+    # A start that stopped before its first checkpoint (out of memory at step 1, a wrong
+    # setting): nothing to resume, so the corrected command starts afresh.
+    if save and jax.process_index() == 0 and current != _read_json_or_none(path):
+      logging.warning("%s holds no checkpoint: its config.json is replaced by this run's", workdir)
+      _write_json_atomically(path, current)
+    return
   if os.path.exists(path):
     saved = _saved_config_dict(path)
   else:
@@ -328,6 +349,8 @@ class Checkpointer:
       raise self._corrupt(step, f"its metadata file is missing: {e}") from e
     except ValueError as e:   # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
       raise self._corrupt(step, f"its metadata file is unreadable: {e}") from e
+    except KeyError as e:     # orbax: the step folder has no "meta" item at all
+      raise self._corrupt(step, f"it has no metadata: {e}") from e
     if not isinstance(restored["meta"], dict):
       raise self._corrupt(step, "its metadata file does not hold a JSON object")
     return dict(restored["meta"])

@@ -241,6 +241,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
            "conv_default", problems)
     _check(config.eval.linear_probe in ("reference", "features", "none"),
            "config.eval.linear_probe must be reference, features or none", problems)
+    _check(config.eval.every_epochs >= 0,
+           f"config.eval.every_epochs must be >= 0 (0: no per-epoch monitor), got "
+           f"{config.eval.every_epochs}", problems)
   if problems:
     raise ValueError("Invalid config:\n  " + "\n  ".join(problems))
 

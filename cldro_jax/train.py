@@ -340,7 +340,8 @@ def make_full_optimizer(config, schedule):
 def steps_for(config, steps_per_epoch: int) -> int:
   if config.total_steps > 0:
     return int(config.total_steps)
-  return max(1, int(math.ceil(config.total_epochs * steps_per_epoch)))
+  # Rounded first: 2.2 epochs of 25 steps is 55.00000000000001 in floating point, not 56 steps.
+  return max(1, int(math.ceil(round(config.total_epochs * steps_per_epoch, 6))))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,9 +400,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
               f"{total_steps} steps. Nothing was changed. Raise --config.total_steps (or "
               f"total_epochs) to at least {start_step}, or evaluate that checkpoint: python -m "
               f"cldro_jax.probe --workdir={workdir}")
-        finished = _finished_results(workdir, config, start_step, total_steps)
+        finished, reevaluate = _finished_results(workdir, config, start_step, total_steps)
         if finished is not None:
           return finished
+        resumed_log = {"pending": meta.get("log_pending", []),
+                       "collapsed_at": meta.get("collapsed_at_step"), "reevaluate": reevaluate}
+      else:
+        resumed_log = {"pending": [], "collapsed_at": None, "reevaluate": False}
 
       train_step = jax.jit(make_train_step(task, config, tx, schedule, mesh),
                            donate_argnums=(0,), out_shardings=(replicated, replicated))
@@ -411,7 +416,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       meta_base = {"model": task.model_name, "parameter_signature": signature,
                    "config": checkpointing.config_to_dict(config)}
       results = _loop(config, task, state, train_step, checkpointer, writer, mesh, start_step,
-                      total_steps, meta_base, workdir)
+                      total_steps, meta_base, workdir, resumed_log)
     finally:
       # Also when the run stops on an error (NaN guard, bad data, Ctrl-C): finish the save in
       # flight, whose state was checked finite before it started, so that the last good
@@ -465,10 +470,12 @@ def _check_run_length(workdir, config, total_steps, steps_per_epoch):
   """A resumed run may change its length only under a constant learning rate: the decaying
   schedules are functions of the total, so a new total would give the remaining steps (and,
   from the resumed step on, the whole curve) other learning rates than the run planned."""
-  if config.optim.schedule == "constant" or not os.path.exists(
-      os.path.join(workdir, "config.json")):
+  if config.optim.schedule == "constant":
     return
-  planned = steps_for(checkpointing.read_saved_config(workdir), steps_per_epoch)
+  saved = checkpointing.saved_config_or_none(workdir)   # config.json, or the checkpoint's copy
+  if saved is None:
+    return
+  planned = steps_for(saved, steps_per_epoch)
   if planned != total_steps:
     raise checkpointing.CheckpointMismatchError(
         f"The run in {workdir} was planned for {planned} steps and its learning-rate schedule "
@@ -484,41 +491,52 @@ def _evaluated_with(config) -> dict[str, Any]:
           "data": checkpointing.config_to_dict(config.data)}
 
 
-def _finished_results(workdir, config, start_step, total_steps) -> dict[str, Any] | None:
-  """The stored results of a run that is already complete, when rerunning its command would
-  only evaluate it again the same way; None when there is work (or new evaluation) to do.
+def _finished_results(workdir, config, start_step,
+                      total_steps) -> tuple[dict[str, Any] | None, bool]:
+  """(stored results, False) for a run that is already complete, when rerunning its command
+  would only evaluate it again the same way; (None, reevaluate) when there is work to do, where
+  `reevaluate` says that a complete run is evaluated again with other settings.
 
   An evaluation with other settings replaces results.json, after keeping the old file as
   results.previous-<k>.json."""
   path = os.path.join(workdir, "results.json")
   if start_step != total_steps or not os.path.exists(path):
-    return None
-  with open(path, encoding="utf-8") as f:
-    stored = json.load(f)
+    return None, False
+  try:
+    with open(path, encoding="utf-8") as f:
+      stored = json.load(f)
+  except ValueError:   # unreadable (written by a version that did not write it atomically)
+    logging.warning("%s is unreadable; evaluating the run again", path)
+    stored = {}
+  if not isinstance(stored, dict):
+    stored = {}
   if stored.get("step") == total_steps and stored.get("evaluated_with") == _evaluated_with(config):
     logging.info("%s is complete (step %d); its results are in %s", workdir, total_steps, path)
     if jax.process_index() == 0:
       print(f"The run in {workdir} is already complete (step {total_steps}); results from {path}. "
             "(Evaluation or data settings that differ from the stored ones evaluate it again.)",
             flush=True)
-    return stored
+    return stored, False
   multihost_utils.sync_global_devices("read finished results")
   if jax.process_index() == 0:
     k = 1
     while os.path.exists(os.path.join(workdir, f"results.previous-{k}.json")):
       k += 1
     os.replace(path, os.path.join(workdir, f"results.previous-{k}.json"))
-  return None
+  return None, True
 
 
-def _save(checkpointer, state, step, steps_per_epoch, meta_base):
+def _save(checkpointer, state, step, steps_per_epoch, meta_base, log_state=None):
+  """Checkpoint of `step`. `log_state`: what the metrics need to go on exactly as if the run
+  had not stopped (the steps logged since the last log line, the collapse step), in the meta."""
   if not bool(jax.device_get(state.finite)):
     raise NonFiniteLossError(
         f"The loss, its gradient or the parameters became NaN or inf before step {step}; the run "
         "stopped without saving, so the "
         "last good checkpoint is kept. Lower --config.optim.lr, raise --config.loss.temperature, "
         "or use --config.model.dtype=float32.")
-  checkpointer.save(step, state, meta=dict(meta_base, step=step, epoch=step / steps_per_epoch))
+  checkpointer.save(step, state, meta=dict(meta_base, step=step, epoch=step / steps_per_epoch,
+                                           **(log_state or {})))
 
 
 def _monitor(task, state, writer, bar, step) -> dict[str, float]:
@@ -544,6 +562,28 @@ def _monitor_missing(task, workdir, step, total_steps) -> bool:
   return bool(missing)
 
 
+def _logged_monitor(workdir, step) -> dict[str, float] | None:
+  """The monitor line already logged at `step` (its values on process 0, {} elsewhere), or None
+  when there is none: a run killed during its final evaluation must not log that monitor twice."""
+  found = None
+  if jax.process_index() == 0:
+    lines = [r for r in metrics_lib.read_metrics(workdir, "monitor") if r["step"] == step]
+    if lines:
+      found = {k: v for k, v in lines[-1].items() if k not in ("step", "split", "time", "epoch")}
+  present = found is not None
+  if jax.process_count() > 1:
+    present = bool(multihost_utils.broadcast_one_to_all(np.asarray(present)))
+  return (found or {}) if present else None
+
+
+def _log_state(pending, collapsed_at) -> dict[str, Any]:
+  """The per-step metrics not yet averaged into a log line, as exact floats (float32 values are
+  exact in JSON's float64), and the collapse step: what a resumed run needs to log the same."""
+  fetched = jax.device_get(pending)
+  return {"log_pending": [{k: float(v) for k, v in m.items()} for m in fetched],
+          "collapsed_at_step": collapsed_at}
+
+
 # Collapse: after the first epoch, every negative's cosine within about 0.01 of a value above
 # 0.95. Pre-trained text encoders can start with high but spread cosines (anisotropy); a
 # collapsed projection has them all at the same value.
@@ -556,7 +596,7 @@ def _collapsed(summary: dict, done: int, steps_per_epoch: int) -> bool:
 
 
 def _loop(config, task, state, train_step, checkpointer, writer, mesh, start_step, total_steps,
-          meta_base, workdir):
+          meta_base, workdir, resumed_log):
   steps_per_epoch = task.steps_per_epoch
   # On the CPU, several fake devices with collectives must not run steps back to back unwaited:
   # XLA's CPU rendezvous can deadlock. On accelerators the loop stays asynchronous.
@@ -564,8 +604,11 @@ def _loop(config, task, state, train_step, checkpointer, writer, mesh, start_ste
   batches = task.train_batches(start_step=start_step, num_steps=total_steps - start_step)
   bar = metrics_lib.progress_bar(total_steps, initial=start_step, unit=task.example_unit,
                                  unit_scale=config.batch_size) if config.progress_bar else None
-  pending: list[dict] = []
-  collapsed_at = None
+  # Restored from the checkpoint's meta: a checkpoint between two log steps carries the steps
+  # since the last line, so the next line averages the same steps as in an uninterrupted run.
+  pending: list[dict] = [{k: np.float32(v) for k, v in m.items()}
+                         for m in resumed_log["pending"]]
+  collapsed_at = resumed_log["collapsed_at"]
   last_log_time, last_log_step = time.time(), start_step
   step = start_step
   if _monitor_missing(task, workdir, start_step, total_steps):
@@ -617,10 +660,12 @@ def _loop(config, task, state, train_step, checkpointer, writer, mesh, start_ste
         if bar is not None:
           bar.set_postfix(loss=f"{summary['loss']:.4f}", epoch=f"{summary['epoch']:.2f}")
       if done % config.checkpoint_every_steps == 0 and done < total_steps:
-        _save(checkpointer, state, done, steps_per_epoch, meta_base)
+        _save(checkpointer, state, done, steps_per_epoch, meta_base,
+              _log_state(pending, collapsed_at))
       if done < total_steps and preemption.should_stop(done):
         if done % config.checkpoint_every_steps:
-          _save(checkpointer, state, done, steps_per_epoch, meta_base)
+          _save(checkpointer, state, done, steps_per_epoch, meta_base,
+                _log_state(pending, collapsed_at))
         checkpointer.wait()
         raise PreemptedError(
             f"Stopped on request (SIGTERM or a preemption notice) after step {done} of "
@@ -630,6 +675,9 @@ def _loop(config, task, state, train_step, checkpointer, writer, mesh, start_ste
       if every and done % every == 0 and done < total_steps:
         _monitor(task, state, writer, bar, done)
   finally:
+    # A stop requested during the last step: honoured after its checkpoint, before the final
+    # evaluation (the rerun evaluates).
+    stop_requested = preemption.requested and start_step < total_steps
     preemption.close()
     if bar is not None:
       bar.close()
@@ -638,19 +686,32 @@ def _loop(config, task, state, train_step, checkpointer, writer, mesh, start_ste
       close()
 
   if start_step < total_steps:
-    _save(checkpointer, state, total_steps, steps_per_epoch, meta_base)
+    _save(checkpointer, state, total_steps, steps_per_epoch, meta_base,
+          _log_state(pending, collapsed_at))
   checkpointer.wait()
+  if stop_requested:
+    raise PreemptedError(
+        f"Stopped on request (SIGTERM) after the last step, {total_steps}; its checkpoint is saved "
+        f"in {checkpointer.directory}. Rerun the same command for the final evaluation.")
   results = {"step": total_steps, "epochs": total_steps / steps_per_epoch,
              "loss": config.loss.name, "evaluated_with": _evaluated_with(config)}
   if collapsed_at is not None:
     results["collapsed_at_step"] = collapsed_at
   if task.monitor_every_steps:
-    monitor = _monitor(task, state, writer, None, total_steps)
+    # Resumed after training ended (killed during the final evaluation): the final monitor may
+    # be logged already; a new evaluation with other settings logs its own.
+    monitor = None
+    if start_step == total_steps and not resumed_log["reevaluate"]:
+      monitor = _logged_monitor(workdir, total_steps)
+    if monitor is None:
+      monitor = _monitor(task, state, writer, None, total_steps)
     results.update({f"final_{k}": v for k, v in monitor.items()})
   results.update(task.final_evaluation(state))
   writer.write(total_steps, {k: v for k, v in results.items()
                              if isinstance(v, (int, float))}, split="results")
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
+  if jax.process_index() == 0:   # atomically: a kill mid-write must not leave half a file
+    path = os.path.join(workdir, "results.json")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
       json.dump(results, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
   return results

@@ -1,5 +1,7 @@
 """Config schema, validation and the saved-config check on resume."""
 
+import os
+
 import ml_collections
 import pytest
 
@@ -51,6 +53,7 @@ def test_impossible_loss_values_are_rejected(field, value, message):
     ("log_every_steps", 0, "log_every_steps must be >= 1"),
     ("mesh.num_devices", 0, r"num_devices must be -1 \(all devices\) or >= 1"),
     ("mesh.num_devices", -7, r"num_devices must be -1 \(all devices\) or >= 1"),
+    ("eval.every_epochs", -1, r"every_epochs must be >= 0 \(0: no per-epoch monitor\)"),
 ])
 def test_impossible_run_settings_are_rejected(field, value, message):
   config = config_defaults.base_config("image")
@@ -77,6 +80,8 @@ def test_saved_config_mismatch_names_the_fields(tmp_path):
   checkpointing.check_or_save_config(workdir, config)
   saved = read_json(workdir, "config.json")
   assert saved["loss"]["temperature"] == config.loss.temperature
+  # The run reached a checkpoint (a step folder; a run without one may restart with any config).
+  os.makedirs(os.path.join(workdir, "checkpoints", "1"))
 
   # Fields that may change on resume (duration, logging, data location) are accepted...
   longer = ml_collections.ConfigDict(config.to_dict())

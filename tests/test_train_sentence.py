@@ -235,6 +235,14 @@ def test_dev_selection_final_sts_and_workdir_evaluation(tmp_path):
     resumed = task.final_evaluation(final_state)
   assert resumed["sts_model_step"] == best_step
   assert resumed["sts_avg"] == pytest.approx(results["sts_avg"], abs=1e-6)
+  # Killed between the two renames that replace the kept model: only best_dev.old is there,
+  # complete; a resumed run takes it back instead of treating the next dev score as the best.
+  os.replace(os.path.join(workdir, "best_dev"), os.path.join(workdir, "best_dev.old"))
+  task = sentence.SentenceTask(config, train.make_mesh(1), workdir=workdir)
+  with redirect_stdout(io.StringIO()):
+    recovered = task.final_evaluation(final_state)
+  assert recovered["sts_model_step"] == best_step
+  assert os.path.isdir(os.path.join(workdir, "best_dev"))
 
   # `python -m cldro_jax.evaluators.sts --workdir`: the best model by default...
   with redirect_stdout(io.StringIO()) as cli_out:

@@ -455,7 +455,11 @@ class SentenceTask:
     """After a resume: the best dev score so far, from <workdir>/best_dev/best.json."""
     if self._best is not None or not self._best_dir():
       return
-    path = os.path.join(self._best_dir(), BEST_FILE)
+    target, old = self._best_dir(), self._best_dir() + ".old"
+    if not os.path.exists(target) and os.path.exists(old) and jax.process_index() == 0:
+      # Killed between the two renames of `_save_best`: the previous best is complete in .old.
+      os.replace(old, target)
+    path = os.path.join(target, BEST_FILE)
     if os.path.exists(path):
       with open(path, encoding="utf-8") as f:
         record = json.load(f)

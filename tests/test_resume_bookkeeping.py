@@ -1,0 +1,176 @@
+"""What a stopped and resumed run must still get right beyond its parameters: the logged means,
+the final monitor, results.json, the collapse step, the run-length guard and the first start.
+
+Stops are simulated in process: a SIGTERM (what a scheduler sends) is the trainer's preemption
+watch saying "stop" after a chosen step, exactly as the signal handler would.
+"""
+import json
+import os
+
+import pytest
+
+from cldro_jax import checkpointing
+from cldro_jax import metrics as metrics_lib
+from cldro_jax import train
+from configs import quickstart as quickstart_config
+from helpers import assert_trees_equal, saved_arrays, with_overrides
+
+
+def tiny_config(**overrides):
+  """The quick start at toy size (40 shipped Fashion-MNIST images, batch 8: 5 steps an epoch)."""
+  config = quickstart_config.get_config("runlocal")
+  config.data.train_per_class = 4
+  config.data.test_per_class = 4
+  config.batch_size = 8
+  config.total_steps = 8
+  config.log_every_steps = 3
+  config.checkpoint_every_steps = 4
+  config.keep_checkpoints = 10
+  config.eval.every_epochs = 0
+  config.eval.linear_probe = "none"
+  config.eval.untrained_baseline = False
+  config.mesh.num_devices = 1
+  config.progress_bar = False
+  return with_overrides(config, **overrides)
+
+
+def stop_after(monkeypatch, step):
+  """The next run stops as on SIGTERM once `step` is done."""
+  real = train._PreemptionWatch  # pylint: disable=protected-access
+
+  class Watch(real):
+    def should_stop(self, done):
+      self.requested = self.requested or done >= step
+      return self.requested
+
+  monkeypatch.setattr(train, "_PreemptionWatch", Watch)
+
+
+def sigterm_during_step(monkeypatch, step):
+  """The next run gets SIGTERM while it computes `step` (after step - 1's stop check)."""
+  real = train._PreemptionWatch  # pylint: disable=protected-access
+
+  class Watch(real):
+    def should_stop(self, done):
+      stop = self.requested
+      if done == step - 1:
+        self._on_signal(None, None)   # what the SIGTERM handler does, one step late
+      return stop
+
+  monkeypatch.setattr(train, "_PreemptionWatch", Watch)
+
+
+def train_lines(workdir):
+  return [(r["step"], r["loss"], r["grad_norm"]) for r in metrics_lib.read_metrics(workdir,
+                                                                                   "train")]
+
+
+def test_a_stop_between_log_steps_resumes_with_the_same_logged_means(tmp_path, monkeypatch):
+  # Logs at 3, 6, 8; a stop after step 4 checkpoints step 4, whose meta keeps step 4's metrics
+  # so that the line of step 6 still averages steps 4-6, not 5-6.
+  straight = str(tmp_path / "straight")
+  train.train_and_evaluate(tiny_config(), straight)
+  stopped = str(tmp_path / "stopped")
+  stop_after(monkeypatch, 4)
+  with pytest.raises(train.PreemptedError, match="after step 4"):
+    train.train_and_evaluate(tiny_config(), stopped)
+  meta = checkpointing.Checkpointer(stopped, read_only=True).read_meta(4)
+  assert len(meta["log_pending"]) == 1 and set(meta["log_pending"][0]) >= {"loss", "grad_norm"}
+  monkeypatch.undo()
+  train.train_and_evaluate(tiny_config(), stopped)
+  assert [s for s, *_ in train_lines(stopped)] == [3, 6, 8]
+  assert train_lines(stopped) == train_lines(straight)
+  assert_trees_equal(saved_arrays(stopped)[0], saved_arrays(straight)[0])
+
+
+def test_a_stop_during_the_last_step_is_honoured_before_the_final_evaluation(tmp_path,
+                                                                           monkeypatch):
+  workdir = str(tmp_path / "run")
+  sigterm_during_step(monkeypatch, 8)
+  with pytest.raises(train.PreemptedError, match="after the last step, 8"):
+    train.train_and_evaluate(tiny_config(), workdir)
+  assert max(checkpointing.Checkpointer(workdir, read_only=True).all_steps()) == 8
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
+  monkeypatch.undo()
+  results = train.train_and_evaluate(tiny_config(), workdir)
+  assert results["step"] == 8 and os.path.exists(os.path.join(workdir, "results.json"))
+
+
+def test_a_kill_during_the_final_evaluation_does_not_log_the_final_monitor_twice(tmp_path):
+  # The kNN monitor at the end (every 5 steps = 1 epoch, and at the last step, 8).
+  config = tiny_config(**{"eval.every_epochs": 1})
+  workdir = str(tmp_path / "run")
+  first = train.train_and_evaluate(config, workdir)
+  # As if killed after the final monitor line was written and before results.json was.
+  os.remove(os.path.join(workdir, "results.json"))
+  again = train.train_and_evaluate(config, workdir)
+  monitor_steps = [r["step"] for r in metrics_lib.read_metrics(workdir, "monitor")]
+  assert monitor_steps == [5, 8]
+  assert again["final_knn_top1"] == first["final_knn_top1"]
+  # Evaluated again with other settings: a new evaluation, logged as one.
+  changed = with_overrides(config, **{"eval.knn_k": 3})
+  train.train_and_evaluate(changed, workdir)
+  assert [r["step"] for r in metrics_lib.read_metrics(workdir, "monitor")] == [5, 8, 8]
+  assert os.path.exists(os.path.join(workdir, "results.previous-1.json"))
+
+
+def test_an_unreadable_results_file_is_evaluated_again(tmp_path):
+  workdir = str(tmp_path / "run")
+  first = train.train_and_evaluate(tiny_config(), workdir)
+  with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
+    f.write('{"step": 8, "lo')       # half a file, as an interrupted write would leave
+  again = train.train_and_evaluate(tiny_config(), workdir)
+  with open(os.path.join(workdir, "results.json"), encoding="utf-8") as f:
+    assert json.load(f) == json.loads(json.dumps(again))
+  assert again["step"] == first["step"]
+
+
+def test_the_collapse_step_survives_a_resume(tmp_path, monkeypatch):
+  # chi2_dro at a large eta collapses this model within the first epoch (docs/results.md, claim
+  # 7); the warning's step must still be in results.json after a stop and a resume.
+  overrides = {"loss.name": "chi2_dro", "loss.eta": 100.0, "optim.lr": 0.01,
+               "total_steps": 20, "log_every_steps": 1, "checkpoint_every_steps": 4}
+  straight = str(tmp_path / "straight")
+  expected = train.train_and_evaluate(tiny_config(**overrides), straight)
+  assert "collapsed_at_step" in expected
+  stopped = str(tmp_path / "stopped")
+  stop_after(monkeypatch, expected["collapsed_at_step"] + 1)
+  with pytest.raises(train.PreemptedError):
+    train.train_and_evaluate(tiny_config(**overrides), stopped)
+  monkeypatch.undo()
+  resumed = train.train_and_evaluate(tiny_config(**overrides), stopped)
+  assert resumed["collapsed_at_step"] == expected["collapsed_at_step"]
+
+
+def test_run_length_guard_holds_without_config_json(tmp_path):
+  workdir = str(tmp_path / "run")
+  config = tiny_config(**{"optim.schedule": "warmup_cosine", "total_steps": 4})
+  train.train_and_evaluate(config, workdir)
+  os.remove(os.path.join(workdir, "config.json"))   # the checkpoint's copy still says 4 steps
+  with pytest.raises(checkpointing.CheckpointMismatchError, match="planned for 4 steps"):
+    train.train_and_evaluate(with_overrides(config, total_steps=8), workdir)
+
+
+def test_a_start_that_never_reached_a_checkpoint_accepts_a_corrected_config(tmp_path):
+  workdir = str(tmp_path / "run")
+  os.makedirs(workdir)
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    json.dump(checkpointing.config_to_dict(tiny_config(batch_size=16)), f)  # died at step 1
+  results = train.train_and_evaluate(tiny_config(), workdir)
+  assert results["step"] == 8
+  assert checkpointing.read_saved_config(workdir).batch_size == 8
+
+
+def test_fractional_epochs_do_not_round_up_a_step(tmp_path):
+  config = tiny_config(total_steps=0, total_epochs=2.2)
+  assert train.steps_for(config, 25) == 55      # 2.2 * 25 = 55.00000000000001 in floats
+  assert train.steps_for(config, 195) == 429
+  assert train.steps_for(with_overrides(config, total_epochs=0.5), 5) == 3
+
+
+def test_a_step_folder_without_metadata_is_reported_as_damaged(tmp_path):
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(tiny_config(), workdir)
+  os.makedirs(os.path.join(workdir, "checkpoints", "99"))   # a stray step folder
+  with pytest.raises(checkpointing.CheckpointCorruptError, match="step 99.*damaged"):
+    train.train_and_evaluate(tiny_config(total_steps=100), workdir)
