@@ -5,7 +5,8 @@ Layout of a workdir:
                          change; config.json then records their new values)
   checkpoints/<step>/    orbax checkpoints: `state` (every array needed to continue: parameters,
                          optimizer and BatchNorm state, step, RNG) and `meta` (JSON: step, epoch,
-                         the model's parameter signature, a copy of the config, checksums)
+                         the model's parameter signature, a copy of the config, checksums, a
+                         digest of the pre-training data, the metrics not yet logged)
   results.json           the final scores (a finished run rerun with the same evaluation
                          settings returns them as they are)
 The data position is a function of the step (see `cldro_jax.data.pipeline`), so the step is all

@@ -383,6 +383,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     try:
       start_step = 0
       resuming = checkpointer.latest_step() is not None
+      fingerprint = task.data_fingerprint()
+      if resuming:   # before config.json takes the new data path: a refusal changes nothing
+        _check_same_data(checkpointer, fingerprint, workdir)
       if not resuming and config.init_from:   # checked before config.json is written, so that
         # a wrong source leaves no workdir that would refuse the corrected command
         state = _start_from_encoder(state, config.init_from, signature, task.model_name)
@@ -414,7 +417,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       # The config travels in every checkpoint too: a workdir whose config.json was lost gets
       # it back from there instead of accepting any config that builds the same shapes.
       meta_base = {"model": task.model_name, "parameter_signature": signature,
-                   "config": checkpointing.config_to_dict(config)}
+                   "config": checkpointing.config_to_dict(config),
+                   "data_fingerprint": fingerprint}
       results = _loop(config, task, state, train_step, checkpointer, writer, mesh, start_step,
                       total_steps, meta_base, workdir, resumed_log)
     finally:
@@ -425,6 +429,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.close()
       checkpointer.close()
   return results
+
+
+def _check_same_data(checkpointer, fingerprint: str, workdir: str) -> None:
+  """Refuses to resume on other pre-training data than the checkpoints were trained on.
+
+  The data paths may change on resume (the same data, moved), but the data order and every
+  batch are functions of the step and of the dataset: a different dataset behind the path
+  would silently continue another experiment."""
+  saved = checkpointer.read_meta().get("data_fingerprint")
+  if saved is not None and saved != fingerprint:   # None: a checkpoint from before the digest
+    raise checkpointing.CheckpointMismatchError(
+        f"The pre-training data of this command differ from those the run in {workdir} was "
+        f"trained on (data digest {fingerprint}, saved {saved}: another size or other examples "
+        "at the same positions). Nothing was changed. The data paths may change on resume only "
+        "to point at the same data in a new place; train on other data in a new --workdir.")
 
 
 def _start_from_encoder(state: TrainState, source: str, signature: str,

@@ -7,6 +7,7 @@ watch saying "stop" after a chosen step, exactly as the signal handler would.
 import json
 import os
 
+import numpy as np
 import pytest
 
 from cldro_jax import checkpointing
@@ -174,3 +175,27 @@ def test_a_step_folder_without_metadata_is_reported_as_damaged(tmp_path):
   os.makedirs(os.path.join(workdir, "checkpoints", "99"))   # a stray step folder
   with pytest.raises(checkpointing.CheckpointCorruptError, match="step 99.*damaged"):
     train.train_and_evaluate(tiny_config(total_steps=100), workdir)
+
+
+def test_other_data_behind_a_moved_path_is_refused_the_same_data_moved_is_not(tmp_path):
+  from cldro_jax.data import images as images_lib  # pylint: disable=import-outside-toplevel
+  shipped = images_lib.load_fashion_mnist_subset_arrays()
+  keep_train = images_lib.first_per_class(shipped["y_train"], 4)
+  keep_test = images_lib.first_per_class(shipped["y_test"], 4)
+  arrays = {"x_train": shipped["x_train"][keep_train], "y_train": shipped["y_train"][keep_train],
+            "x_test": shipped["x_test"][keep_test], "y_test": shipped["y_test"][keep_test]}
+  original, moved, other = (str(tmp_path / name) for name in ("a.npz", "b.npz", "c.npz"))
+  np.savez(original, **arrays)
+  np.savez(moved, **arrays)
+  np.savez(other, **dict(arrays, x_train=255 - arrays["x_train"]))   # same size, other images
+
+  def config(path, steps):
+    return tiny_config(total_steps=steps, **{"data.source": "npz", "data.path": path})
+
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config(original, 4), workdir)
+  with pytest.raises(checkpointing.CheckpointMismatchError, match="pre-training data .* differ"):
+    train.train_and_evaluate(config(other, 8), workdir)
+  assert checkpointing.read_saved_config(workdir).data.path == original   # nothing changed
+  results = train.train_and_evaluate(config(moved, 8), workdir)
+  assert results["step"] == 8

@@ -9,17 +9,20 @@ two views and the evaluators:
   to_global(local batch)          -> global jax arrays sharded over the mesh axis "data"
   monitor(state)                  -> per-epoch metrics (kNN, online probe, STS-B dev...)
   final_evaluation(state)         -> final scores for results.json
+  data_fingerprint()              -> `data_digest` of the pre-training data (checked on resume)
 and the attributes model_name, loss_variant, example_unit, steps_per_epoch, probe_shape,
 monitor_every_steps.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Iterator, Protocol
 
 import flax
 import jax
 import ml_collections
+import numpy as np
 
 
 @flax.struct.dataclass
@@ -47,6 +50,29 @@ class Task(Protocol):
   def to_global(self, local_batch: dict) -> dict: ...
   def monitor(self, state) -> dict[str, float]: ...
   def final_evaluation(self, state) -> dict[str, Any]: ...
+  def data_fingerprint(self) -> str: ...
+
+
+def sample_positions(count: int, samples: int = 16) -> list[int]:
+  """`samples` positions spread evenly over a dataset of `count` examples (first and last
+  included): what `data_digest` reads, cheap even for a dataset read from disk."""
+  return sorted({round(i * (count - 1) / max(samples - 1, 1)) for i in range(samples)})
+
+
+def data_digest(count: int, *parts: Any) -> str:
+  """A short hash of a dataset's size and of sampled contents (arrays, strings, numbers).
+
+  Stored with every checkpoint: `data.path` may change on resume (the same data moved), but a
+  different dataset behind it would silently change the data order and the examples; the
+  trainer compares this digest instead of the path."""
+  digest = hashlib.sha256(str(int(count)).encode())
+  for part in parts:
+    if isinstance(part, np.ndarray):
+      digest.update(f"{part.dtype}{part.shape}".encode())
+      digest.update(np.ascontiguousarray(part).tobytes())
+    else:
+      digest.update(repr(part).encode())
+  return digest.hexdigest()[:16]
 
 
 def build_task(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,

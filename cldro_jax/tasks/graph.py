@@ -49,6 +49,7 @@ from cldro_jax.data import graphs as graphs_lib
 from cldro_jax.data import pipeline
 from cldro_jax.evaluators import svm_cv
 from cldro_jax.models import gin
+from cldro_jax import tasks as tasks_lib
 from cldro_jax.tasks import ForwardOutput
 
 AXIS = "data"
@@ -281,6 +282,12 @@ class GraphTask:
     # SVM accuracies of the trained encoder by (step, CV seed): the trainer runs the monitor at
     # the last step and then final_evaluation, which would otherwise repeat the same CV.
     self._trained_scores: dict[tuple[int, int], tuple[float, float]] = {}
+
+  def data_fingerprint(self) -> str:
+    sample = [self.graphs[i] for i in tasks_lib.sample_positions(len(self.graphs))]
+    return tasks_lib.data_digest(
+        len(self.graphs), *[part for g in sample for part in (g.node_features, g.edge_index,
+                                                              int(g.label))])
 
   # -- model ------------------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from cldro_jax.evaluators import linear_probe
 from cldro_jax.models import heads
 from cldro_jax.models import resnet
 from cldro_jax.models import view_norm
+from cldro_jax import tasks as tasks_lib
 from cldro_jax.tasks import ForwardOutput
 
 AXIS = "data"
@@ -79,6 +80,11 @@ class ImageTask:
     self._feature_dim = None
     self.probe_shape = (self.feature_dim, self.dataset.num_classes)
     self._embed = jax.jit(self._embed_impl, out_shardings=self.data_sharding)
+
+  def data_fingerprint(self) -> str:
+    source = self.dataset.pretrain
+    sample = source[np.asarray(tasks_lib.sample_positions(len(source)))]
+    return tasks_lib.data_digest(len(source), sample["image"], sample["label"])
 
   # -- model ------------------------------------------------------------------------------------
 

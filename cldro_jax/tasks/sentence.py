@@ -47,6 +47,7 @@ from cldro_jax.data import text as text_lib
 from cldro_jax.evaluators import sts
 from cldro_jax.models import bert
 from cldro_jax.models.hf_checkpoint import EncoderConfig
+from cldro_jax import tasks as tasks_lib
 from cldro_jax.tasks import ForwardOutput
 
 AXIS = "data"
@@ -362,6 +363,10 @@ class SentenceTask:
     self.steps_per_epoch = pipeline.steps_per_epoch(len(self.corpus), config.batch_size)
     self._load_sts_data()
     self.monitor_every_steps = config.eval.every_steps if self.dev_data else 0
+
+  def data_fingerprint(self) -> str:
+    return tasks_lib.data_digest(
+        len(self.corpus), *[self.corpus[i] for i in tasks_lib.sample_positions(len(self.corpus))])
 
   # -- construction helpers ---------------------------------------------------------------------
 
