@@ -31,6 +31,22 @@ def with_overrides(config: ml_collections.ConfigDict, **overrides) -> ml_collect
   return config
 
 
+def tiny_image_config(**overrides) -> ml_collections.ConfigDict:
+  """The quick start at toy size: 40 shipped Fashion-MNIST images (batch 8: 5 steps an epoch),
+  4 steps, one device, no monitor, no final probe."""
+  from configs import quickstart  # pylint: disable=import-outside-toplevel
+  config = quickstart.get_config("runlocal")
+  config.data.train_per_class = 4
+  config.data.test_per_class = 4
+  config.batch_size = 8
+  config.total_steps = 4
+  config.eval.every_epochs = 0
+  config.eval.linear_probe = "none"
+  config.eval.untrained_baseline = False
+  config.mesh.num_devices = 1
+  return with_overrides(config, **overrides)
+
+
 def saved_arrays(workdir, step=None):
   """(arrays, meta) of a workdir's latest (or given) checkpoint, read without a target."""
   checkpointer = checkpointing.Checkpointer(workdir)

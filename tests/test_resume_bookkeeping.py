@@ -13,26 +13,14 @@ import pytest
 from cldro_jax import checkpointing
 from cldro_jax import metrics as metrics_lib
 from cldro_jax import train
-from configs import quickstart as quickstart_config
-from helpers import assert_trees_equal, saved_arrays, with_overrides
+from helpers import assert_trees_equal, saved_arrays, tiny_image_config, with_overrides
 
 
 def tiny_config(**overrides):
-  """The quick start at toy size (40 shipped Fashion-MNIST images, batch 8: 5 steps an epoch)."""
-  config = quickstart_config.get_config("runlocal")
-  config.data.train_per_class = 4
-  config.data.test_per_class = 4
-  config.batch_size = 8
-  config.total_steps = 8
-  config.log_every_steps = 3
-  config.checkpoint_every_steps = 4
-  config.keep_checkpoints = 10
-  config.eval.every_epochs = 0
-  config.eval.linear_probe = "none"
-  config.eval.untrained_baseline = False
-  config.mesh.num_devices = 1
-  config.progress_bar = False
-  return with_overrides(config, **overrides)
+  """The toy quick start, 8 steps: logs at 3, 6, 8, checkpoints at 4 and 8."""
+  return tiny_image_config(**{"total_steps": 8, "log_every_steps": 3,
+                              "checkpoint_every_steps": 4, "keep_checkpoints": 10,
+                              "progress_bar": False, **overrides})
 
 
 def stop_after(monkeypatch, step):

@@ -15,24 +15,13 @@ from cldro_jax import metrics as metrics_lib
 from cldro_jax import tasks as tasks_lib
 from cldro_jax import train
 from configs import cifar10 as cifar10_config
-from configs import quickstart as quickstart_config
 from configs import stl10 as stl10_config
 from helpers import (LINEAR_OPTIMIZER, assert_trees_close, assert_updates_close, read_json,
-                     saved_arrays, step_two_from_one_checkpoint, with_overrides)
+                     saved_arrays, step_two_from_one_checkpoint, tiny_image_config,
+                     with_overrides)
 
 
-def tiny_config(**overrides):
-  """The quick start at toy size: 40 shipped Fashion-MNIST images, 2-4 steps, no final probe."""
-  config = quickstart_config.get_config("runlocal")
-  config.data.train_per_class = 4
-  config.data.test_per_class = 4
-  config.batch_size = 8
-  config.total_steps = 4
-  config.eval.every_epochs = 0
-  config.eval.linear_probe = "none"
-  config.eval.untrained_baseline = False
-  config.mesh.num_devices = 1
-  return with_overrides(config, **overrides)
+tiny_config = tiny_image_config   # the quick start at toy size (tests/helpers.py)
 
 
 @pytest.mark.parametrize("config_module,num_examples", [(cifar10_config, 48),
