@@ -13,11 +13,11 @@ static shapes only, so it runs fused inside the jitted train step.
 Every parameter means what it means in torchvision; each op's docstring states the torchvision
 definition it implements. The pipeline computes in float32 on [0, 1] throughout, like
 torchvision's tensor path; the reference's PIL path re-quantises to uint8 after every op. That
-changes brightness, contrast, saturation, grayscale and the resized crop by under 1/255, but the
+changes brightness, contrast, saturation, grayscale and the resized crop by about 1/255, but the
 hue shift by more: PIL's uint8 HSV stores hue on 0-255, wraps at 256 and truncates the shift
-(`int(hue_factor * 255)`), so on a natural image about 17% of pixels differ by over 3/255 for a
-positive shift (up to about 13/255). Quantisation noise of the reference, not a different
-augmentation; this follows the tensor path's exact definition.
+(`int(hue_factor * 255)`), so some pixels move by several 1/255 steps more or less than in the
+exact definition. Quantisation noise of the reference, not a different augmentation; this
+follows the tensor path's exact definition.
 
 dm-pix offers similar ops but with TensorFlow's semantics (brightness is an additive delta,
 contrast blends each channel with that channel's own mean, no random order of the jitter ops),
