@@ -693,6 +693,8 @@ def _loop(config, task, state, train_step, checkpointer, writer, mesh, start_ste
       every = task.monitor_every_steps
       if every and done % every == 0 and done < total_steps:
         _monitor(task, state, writer, bar, done)
+        # The next line's examples/s measures training, not the monitor's minutes.
+        last_log_time, last_log_step = time.time(), done
   finally:
     # A stop requested during the last step: honoured after its checkpoint, before the final
     # evaluation (the rerun evaluates).

@@ -6,6 +6,7 @@ watch saying "stop" after a chosen step, exactly as the signal handler would.
 """
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -187,3 +188,19 @@ def test_other_data_behind_a_moved_path_is_refused_the_same_data_moved_is_not(tm
   assert checkpointing.read_saved_config(workdir).data.path == original   # nothing changed
   results = train.train_and_evaluate(config(moved, 8), workdir)
   assert results["step"] == 8
+
+
+def test_examples_per_second_after_a_monitor_measures_training_only(tmp_path, monkeypatch):
+  # A monitor that takes 1.5 s (a kNN pass over a real dataset takes minutes): the rate logged
+  # at the next step must not be batch / 1.5 s.
+  real_monitor = train._monitor  # pylint: disable=protected-access
+
+  def slow_monitor(*args, **kwargs):
+    time.sleep(1.5)
+    return real_monitor(*args, **kwargs)
+
+  monkeypatch.setattr(train, "_monitor", slow_monitor)
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(tiny_config(**{"eval.every_epochs": 1, "log_every_steps": 1}), workdir)
+  after_monitor = next(r for r in metrics_lib.read_metrics(workdir, "train") if r["step"] == 6)
+  assert after_monitor["examples_per_sec"] > 8 / 0.75   # one step of 8 images, well under 0.75 s
