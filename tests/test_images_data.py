@@ -281,6 +281,12 @@ def test_stl10_split_spelling_and_unlabelled_labels(tmp_path):
         ds = images.load_image_dataset(cfg(source="tfds", name="stl10", data_dir=str(tmp_path),
                                            pretrain_split="train+unlabeled", in_memory=False))
     assert sorted(requested) == ["test", "train", "unlabelled"]  # each split opened once
+    # A versioned name gets stl10's defaults too (train+unlabelled), not train only.
+    requested.clear()
+    with tfds.testing.mock_data(as_data_source_fn=as_data_source):
+        versioned = images.load_image_dataset(cfg(source="tfds", name="stl10:1.0.0",
+                                                  data_dir=str(tmp_path), in_memory=False))
+    assert len(versioned.pretrain) == 8 and "unlabelled" in requested
     batch = ds.pretrain[np.arange(8)]
     np.testing.assert_array_equal(batch["image"][:, 0, 0, 0], [0, 1, 2, 3, 200, 201, 202, 203])
     np.testing.assert_array_equal(batch["label"], [0, 1, 2, 3, -1, -1, -1, -1])
@@ -404,6 +410,11 @@ def test_tfds_dataset_prepared_without_random_access(tiny_tfds_dir, tmp_path):
 def test_tfds_config_errors():
     with pytest.raises(ValueError, match="needs --config.data.name"):
         images.load_image_dataset(cfg(source="tfds"))
+    with pytest.raises(ValueError, match=r"probe_split='unlabelled' includes the unlabelled"):
+        images.load_image_dataset(cfg(source="tfds", name="stl10", probe_split="unlabelled"))
+    with pytest.raises(ValueError, match=r"test_split='test\+unlabelled\[:10\]' includes"):
+        images.load_image_dataset(cfg(source="tfds", name="stl10",
+                                      test_split="test+unlabelled[:10]"))
     with pytest.raises(ValueError, match="not supported for source=tfds"):
         images.load_image_dataset(cfg(source="tfds", name="cifar10", train_per_class=5))
     with pytest.raises(ValueError, match="choose one of"):
@@ -477,6 +488,30 @@ def test_folder_16_bit_grayscale_is_rescaled_and_32_bit_refused(tmp_path):
                                       test_dir=str(tmp_path)))
 
 
+def test_folder_skips_hidden_entries_and_decodes_one_image_at_a_time(tmp_path):
+    root = tmp_path / "imgs"
+    written = _write_folder(root, {"a": 2, "b": 2}, size=(8, 8))
+    (root / ".ipynb_checkpoints").mkdir()                        # a notebook's, not a class
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / ".ipynb_checkpoints" / "x.png")
+    (root / "a" / "._000.png").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
+    # 300 GIFs: PIL keeps a multi-frame file open after decoding it, so holding every decoded
+    # image ran out of file handles on large folders (with `ulimit -n 256`, at about 250).
+    for k in range(150):
+        for cls in ("a", "b"):
+            Image.fromarray(np.full((8, 8), k, np.uint8)).save(root / cls / f"g{k:03d}.gif")
+    import resource  # pylint: disable=import-outside-toplevel
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))
+    try:
+        ds = images.load_image_dataset(cfg(source="folder", data_dir=str(root),
+                                           test_fraction=0.5))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert ds.class_names == ("a", "b") and len(ds.probe_train) + len(ds.test) == 304
+    everything = np.concatenate([ds.probe_train.images, ds.test.images])
+    assert any(np.array_equal(x, written["a"][0]) for x in everything)
+
+
 def test_folder_sizes_resizing_and_errors(tmp_path):
     root = tmp_path / "imgs"
     _write_folder(root, {"a": 2}, size=(8, 8))
@@ -484,7 +519,7 @@ def test_folder_sizes_resizing_and_errors(tmp_path):
     _write_folder(root / "sub", {"b": 2}, size=(8, 8))  # placeholder, moved below
     (root / "sub" / "b").rename(root / "b")
     (root / "sub").rmdir()
-    with pytest.raises(ValueError, match=r"images differ in size.*--config.data.image_size"):
+    with pytest.raises(ValueError, match=r"images differ in size.*is 6x4.*--config.data.image_size"):
         images.load_image_dataset(cfg(source="folder", data_dir=str(root), test_fraction=0.5))
     ds = images.load_image_dataset(cfg(source="folder", data_dir=str(root), test_fraction=0.5,
                                        image_size=(8, 8)))
@@ -546,6 +581,10 @@ def test_npz_errors(tmp_path):
         load(x_train=np.zeros((4, 3, 3, 2), np.uint8))
     with pytest.raises(ValueError, match="labels must be >= 0"):
         load(y_train=np.array([0, 1, -1, 0]))
+    with pytest.raises(ValueError, match="must hold class indices 0..C-1, got a label 4294967296"):
+        load(y_train=np.array([0, 1, 2**32, 0]))         # int32 would wrap it to 0
+    with pytest.raises(ValueError, match="both x_unlabeled and x_unlabelled"):
+        load(x_unlabeled=np.zeros((2, 3, 3), np.uint8), x_unlabelled=np.zeros((3, 3, 3), np.uint8))
     with pytest.raises(FileNotFoundError, match="npz file not found"):
         images.load_image_dataset(cfg(source="npz", path=str(tmp_path / "absent.npz")))
     (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04 truncated zip")

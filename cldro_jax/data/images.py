@@ -640,9 +640,12 @@ def load_npz_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 f"{sorted(stored)}"
             )
         arrays[key] = stored[found[0]]
-    for key in ("x_unlabeled", "x_unlabelled"):
-        if key in stored:
-            arrays["x_unlabeled"] = stored[key]
+    spellings = [key for key in ("x_unlabeled", "x_unlabelled") if key in stored]
+    if len(spellings) > 1:
+        raise ValueError(f"{path} holds both x_unlabeled and x_unlabelled: keep one (they would "
+                         "not be merged)")
+    if spellings:
+        arrays["x_unlabeled"] = stored[spellings[0]]
     for key in ("x_train", "x_test", "x_unlabeled"):
         if key in arrays and arrays[key].dtype != np.uint8:
             raise ValueError(
@@ -661,6 +664,10 @@ def load_npz_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
             raise ValueError(
                 f"{path}: {x_key} has {arrays[x_key].shape[0]} images but {y_key} has "
                 f"{labels.shape[0]} labels"
+            )
+        if labels.size and labels.max() > np.iinfo(np.int32).max:   # would wrap in int32
+            raise ValueError(
+                f"{path}: {y_key} must hold class indices 0..C-1, got a label {labels.max()}"
             )
         arrays[y_key] = labels.astype(np.int32)
     return arrays
@@ -689,7 +696,9 @@ def _scan_class_folders(
             f"image folder not found: {root}. Point --config.data.data_dir (train) / "
             "--config.data.test_dir (test) at a folder with one sub-folder per class"
         )
-    found = tuple(sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))))
+    # Hidden entries (.ipynb_checkpoints, macOS ._ files) are never classes or images.
+    found = tuple(sorted(d for d in os.listdir(root)
+                         if not d.startswith(".") and os.path.isdir(os.path.join(root, d))))
     if not found:
         raise ValueError(f"{root}: no class sub-folders (expected {root}/<class>/<image>.png)")
     if class_names is None:
@@ -703,7 +712,8 @@ def _scan_class_folders(
         if not os.path.isdir(cls_dir):
             continue
         files = sorted(
-            f for f in os.listdir(cls_dir) if os.path.splitext(f)[1].lower() in _IMAGE_SUFFIXES
+            f for f in os.listdir(cls_dir)
+            if not f.startswith(".") and os.path.splitext(f)[1].lower() in _IMAGE_SUFFIXES
         )
         if not files and is_train:
             raise ValueError(f"{cls_dir}: class folder holds no images ({sorted(_IMAGE_SUFFIXES)})")
@@ -741,30 +751,48 @@ def _decode_images(
                 "PNG/JPEG, or pass them as a uint8 .npz (--config.data.source=npz)")
         return image
 
-    decoded = [to_8bit(open_checked(p), p) for p in paths]
+    def header(path: str) -> tuple[str, tuple[int, int]]:
+        try:
+            with Image.open(path) as image:   # reads the header only
+                return image.mode, image.size
+        except (UnidentifiedImageError, OSError, SyntaxError) as err:
+            raise ValueError(f"cannot decode image {path} ({err}); remove or replace it") from err
+
+    # Two passes, one image open at a time: the headers decide the channels and the size, then
+    # each image is decoded, converted and resized into the output before the next one opens.
+    # (Holding every decoded image kept a whole photo folder in memory at full size, and PIL
+    # keeps multi-frame files such as GIFs open: a large folder ran out of file handles.)
+    headers = [header(p) for p in paths]
     if channels is None:
-        channels = 1 if all(im.mode in ("1", "L") for im in decoded) else 3
+        grayscale = all(mode in ("1", "L") or mode.startswith("I;16") for mode, _ in headers)
+        channels = 1 if grayscale else 3
     if channels not in (1, 3):
         raise ValueError(f"config.data.channels must be 1 or 3, got {channels}")
     if image_size is None:
-        sizes = {im.size for im in decoded}
+        sizes = {size for _, size in headers}
         if len(sizes) > 1:
-            first = decoded[0].size
-            other = next(p for p, im in zip(paths, decoded, strict=True) if im.size != first)
+            first = headers[0][1]
+            other, other_size = next((p, size) for p, (_, size) in zip(paths, headers, strict=True)
+                                     if size != first)
             raise ValueError(
-                f"images differ in size ({paths[0]} is {first[0]}x{first[1]}, {other} is not; "
-                f"{len(sizes)} sizes in all). Set --config.data.image_size='(H, W)' to resize"
+                f"images differ in size ({paths[0]} is {first[1]}x{first[0]} (HxW), {other} is "
+                f"{other_size[1]}x{other_size[0]}; {len(sizes)} sizes in all). Set "
+                "--config.data.image_size='(H, W)' to resize them all"
             )
-        width, height = decoded[0].size
+        width, height = headers[0][1]
     else:
         height, width = (int(s) for s in image_size)
     out = np.empty((len(paths), height, width, channels), np.uint8)
     mode = "L" if channels == 1 else "RGB"
-    for row, image in enumerate(decoded):
-        image = image.convert(mode)
-        if image.size != (width, height):
-            image = image.resize((width, height), Image.Resampling.BILINEAR)
-        out[row] = np.asarray(image, np.uint8).reshape(height, width, channels)
+    for row, path in enumerate(paths):
+        image = open_checked(path)
+        try:
+            converted = to_8bit(image, path).convert(mode)
+            if converted.size != (width, height):
+                converted = converted.resize((width, height), Image.Resampling.BILINEAR)
+            out[row] = np.asarray(converted, np.uint8).reshape(height, width, channels)
+        finally:
+            image.close()
     return out
 
 
@@ -885,6 +913,11 @@ def _open_tfds_split(name: str, split: str, cfg: Any) -> Any:
         raise
 
 
+def _unversioned(name: str) -> str:
+    """A tfds name without its config or version ("stl10:1.0.0" -> "stl10")."""
+    return name.split(":")[0].split("/")[0]
+
+
 def _tfds_split_source(
     name: str, split: str, cfg: Any, features: Any, cache: dict[str, ArraySource]
 ) -> ArraySource:
@@ -894,7 +927,10 @@ def _tfds_split_source(
     parts = [p.strip() for p in split.split("+") if p.strip()]
     if not parts:
         raise ValueError(f"empty tfds split name {split!r}")
-    unlabeled_splits = set(_get(cfg, "unlabeled_splits") or ())
+    unlabeled_splits = _get(cfg, "unlabeled_splits") or ()
+    if isinstance(unlabeled_splits, str):   # one name, not a set of its characters
+        unlabeled_splits = (unlabeled_splits,)
+    unlabeled_splits = set(unlabeled_splits)
     image_shape = tuple(features["image"].shape)
     if len(image_shape) != 3 or None in image_shape:
         raise ValueError(f"tfds {name}: image feature shape {image_shape} is not a fixed (H, W, C)")
@@ -906,7 +942,7 @@ def _tfds_split_source(
             sources.append(cache[part])
             continue
         base, bracket, rest = part.partition("[")
-        base = _TFDS_SPLIT_ALIASES.get(name, {}).get(base, base)
+        base = _TFDS_SPLIT_ALIASES.get(_unversioned(name), {}).get(base, base)
         part = base + bracket + rest
         if part in cache:
             sources.append(cache[part])
@@ -937,10 +973,23 @@ def _load_tfds(cfg: Any) -> ImageDataset:
     name = _get(cfg, "name")
     if not name:
         raise ValueError("source=tfds needs --config.data.name (cifar10, cifar100 or stl10)")
-    defaults = _TFDS_SPLIT_DEFAULTS.get(name, _TFDS_GENERIC_SPLITS)
+    # "stl10:1.0.0" is stl10 for the split defaults (else it would pre-train on `train` only).
+    defaults = _TFDS_SPLIT_DEFAULTS.get(_unversioned(name), _TFDS_GENERIC_SPLITS)
     pretrain_split = _get(cfg, "pretrain_split") or defaults[0]
     probe_split = _get(cfg, "probe_split") or defaults[1]
     test_split = _get(cfg, "test_split") or defaults[2]
+    unlabeled = set(_get(cfg, "unlabeled_splits") or ())
+    if isinstance(_get(cfg, "unlabeled_splits"), str):
+        unlabeled = {_get(cfg, "unlabeled_splits")}
+    for key, split in (("probe_split", probe_split), ("test_split", test_split)):
+        parts = {p.strip().partition("[")[0] for p in split.split("+")}
+        if parts & unlabeled:
+            raise ValueError(
+                f"config.data.{key}={split!r} includes the unlabelled split "
+                f"{sorted(parts & unlabeled)}: the kNN monitor and the probes need labels. Use a "
+                "labelled split (e.g. 'train' / 'test'); unlabelled images belong in "
+                "config.data.pretrain_split"
+            )
     if _get(cfg, "train_per_class") is not None or _get(cfg, "test_per_class") is not None:
         raise ValueError(
             "train_per_class/test_per_class are not supported for source=tfds; use tfds split "

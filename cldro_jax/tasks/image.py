@@ -184,7 +184,9 @@ class ImageTask:
     limit = self.config.eval.knn_max_bank
     source = self.dataset.probe_train
     if limit and len(source) > limit:
-      return pipeline.Subset(source, np.arange(limit))
+      # Evenly spaced over the stored order, not its first rows: folders (and many .npz files)
+      # store the examples class by class, and a prefix would hold the first classes only.
+      return pipeline.Subset(source, np.linspace(0, len(source) - 1, limit).round().astype(int))
     return source
 
   def monitor(self, state) -> dict[str, float]:
