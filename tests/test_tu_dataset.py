@@ -216,3 +216,25 @@ def test_download_fails_fast_and_clearly_offline(tmp_path):
         download_tu_dataset("NCI1", tmp_path, base_url="http://127.0.0.1:9", timeout_s=3)
     assert time.monotonic() - start < 10
     assert not (tmp_path / "NCI1").exists()
+
+
+def test_a_name_the_server_does_not_have_is_reported_as_a_name_problem(tmp_path):
+    # A real HTTP server (the download code path of TU Dortmund's) answering 404 for a misspelled
+    # name: the error says to check the name, not to go offline.
+    import functools  # pylint: disable=import-outside-toplevel
+    import http.server  # pylint: disable=import-outside-toplevel
+    import threading  # pylint: disable=import-outside-toplevel
+    (tmp_path / "www").mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler,
+                                directory=str(tmp_path / "www"))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(ValueError,
+                           match=r"does not exist \(404\): is 'nci1' a TU dataset name"):
+            download_tu_dataset("nci1", tmp_path / "cache", timeout_s=5,
+                                base_url=f"http://127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+        server.server_close()

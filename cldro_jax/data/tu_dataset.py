@@ -322,6 +322,11 @@ def download_tu_dataset(name: str, cache_dir: str | os.PathLike = DEFAULT_CACHE_
             with urllib.request.urlopen(url, timeout=timeout_s) as response, open(archive, "wb") as f:
                 shutil.copyfileobj(response, f)
         except (urllib.error.URLError, OSError, TimeoutError) as e:
+            if isinstance(e, urllib.error.HTTPError) and e.code == 404:
+                raise ValueError(
+                    f"{url} does not exist (404): is {name!r} a TU dataset name? The names are "
+                    "case sensitive, e.g. MUTAG, NCI1, PROTEINS, REDDIT-BINARY (the list: "
+                    "https://chrsmrrs.github.io/datasets/docs/datasets/).") from e
             raise ConnectionError(
                 f"Could not download TU dataset {name!r} from {url} ({e}). Without internet, "
                 f"put the files at {cache_dir}/{name}/{name}_A.txt etc.: on a machine with "

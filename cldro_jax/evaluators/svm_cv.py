@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
+from absl import logging
 
 DEFAULT_C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 1e1, 1e2, 1e3)
 
@@ -27,10 +28,17 @@ def _check_inputs(embeddings: np.ndarray, labels: np.ndarray, folds: int) -> tup
         raise ValueError(f"need embeddings (n, d) and labels (n,), got {x.shape} and {y.shape}")
     if not np.all(np.isfinite(x)):
         raise ValueError("embeddings contain NaN or inf (diverged training?)")
-    smallest_class = np.bincount(np.unique(y, return_inverse=True)[1]).min()
-    if smallest_class < folds:
-        raise ValueError(f"the smallest class has {smallest_class} examples; stratified {folds}-fold "
-                         f"CV needs at least {folds} per class")
+    class_sizes = np.bincount(np.unique(y, return_inverse=True)[1])
+    if class_sizes.max() < folds:
+        raise ValueError(f"every class has fewer than {folds} examples (the largest "
+                         f"{class_sizes.max()}): stratified {folds}-fold CV needs at least {folds} "
+                         "in some class")
+    if class_sizes.min() < folds:
+        # scikit-learn's StratifiedKFold (the reference's) only warns here and scores the data:
+        # some folds lack that class. Do the same, and say so.
+        logging.warning("the smallest class has %d examples, fewer than the %d folds: some test "
+                        "folds hold none of it (scikit-learn's StratifiedKFold behaviour, as the "
+                        "reference)", class_sizes.min(), folds)
     return x, y
 
 
