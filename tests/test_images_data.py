@@ -619,3 +619,16 @@ def test_digits_source():
     np.testing.assert_array_equal(again.test.labels, ds.test.labels)
     other = images.load_image_dataset(cfg(source="digits", split_seed=1))
     assert not np.array_equal(other.test.images, ds.test.images)
+
+
+def test_folder_grayscale_with_alpha_stays_one_channel(tmp_path):
+    root = tmp_path / "la"
+    rng = np.random.default_rng(5)
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for k in range(2):
+            gray = rng.integers(0, 256, (5, 6), dtype=np.uint8)
+            Image.fromarray(np.stack([gray, np.full_like(gray, 255)], -1), "LA").save(
+                root / cls / f"{k}.png")
+    ds = images.load_image_dataset(cfg(source="folder", data_dir=str(root), test_fraction=0.5))
+    assert ds.image_shape == (5, 6, 1)

@@ -36,7 +36,8 @@ in_memory          ``tfds``: None (auto: load a split into RAM when it is at mos
                    ``in_memory_max_mb``), True, or False (lazy random access, decoded on demand
                    with ``read_threads`` threads; what STL10's 100k unlabelled images get).
 image_size         ``folder``: (H, W) to resize every image to; None requires equal sizes.
-channels           ``folder``: 1 or 3; None picks 1 when every image is grayscale, else 3.
+channels           ``folder``: 1 or 3; None picks 1 when every image is stored as grayscale
+                   (modes 1, L, LA, 16-bit), else 3 (palette images count as colour).
 test_fraction      ``folder`` without ``test_dir`` and ``digits``: stratified test fraction.
 split_seed         seed of that deterministic stratified split.
 train_per_class    keep only the first n train images of each class (in stored order; the
@@ -764,7 +765,9 @@ def _decode_images(
     # keeps multi-frame files such as GIFs open: a large folder ran out of file handles.)
     headers = [header(p) for p in paths]
     if channels is None:
-        grayscale = all(mode in ("1", "L") or mode.startswith("I;16") for mode, _ in headers)
+        # "LA" is grayscale with alpha (the alpha channel is dropped, as for RGBA).
+        grayscale = all(mode in ("1", "L", "LA", "La") or mode.startswith("I;16")
+                        for mode, _ in headers)
         channels = 1 if grayscale else 3
     if channels not in (1, 3):
         raise ValueError(f"config.data.channels must be 1 or 3, got {channels}")
