@@ -26,6 +26,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -273,12 +274,14 @@ class RunRecord:
 
 
 # Bookkeeping that does not change what a run computes: how often it logs and saves, how many
-# checkpoints it keeps, the progress bar, the device count, where the data files live. Runs that
+# checkpoints it keeps, the progress bar, the device count, how the data are read. Runs that
 # differ only here share a workdir (e.g. a script that needs every checkpoint kept reuses a run
-# of another script and keeps the ones it writes from then on).
+# of another script and keeps the ones it writes from then on). Where the data live IS hashed:
+# for folder and .npz sources the path is what names the dataset, and a reused run's results
+# are returned without the trainer (and its data check) ever seeing the new path.
 NOT_HASHED = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "progress_bar",
-              "mesh", "trace", "data.data_dir", "data.path", "data.test_dir", "data.sts_root",
-              "data.read_threads", "data.in_memory", "data.in_memory_max_mb")
+              "mesh", "trace", "data.read_threads", "data.in_memory", "data.in_memory_max_mb")
+CODE_VERSION_FILE = "experiment_code_version.json"
 
 
 def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -342,22 +345,50 @@ def _finished(workdir: str, config: ml_collections.ConfigDict) -> dict | None:
 WALL_TIME_FILE = "experiment_wall_time.json"
 
 
+@functools.cache
+def code_version() -> str | None:
+  """The git commit of this checkout (with "+changes" when the work tree differs), or None."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, check=True,
+                            capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                           check=True, capture_output=True, text=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return None
+  return commit + ("+changes" if dirty else "")
+
+
 def run_one(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict, float]:
-  """(results, wall seconds): trains unless this config already finished in `workdir`."""
+  """(results, wall seconds): trains unless this config already finished in `workdir`.
+
+  A reused run made by other code (its commit is recorded when it trains) is reused all the
+  same, since the config is what defines it, but with a warning: the numbers may have moved."""
   from cldro_jax import train  # pylint: disable=import-outside-toplevel
   wall_path = os.path.join(workdir, WALL_TIME_FILE)
+  version_path = os.path.join(workdir, CODE_VERSION_FILE)
   results = _finished(workdir, config)
   spent = 0.0
   if os.path.exists(wall_path):
     with open(wall_path, encoding="utf-8") as f:
       spent = float(json.load(f)["wall_s"])
   if results is not None:
+    made_by = None
+    if os.path.exists(version_path):
+      with open(version_path, encoding="utf-8") as f:
+        made_by = json.load(f).get("code_version")
+    if made_by != code_version():
+      print(f"note: reusing {workdir}, trained by code version {made_by or 'unknown'} (now "
+            f"{code_version() or 'unknown'}); delete that folder to train it again.",
+            file=sys.stderr, flush=True)
     return results, spent
   start = time.time()
   results = train.train_and_evaluate(config, workdir)
   spent += time.time() - start
   with open(wall_path, "w", encoding="utf-8") as f:
     json.dump({"wall_s": spent}, f)
+  with open(version_path, "w", encoding="utf-8") as f:
+    json.dump({"code_version": code_version()}, f)
   return results, spent
 
 
@@ -435,6 +466,10 @@ def paired_difference(scores: Sequence[float | None], seeds: Sequence[int],
   confidence interval (Student t), the paired t-test's two-sided p-value, and the seeds won.
   """
   from scipy import stats  # pylint: disable=import-outside-toplevel
+  for name, given in (("seeds", seeds), ("reference_seeds", reference_seeds)):
+    if len(set(given)) != len(given):   # a seed counted twice would inflate n
+      raise ValueError(f"paired_difference: {name} {list(given)} repeat a seed; pass each "
+                       "seed once (two methods with the same label merge their runs)")
   reference = {s: v for s, v in zip(reference_seeds, reference_scores) if v is not None}
   diffs = np.asarray([v - reference[s] for s, v in zip(seeds, scores)
                       if v is not None and s in reference], float)

@@ -445,3 +445,26 @@ def test_paired_difference_matches_the_textbook_paired_t_test():
           {"label": "ADNCE", "score": [71.0, 72.0, 73.0, 74.0], "seeds": [0, 1, 2, 3]}]
   assert "| ADNCE | 4 | +2.50 |" in common.paired_table(rows, "InfoNCE", "linear probe top-1")
   assert common.paired_difference([1.0], [0], [0.0], [0]) is None   # one pair: no spread
+  with pytest.raises(ValueError, match="repeat a seed"):          # seed 0 would count twice
+    common.paired_difference([1.0, 2.0, 3.0], [0, 0, 1], [0.0, 0.0], [0, 1])
+
+
+def test_run_identity_includes_where_the_data_are_and_reuse_names_the_code_version(
+    tmp_path, capsys):
+  config = common.load_config("configs/quickstart.py")
+  config.data.source = "npz"
+  a, b = (common.with_overrides(config, {"data.path": path}) for path in ("/data/a.npz",
+                                                                          "/data/b.npz"))
+  assert common.config_hash(a) != common.config_hash(b)   # another dataset, another run
+  assert common.config_hash(a) == common.config_hash(       # bookkeeping is not identity
+      common.with_overrides(a, {"log_every_steps": 7, "data.read_threads": 2}))
+  # A finished run recorded by other code is reused with a note naming both versions.
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  from cldro_jax import checkpointing  # pylint: disable=import-outside-toplevel
+  (workdir / "config.json").write_text(json.dumps(checkpointing.config_to_dict(a)))
+  (workdir / "results.json").write_text(json.dumps({"step": 1, "linear_probe_top1": 50.0}))
+  (workdir / common.CODE_VERSION_FILE).write_text(json.dumps({"code_version": "0000000"}))
+  results, _ = common.run_one(a, str(workdir))
+  assert results["linear_probe_top1"] == 50.0
+  assert "trained by code version 0000000" in capsys.readouterr().err
