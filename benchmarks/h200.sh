@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Every GPU measurement docs/benchmarks.md still lacks, in one device call (about 9 minutes:
-# the time limits below add up to 550 s, under the device tool's 600 s per command, leaving the
+# the time limits below add up to 545 s, under the device tool's 600 s per command, leaving the
 # rest of a session's 15 device minutes for the machine's start-up).
 #
 # Prepare on the development machine, from the repository root:
 #   bash ../shared/scripts/device-wheels.sh grakel      # wheels the H200 image lacks -> .whl/
 # then run on the device machine (the `device` tool's `run`: carry [".whl"], timeout_s 600):
 #   bash benchmarks/h200.sh
-# Each benchmark prints its table and writes it to $OUT/<name>.txt; a benchmark that fails or
-# runs past its time limit does not stop the others. Copy the tables into docs/benchmarks.md with
-# the date, `nvidia-smi`'s GPU line and the commands below, and draw the figures here from the
-# returned JSON files (the GPU machine need not have matplotlib), e.g.
+# Each benchmark prints its table (into summary.txt) and its JSON rows (into bench.tgz); a
+# benchmark that fails or runs past its time limit does not stop the others. Copy the tables into
+# docs/benchmarks.md with the date, gpu.txt's lines and the commands below, and draw the figures
+# here from the JSON files (`mkdir OUT && tar xzf FILES_AT/bench.tgz -C OUT`; the GPU machine
+# need not have matplotlib), e.g.
 #   python benchmarks/plot.py OUT/losses.json --out docs/figures/benchmark_losses_h200.png
 #   python benchmarks/plot.py OUT/train_step_resnet18.json OUT/one_pass_resnet18.json \
 #     --out docs/figures/benchmark_resnet18_h200.png
@@ -24,33 +25,44 @@ else
   export PYTHONPATH="$PWD"
 fi
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
+# The device tool returns at most 8 files from $OUT. Everything is written to $WORK and packed
+# after each benchmark into $OUT/bench.tgz (every table, log and JSON file), beside
+# $OUT/summary.txt (every table, as printed) and $OUT/gpu.txt: three files, and a time-out of the
+# whole command still leaves the benchmarks finished so far. Unpack with `tar xzf bench.tgz`.
 OUT="${OUT:-benchmark_out}"
-mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt"
-python3 -c "import jax; print(jax.__version__, jax.devices(), 'default matmul precision:',
-            jax.config.jax_default_matmul_precision)" >> "$OUT/gpu.txt" 2>&1
+WORK="${WORK:-/tmp/bench}"
+mkdir -p "$OUT" "$WORK"
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  python3 -c "import jax, jaxlib, flax, optax; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'flax', flax.__version__, 'optax', optax.__version__); print(jax.devices()); p = jax.config.jax_default_matmul_precision; print('default matmul precision:', p or 'DEFAULT (float32 dots run in TF32 on NVIDIA GPUs)')"
+} > "$OUT/gpu.txt" 2>&1
+cp "$OUT/gpu.txt" "$WORK/gpu.txt"
 cat "$OUT/gpu.txt"
 
 run() {   # run NAME SECONDS SCRIPT ARGS...: one benchmark with its own time limit
   local name=$1 limit=$2
   shift 2
-  echo "== $name (limit ${limit} s): python3 $*" | tee "$OUT/$name.txt"
-  timeout "$limit" python3 "$@" > "$OUT/$name.log" 2>&1
+  echo "== $name (limit ${limit} s): python3 $*" | tee "$WORK/$name.txt"
+  timeout "$limit" python3 "$@" > "$WORK/$name.log" 2>&1
   local rc=$?
   # Every benchmark prints its rows as they are measured, so a time-out keeps the finished ones.
-  grep -vE '^[IWE][0-9]{4} ' "$OUT/$name.log" | tee -a "$OUT/$name.txt" | tail -n 25
-  [ $rc -eq 0 ] || echo "!! $name exited with $rc" | tee -a "$OUT/$name.txt"
+  grep -vE '^[IWE][0-9]{4} ' "$WORK/$name.log" | tee -a "$WORK/$name.txt" | tail -n 25
+  [ $rc -eq 0 ] || echo "!! $name exited with $rc" | tee -a "$WORK/$name.txt"
+  cat "$WORK"/*.txt > "$OUT/summary.txt"
+  tar czf "$OUT/bench.tgz.tmp" -C "$WORK" . && mv "$OUT/bench.tgz.tmp" "$OUT/bench.tgz"
 }
 # Most important first: the targets of the open issues (images/s, sentences/s, the loss), then
 # what decides a default (both views in one pass), then the rest. Plain baselines are skipped on
-# the GPU: the same machine's plain-JAX figures are already recorded (docs/benchmarks.md anchors).
-run train_step_resnet18 80 benchmarks/train_step.py --models resnet18 --skip-plain --json "$OUT/train_step_resnet18.json"
-run train_step_resnet50 100 benchmarks/train_step.py --models resnet50 --skip-plain --json "$OUT/train_step_resnet50.json"
-run sentence_step 110 benchmarks/sentence_step.py --batches 512,64 --dtypes bfloat16 --json "$OUT/sentence_step.json"
-run losses 65 benchmarks/losses.py --block-size 2048 --json "$OUT/losses.json"
+# the GPU: the same machine's plain-JAX and PyTorch figures are the anchors (ANCHORS.md). The
+# limits add up to 545 s, under the device tool's 600 s per command with the start-up.
+# (The scaling benchmark is left out: on one GPU it repeats train_step, and it prints nothing
+# until its child process ends.)
+run train_step_resnet18 80 benchmarks/train_step.py --models resnet18 --skip-plain --json "$WORK/train_step_resnet18.json"
+run train_step_resnet50 100 benchmarks/train_step.py --models resnet50 --skip-plain --json "$WORK/train_step_resnet50.json"
+run sentence_step 100 benchmarks/sentence_step.py --batches 512,64 --dtypes bfloat16 --programs project --json "$WORK/sentence_step.json"
+run losses 65 benchmarks/losses.py --block-size 2048 --json "$WORK/losses.json"
 # The same step with both views in one forward pass (per-view BatchNorm statistics, the same
 # numbers): whether fewer, larger kernels beat the reference's pass per view decides the default.
-run one_pass_resnet18 55 benchmarks/train_step.py --models resnet18 --views-in-one-pass --skip-plain --json "$OUT/one_pass_resnet18.json"
-run one_pass_resnet50 70 benchmarks/train_step.py --models resnet50 --views-in-one-pass --skip-plain --json "$OUT/one_pass_resnet50.json"
-run graph_step 35 benchmarks/graph_step.py
-run scaling 35 benchmarks/scaling.py --devices 1 --batch 512 --width 64 --dtype bfloat16 --steps 20 --json "$OUT/scaling.json"
+run one_pass_resnet18 75 benchmarks/train_step.py --models resnet18 --views-in-one-pass --skip-plain --json "$WORK/one_pass_resnet18.json"
+run one_pass_resnet50 95 benchmarks/train_step.py --models resnet50 --views-in-one-pass --skip-plain --json "$WORK/one_pass_resnet50.json"
+run graph_step 30 benchmarks/graph_step.py

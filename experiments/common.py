@@ -663,6 +663,7 @@ def environment() -> dict[str, Any]:
       "cpu_cores": os.cpu_count(),
       "python": platform.python_version(),
       "machine": platform.machine(),
+      "code_version": code_version(),
   }
 
 
@@ -671,7 +672,9 @@ def header(title: str, command: str, seeds: Sequence[int], total_wall_s: float) 
   return (f"# {title}\n\n"
           f"- command: `{command}`\n"
           f"- date {env['date']}; {env['devices']} x {env['device']} ({env['backend']}), "
-          f"{env['cpu_cores']} CPU cores, jax {env['jax']}\n"
+          f"{env['cpu_cores']} CPU cores, jax {env['jax']}, cldro_jax "
+          f"{env['code_version'] or 'unknown version'} (runs reused from --runs may be older: "
+          "each run folder records its own)\n"
           f"- seeds: {', '.join(map(str, seeds))}; mean ± std (sample std) over seeds\n"
           f"- wall time of the runs: {total_wall_s / 60:.1f} min\n")
 
