@@ -122,11 +122,16 @@ def bench_size(batch, dim, block_size, warmup, repeats, memory_budget):
   # all implementations compute the same loss
   if not values:
     return rows
+  # A disagreement is reported in the row's note (and on stderr), not raised: the one GPU call
+  # must not lose the sizes still to come (blockwise at B=65536) over it.
   ref_value = next(iter(values.values()))
-  for name, value in values.items():
-    if not math.isclose(value, ref_value, rel_tol=1e-4):
-      raise RuntimeError(f"B={batch}: {name} gives {value}, expected {ref_value}")
-  return rows
+  mismatched = {name: value for name, value in values.items()
+                if not math.isclose(value, ref_value, rel_tol=1e-4)}
+  for name, value in mismatched.items():
+    print(f"!! B={batch}: {name} gives loss {value}, the first implementation {ref_value}",
+          file=sys.stderr, flush=True)
+  return [(name, seconds, temp, (note + "; " if note else "") + f"LOSS DIFFERS: {values[name]:.6g}"
+           if name in mismatched else note) for name, seconds, temp, note in rows]
 
 
 def main(argv=None):
@@ -165,7 +170,8 @@ def main(argv=None):
         continue
       t_ratio = f"{seconds / plain[1]:.2f}x" if plain[1] else "n/a"
       m_ratio = f"{temp / plain[2]:.3f}x" if plain[2] else "n/a"
-      print(f"| {batch} | {name} | {seconds * 1e3:.2f} | {t_ratio} | {temp / 2 ** 20:.1f} | "
+      flag = f" ({note})" if note else ""
+      print(f"| {batch} | {name}{flag} | {seconds * 1e3:.2f} | {t_ratio} | {temp / 2 ** 20:.1f} | "
             f"{m_ratio} |", flush=True)
 
 
