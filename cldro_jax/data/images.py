@@ -916,6 +916,11 @@ def _open_tfds_split(name: str, split: str, cfg: Any) -> Any:
         raise
 
 
+def _unlabeled_split_names(cfg: Any) -> set[str]:
+    names = _get(cfg, "unlabeled_splits") or ()
+    return {names} if isinstance(names, str) else set(names)   # a str is one name, not letters
+
+
 def _unversioned(name: str) -> str:
     """A tfds name without its config or version ("stl10:1.0.0" -> "stl10")."""
     return name.split(":")[0].split("/")[0]
@@ -930,10 +935,7 @@ def _tfds_split_source(
     parts = [p.strip() for p in split.split("+") if p.strip()]
     if not parts:
         raise ValueError(f"empty tfds split name {split!r}")
-    unlabeled_splits = _get(cfg, "unlabeled_splits") or ()
-    if isinstance(unlabeled_splits, str):   # one name, not a set of its characters
-        unlabeled_splits = (unlabeled_splits,)
-    unlabeled_splits = set(unlabeled_splits)
+    unlabeled_splits = _unlabeled_split_names(cfg)
     image_shape = tuple(features["image"].shape)
     if len(image_shape) != 3 or None in image_shape:
         raise ValueError(f"tfds {name}: image feature shape {image_shape} is not a fixed (H, W, C)")
@@ -981,9 +983,7 @@ def _load_tfds(cfg: Any) -> ImageDataset:
     pretrain_split = _get(cfg, "pretrain_split") or defaults[0]
     probe_split = _get(cfg, "probe_split") or defaults[1]
     test_split = _get(cfg, "test_split") or defaults[2]
-    unlabeled = set(_get(cfg, "unlabeled_splits") or ())
-    if isinstance(_get(cfg, "unlabeled_splits"), str):
-        unlabeled = {_get(cfg, "unlabeled_splits")}
+    unlabeled = _unlabeled_split_names(cfg)
     for key, split in (("probe_split", probe_split), ("test_split", test_split)):
         parts = {p.strip().partition("[")[0] for p in split.split("+")}
         if parts & unlabeled:
