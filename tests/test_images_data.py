@@ -289,9 +289,9 @@ def test_stl10_split_spelling_and_unlabelled_labels(tmp_path):
     assert len(versioned.pretrain) == 8 and "unlabelled" in requested
     # unlabeled_splits given as one name (a str), not a tuple: still that name, not its letters.
     with tfds.testing.mock_data(as_data_source_fn=as_data_source):
-        one_name = images.load_image_dataset(cfg(source="tfds", name="stl10",
-                                                 data_dir=str(tmp_path), in_memory=False,
-                                                 unlabeled_splits="unlabelled"))
+        one_name = images.load_image_dataset({    # a plain dict, as the Python API allows
+            "source": "tfds", "name": "stl10", "data_dir": str(tmp_path), "in_memory": False,
+            "unlabeled_splits": "unlabelled"})
     np.testing.assert_array_equal(one_name.pretrain[np.arange(8)]["label"][4:], [-1] * 4)
     batch = ds.pretrain[np.arange(8)]
     np.testing.assert_array_equal(batch["image"][:, 0, 0, 0], [0, 1, 2, 3, 200, 201, 202, 203])
