@@ -113,7 +113,7 @@ def _saved_config_dict(path: str) -> dict[str, Any]:
     return _completed(json.load(f))
 
 
-def _write_json_atomically(path: str, content: Any) -> None:
+def write_json_atomically(path: str, content: Any) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
@@ -184,7 +184,7 @@ def check_or_save_config(workdir: str, config: ml_collections.ConfigDict, *,
     # setting): nothing to resume, so the corrected command starts afresh.
     if save and jax.process_index() == 0 and current != _read_json_or_none(path):
       logging.warning("%s holds no checkpoint: its config.json is replaced by this run's", workdir)
-      _write_json_atomically(path, current)
+      write_json_atomically(path, current)
     return
   if os.path.exists(path):
     saved = _saved_config_dict(path)
@@ -192,7 +192,7 @@ def check_or_save_config(workdir: str, config: ml_collections.ConfigDict, *,
     recovered = _config_from_checkpoints(workdir)
     if recovered is None:   # a first start
       if save and jax.process_index() == 0:
-        _write_json_atomically(path, current)
+        write_json_atomically(path, current)
       return
     saved = _completed(recovered)
   if saved.get("domain") != current.get("domain"):   # say so, rather than list every field
@@ -217,7 +217,7 @@ def check_or_save_config(workdir: str, config: ml_collections.ConfigDict, *,
   # The run goes on with these settings: config.json follows them (where the data live now,
   # the evaluation asked for), so the probe and load_encoder find what the run used.
   if save and jax.process_index() == 0 and current != _read_json_or_none(path):
-    _write_json_atomically(path, current)
+    write_json_atomically(path, current)
 
 
 def _read_json_or_none(path: str) -> Any:

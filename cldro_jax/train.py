@@ -573,17 +573,13 @@ def _monitor_missing(task, workdir, step, total_steps) -> bool:
   every = task.monitor_every_steps
   if not (every and 0 < step < total_steps and step % every == 0):
     return False
-  # Process 0 writes the metrics; it decides for all, which must run the monitor together.
-  missing = jax.process_index() == 0 and not any(
-      r["step"] == step for r in metrics_lib.read_metrics(workdir, "monitor"))
-  if jax.process_count() > 1:
-    missing = bool(multihost_utils.broadcast_one_to_all(np.asarray(missing)))
-  return bool(missing)
+  return _logged_monitor(workdir, step) is None
 
 
 def _logged_monitor(workdir, step) -> dict[str, float] | None:
   """The monitor line already logged at `step` (its values on process 0, {} elsewhere), or None
   when there is none: a run killed during its final evaluation must not log that monitor twice."""
+  # Process 0 writes the metrics; it decides for all, which must run a monitor together.
   found = None
   if jax.process_index() == 0:
     lines = [r for r in metrics_lib.read_metrics(workdir, "monitor") if r["step"] == step]
@@ -731,8 +727,5 @@ def _loop(config, task, state, train_step, checkpointer, writer, mesh, start_ste
   writer.write(total_steps, {k: v for k, v in results.items()
                              if isinstance(v, (int, float))}, split="results")
   if jax.process_index() == 0:   # atomically: a kill mid-write must not leave half a file
-    path = os.path.join(workdir, "results.json")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    checkpointing.write_json_atomically(os.path.join(workdir, "results.json"), results)
   return results
