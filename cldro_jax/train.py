@@ -617,8 +617,13 @@ def _loop(config, task, state, train_step, checkpointer, writer, mesh, start_ste
   # XLA's CPU rendezvous can deadlock. On accelerators the loop stays asynchronous.
   block_each_step = jax.default_backend() == "cpu" and mesh.size > 1
   batches = task.train_batches(start_step=start_step, num_steps=total_steps - start_step)
-  bar = metrics_lib.progress_bar(total_steps, initial=start_step, unit=task.example_unit,
-                                 unit_scale=config.batch_size) if config.progress_bar else None
+  # The bar starts once the first step (which compiles the train step: seconds on a CPU, a minute
+  # or more for a ResNet-50 on a GPU) has finished, so its images/s is the training rate from
+  # the start rather than a smoothed average slowly forgetting the compilation.
+  bar = None
+  if config.progress_bar and start_step < total_steps and jax.process_index() == 0:
+    print(f"Compiling the train step (step {start_step + 1} of {total_steps} takes longer)...",
+          file=sys.stderr, flush=True)
   # Restored from the checkpoint's meta: a checkpoint between two log steps carries the steps
   # since the last line, so the next line averages the same steps as in an uninterrupted run.
   pending: list[dict] = [{k: np.float32(v) for k, v in m.items()}
@@ -636,11 +641,19 @@ def _loop(config, task, state, train_step, checkpointer, writer, mesh, start_ste
       batch = task.to_global(next(batches))
       state, step_metrics = train_step(state, batch)
       pending.append(step_metrics)
-      if block_each_step:
-        jax.block_until_ready(state.step)
-      if bar is not None:
-        bar.update(config.batch_size)
       done = step + 1
+      first_step = step == start_step
+      if block_each_step or first_step:
+        jax.block_until_ready(state.step)
+      if first_step:
+        if config.progress_bar:
+          bar = metrics_lib.progress_bar(total_steps, initial=done, unit=task.example_unit,
+                                         unit_scale=config.batch_size)
+        if done % config.log_every_steps and done != total_steps:
+          # The first examples/s line measures training, not the compilation.
+          last_log_time, last_log_step = time.time(), done
+      elif bar is not None:
+        bar.update(config.batch_size)
       if done % config.log_every_steps == 0 or done == total_steps:
         fetched = jax.device_get(pending)
         summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}

@@ -204,3 +204,25 @@ def test_examples_per_second_after_a_monitor_measures_training_only(tmp_path, mo
   train.train_and_evaluate(tiny_config(**{"eval.every_epochs": 1, "log_every_steps": 1}), workdir)
   after_monitor = next(r for r in metrics_lib.read_metrics(workdir, "train") if r["step"] == 6)
   assert after_monitor["examples_per_sec"] > 8 / 0.75   # one step of 8 images, well under 0.75 s
+
+
+def test_the_first_rates_measure_training_not_the_compilation(tmp_path, monkeypatch, capsys):
+  # A train step whose tracing takes 1.5 s stands for a slow compilation (a ResNet-50 on a GPU
+  # compiles for a minute): the first logged examples/s (steps 2-3) must not include it.
+  real_make = train.make_train_step
+
+  def slow_to_compile(*args, **kwargs):
+    step_fn = real_make(*args, **kwargs)
+
+    def traced_slowly(state, batch):
+      time.sleep(1.5)   # runs once, while jax.jit traces
+      return step_fn(state, batch)
+    return traced_slowly
+
+  monkeypatch.setattr(train, "make_train_step", slow_to_compile)
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(tiny_config(progress_bar=True), workdir)
+  first_line = metrics_lib.read_metrics(workdir, "train")[0]
+  assert first_line["step"] == 3
+  assert first_line["examples_per_sec"] > 2 * 8 / 0.75   # two steps of 8 images after compiling
+  assert "Compiling the train step (step 1 of 8" in capsys.readouterr().err
