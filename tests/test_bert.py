@@ -11,6 +11,7 @@ import os
 import pathlib
 import shutil
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -321,6 +322,23 @@ def test_bfloat16_compute_keeps_float32_params_and_outputs(roberta, record):
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(shapes))
   cosine = np.sum(_l2(np.asarray(bf16)) * _l2(fp32), axis=1)
   assert cosine.min() > 0.99 and np.abs(np.asarray(bf16) - fp32).max() > 0  # close, not identical
+
+
+def test_bfloat16_keeps_the_residual_stream_float32(roberta, record):
+  # As the reference's mixed precision (torch autocast): the Dense layers compute in half
+  # precision, every LayerNorm (so the embeddings and each residual sum) in float32.
+  config, params, tokenizer = roberta
+  batch = tokenizer.encode_batch(record["sentences"], 32)
+  model = bert.SentenceEncoder(config, pooling="cls", dtype=jnp.bfloat16)
+  _, state = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                         train=False, use_mlp=False, capture_intermediates=True)
+  # path (..., module, "__call__") -> (output,)
+  outputs = flax.traverse_util.flatten_dict(state["intermediates"]).items()
+  norms = {path: out[0].dtype for path, out in outputs if path[-2:-1] == ("LayerNorm",)}
+  denses = {path: out[0].dtype for path, out in outputs if path[-2:-1] in (("query",), ("dense",))}
+  assert len(norms) == 1 + 2 * config.num_hidden_layers and len(denses) >= 3
+  assert set(norms.values()) == {jnp.dtype(jnp.float32)}, norms
+  assert set(denses.values()) == {jnp.dtype(jnp.bfloat16)}, denses
 
 
 def test_init_from_pretrained_mlp_choices(roberta):

@@ -72,9 +72,11 @@ def _dense(config: EncoderConfig, features: int, dtype: Dtype, name: str) -> nn.
                   kernel_init=nn.initializers.normal(config.initializer_range))
 
 
-def _layer_norm(config: EncoderConfig, dtype: Dtype) -> nn.LayerNorm:
-  # Flax LayerNorm computes its statistics in float32 even for bf16 inputs.
-  return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=jnp.float32,
+def _layer_norm(config: EncoderConfig) -> nn.LayerNorm:
+  # Float32 output whatever the compute dtype: the residual stream stays float32 and only the
+  # Dense layers compute in bf16, as the reference's mixed precision (torch autocast runs
+  # LayerNorm in float32, and a half-precision Dense output added to it promotes to float32).
+  return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=jnp.float32, param_dtype=jnp.float32,
                       name="LayerNorm")
 
 
@@ -86,14 +88,15 @@ class Embeddings(nn.Module):
   @nn.compact
   def __call__(self, input_ids: Array, token_type_ids: Array, *, train: bool) -> Array:
     cfg = self.config
-    embed = functools.partial(nn.Embed, features=cfg.hidden_size, dtype=self.dtype,
+    # Looked up and summed in float32 (a gather, no arithmetic to save), as under autocast.
+    embed = functools.partial(nn.Embed, features=cfg.hidden_size, dtype=jnp.float32,
                               param_dtype=jnp.float32,
                               embedding_init=nn.initializers.normal(cfg.initializer_range))
     x = (embed(cfg.vocab_size, name="word_embeddings")(input_ids)
          + embed(cfg.max_position_embeddings, name="position_embeddings")(
              position_ids(input_ids, cfg))
          + embed(cfg.type_vocab_size, name="token_type_embeddings")(token_type_ids))
-    x = _layer_norm(cfg, self.dtype)(x)
+    x = _layer_norm(cfg)(x)
     return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=not train)
 
 
@@ -132,7 +135,7 @@ class DenseResidualNorm(nn.Module):
     cfg = self.config
     x = _dense(cfg, cfg.hidden_size, self.dtype, "dense")(x)
     x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=not train)
-    return _layer_norm(cfg, self.dtype)(x + residual)
+    return _layer_norm(cfg)(x + residual)   # float32 residual: the sum promotes
 
 
 class Attention(nn.Module):
@@ -222,7 +225,7 @@ class SentenceEncoder(nn.Module):
 
   def hidden_states(self, input_ids: Array, attention_mask: Array,
                     token_type_ids: Array | None = None, *, train: bool) -> Array:
-    """Last layer's hidden states (B, L, h), in the compute dtype."""
+    """Last layer's hidden states (B, L, h): float32, the residual stream's dtype."""
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
     x = self.embeddings(input_ids, token_type_ids, train=train)
