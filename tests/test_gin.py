@@ -155,3 +155,23 @@ def test_masked_batchnorm_across_devices_with_uneven_padding():
     np.testing.assert_allclose(y[mask], expected[mask], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(mean[0], 0.1 * real.mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(var[1], 0.9 + 0.1 * real.var(0, ddof=1), rtol=1e-5)
+
+
+def test_bfloat16_aggregation_of_a_high_degree_node():
+    # A hub with 5,000 neighbours (REDDIT graphs have such): in bfloat16 compute its neighbour
+    # sum must still be right to bfloat16's rounding of the result, not stall near 256.
+    from cldro_jax.models.gin import GINConv  # pylint: disable=import-outside-toplevel
+    leaves = 5000
+    rng = np.random.default_rng(0)
+    x = (1.0 + 0.01 * rng.normal(size=(leaves + 1, FEATURES))).astype(np.float32)
+    edges = np.stack([np.arange(1, leaves + 1), np.zeros(leaves, np.int64)])
+    batch = pack_graphs([Graph(x, edges, 0)], GraphBudget(leaves + 8, leaves + 8, 2))
+    h = jnp.asarray(batch.node_features)
+    variables = GINConv(8).init(jax.random.key(0), h, batch)
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
+    hub_input = x[0].astype(np.float64) + x[1:].astype(np.float64).sum(0)   # about 5,000
+    hidden = np.maximum(hub_input @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"], 0)
+    expected = hidden @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
+    got = GINConv(8, dtype=jnp.bfloat16).apply(variables, h.astype(jnp.bfloat16), batch)[0]
+    error = np.abs(np.asarray(got, np.float64) - expected).max() / np.abs(expected).max()
+    assert error < 0.02   # bfloat16 input rounding (2^-9) through two layers; was 0.9
