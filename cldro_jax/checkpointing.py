@@ -272,6 +272,21 @@ def _shape_table(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+class _ManagerWithoutPreemptionReports(ocp.CheckpointManager):
+  """An orbax CheckpointManager that leaves JAX's preemption sync service to the trainer.
+
+  Orbax reports every saved step to that service (in `save`, even forced, and again when an
+  asynchronous save finishes), while the trainer's preemption watch reports ids of its own
+  (train._PreemptionWatch). The service answers a notice with the largest id reported plus one,
+  so a mix of both can name a step the watch reaches thousands of steps late: the job would be
+  killed before its preemption checkpoint. The trainer saves when the watch says so.
+  """
+
+  def reached_preemption(self, step: int) -> bool:
+    del step
+    return False
+
+
 class Checkpointer:
   """Saves and restores the train state of one workdir (all processes call every method)."""
 
@@ -288,7 +303,7 @@ class Checkpointer:
         enable_async_checkpointing=True, read_only=read_only)
     # Handlers declared up front so that a checkpoint's array metadata can be read (to compare
     # shapes before restoring) without restoring it.
-    self._manager = ocp.CheckpointManager(
+    self._manager = _ManagerWithoutPreemptionReports(
         self.directory, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "meta": ocp.JsonCheckpointHandler()})
@@ -308,8 +323,7 @@ class Checkpointer:
       raise ValueError("this Checkpointer was opened read_only")
     state_dict = flax.serialization.to_state_dict(state)
     meta = dict(meta, checksums=state_checksums(state_dict))
-    # force: the trainer decides when to save. Orbax's own decision would also report `step`
-    # to JAX's preemption sync service, which the trainer's watch counts in ids of its own.
+    # force: the trainer decides when to save (see _ManagerWithoutPreemptionReports).
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state_dict), meta=ocp.args.JsonSave(meta)), force=True)
 
@@ -441,11 +455,15 @@ class Checkpointer:
     # Every array onto this process's first device, whatever mesh or number of processes wrote
     # it: orbax refuses a target-less restore across topologies (e.g. a pod slice's checkpoint
     # read on a laptop).
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+    device = jax.local_devices()[0]
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
                             self._saved_array_metadata(step))
-    state = self._read_arrays(step, abstract)
-    self._verify_checksums(step, state, meta)
+    # Under a one-device mesh of that device: called inside a training mesh of several devices
+    # (--config.init_from), the checksum jit would refuse arrays living on one of them.
+    with jax.set_mesh(jax.sharding.Mesh(np.array([device]), ("data",))):
+      state = self._read_arrays(step, abstract)
+      self._verify_checksums(step, state, meta)
     return state, meta
 
   def wait(self) -> None:

@@ -61,8 +61,11 @@ class _PreemptionWatch:
   step. JAX answers a notice with the largest id reported so far plus one, so a notice that
   arrives before the first step (while a resumed run restores and compiles) names id 1, which
   global steps past the checkpoint would never meet: the notice would be swallowed and the job
-  killed without a checkpoint. (Hence Checkpointer.save passes force=True: orbax's own save
-  decision would report global steps to the same service.)
+  killed without a checkpoint. (Hence the Checkpointer's orbax manager reports nothing to that
+  service: checkpointing._ManagerWithoutPreemptionReports.)
+
+  `requested` says whether a stop was asked for (after the last step too: the run then stops
+  after its final checkpoint, before the final evaluation, the same on every process).
   """
 
   def __init__(self):
@@ -82,10 +85,12 @@ class _PreemptionWatch:
     del step   # see the class docstring: the ids count this invocation's steps
     self._calls += 1
     try:
-      return multihost_utils.reached_preemption_sync_point(self._calls)
+      reached = multihost_utils.reached_preemption_sync_point(self._calls)
     except RuntimeError:   # no preemption service in this runtime: nothing to watch
       self.multiprocess = False
       return False
+    self.requested = self.requested or reached
+    return reached
 
   def close(self) -> None:
     if self._previous is not None:
@@ -690,7 +695,9 @@ def _loop(config, task, state, train_step, checkpointer, writer, mesh, start_ste
       if done % config.checkpoint_every_steps == 0 and done < total_steps:
         _save(checkpointer, state, done, steps_per_epoch, meta_base,
               _log_state(pending, collapsed_at))
-      if done < total_steps and preemption.should_stop(done):
+      # Asked after the last step too (every process must report the same ids to the sync
+      # point); there a stop skips only the final evaluation (below).
+      if preemption.should_stop(done) and done < total_steps:
         if done % config.checkpoint_every_steps:
           _save(checkpointer, state, done, steps_per_epoch, meta_base,
                 _log_state(pending, collapsed_at))

@@ -309,6 +309,29 @@ def test_a_preemption_notice_reaches_every_process_of_a_resumed_run(monkeypatch,
   assert watch.should_stop(done)   # the very next step's end: checkpoint it and stop
 
 
+def test_checkpoint_saves_leave_the_preemption_ids_to_the_watch(monkeypatch, tmp_path):
+  # Orbax reports each saved (global) step to the same sync service; mixed with the watch's
+  # ids, a notice after the save of step 13 named step 14, which the watch's ids (1, 2, 3, ...)
+  # reached 11 steps late: on a real preemption the job is killed first.
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  service = _PreemptionSyncService()
+  monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", service.reached)
+  with monkeypatch.context() as several_processes:   # for the watch only: orbax would need them
+    several_processes.setattr(train.jax, "process_count", lambda: 2)
+    watch = train._PreemptionWatch()  # pylint: disable=protected-access
+  checkpointer = checkpointing.Checkpointer(str(tmp_path))
+  state = {"w": np.arange(4.0, dtype=np.float32)}
+  try:
+    for done in (12, 13):   # a run resumed at step 11, checkpointing every step
+      checkpointer.save(done, state, meta={"step": done})
+      assert not watch.should_stop(done)
+    checkpointer.wait()     # an asynchronous save finishing reports its step too
+    service.notice()
+    assert watch.should_stop(14)
+  finally:
+    checkpointer.close()
+
+
 # ----------------------------------------------------------------------------------------------
 # Damaged checkpoints# ----------------------------------------------------------------------------------------------
 # Damaged checkpoints

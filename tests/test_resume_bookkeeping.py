@@ -86,6 +86,34 @@ def test_a_stop_during_the_last_step_is_honoured_before_the_final_evaluation(tmp
   assert results["step"] == 8 and os.path.exists(os.path.join(workdir, "results.json"))
 
 
+def test_a_preemption_notice_agreed_on_the_last_step_of_several_processes(tmp_path, monkeypatch):
+  # Several processes agree on a stop step through JAX's preemption sync point (ids 1, 2, ...;
+  # a notice names the largest id reported plus one). A notice during the last step names it:
+  # every process must still ask, and stop before the final evaluation as on one process.
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  agreed = {}
+
+  def sync_point(step_id):
+    if step_id == 7:
+      agreed["id"] = 8    # the notice arrives while step 8 runs
+    return agreed.get("id") == step_id
+
+  real = train._PreemptionWatch  # pylint: disable=protected-access
+
+  class SeveralProcessesWatch(real):
+    def __init__(self):
+      super().__init__()
+      self.multiprocess = True
+
+  monkeypatch.setattr(train, "_PreemptionWatch", SeveralProcessesWatch)
+  monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", sync_point)
+  workdir = str(tmp_path / "run")
+  with pytest.raises(train.PreemptedError, match="after the last step, 8"):
+    train.train_and_evaluate(tiny_config(), workdir)
+  assert max(checkpointing.Checkpointer(workdir, read_only=True).all_steps()) == 8
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
+
+
 def test_a_kill_during_the_final_evaluation_does_not_log_the_final_monitor_twice(tmp_path):
   # The kNN monitor at the end (every 5 steps = 1 epoch, and at the last step, 8).
   config = tiny_config(**{"eval.every_epochs": 1})

@@ -244,7 +244,7 @@ def test_init_from_starts_with_the_source_encoder_and_fresh_optimizer(tmp_path):
   source = str(tmp_path / "source")
   train.train_and_evaluate(tiny_config(total_steps=2), source)
   config = tiny_config(init_from=source)
-  mesh = train.make_mesh(1)
+  mesh = train.make_mesh(2)   # the source's one-device checkpoint read inside a 2-device mesh
   task = tasks_lib.build_task(config, mesh, str(tmp_path / "new"))
   tx = train.make_full_optimizer(config, train.make_schedule(config.optim, 4, task.steps_per_epoch))
   with jax.set_mesh(mesh):
