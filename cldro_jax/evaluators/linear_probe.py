@@ -422,7 +422,8 @@ def train_linear_probe_on_images(
     variables = encoder_variables
     epoch_losses, loss_sum = [], 0.0
     batches = host_batches()
-    with tqdm(total=epochs * num_examples, unit="img", unit_scale=True, disable=not progress,
+    show = progress and jax.process_index() == 0   # one bar per job, not per process
+    with tqdm(total=epochs * num_examples, unit="img", unit_scale=True, disable=not show,
               desc="linear probe") as bar:
         batch = next(batches, None)
         while batch is not None:

@@ -300,6 +300,12 @@ def _sts_results(embed_fn, data: dict) -> dict[str, float]:
 # The task
 
 
+def _say(message: str) -> None:
+  """Prints on process 0 only: one line per job, not one per process."""
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
 class SentenceTask:
   """Unsupervised SimCSE-style pre-training (see the module docstring)."""
 
@@ -397,7 +403,7 @@ class SentenceTask:
             "--config.eval.every_steps=0 --config.eval.final_tasks='()'.") from err
       self.sts_skipped = f"STS data missing, STS evaluation skipped: {err} {flag}"
       logging.warning("%s", self.sts_skipped)
-      print(self.sts_skipped, flush=True)
+      _say(self.sts_skipped)
       return
     self.dev_data, self.test_data = dev, test
 
@@ -541,13 +547,13 @@ class SentenceTask:
     results: dict[str, Any] = {"sts_model": selected, "sts_model_step": step,
                                "sts_pooler": sts.describe_pooler(self.eval_pooler)}
     if self.test_data:
-      print(f"STS evaluation of the {selected}", flush=True)
+      _say(f"STS evaluation of the {selected}")
       scores = _sts_results(self.embed_fn(params), self.test_data)
-      print(sts.format_results(scores, sts.describe_pooler(self.eval_pooler)), flush=True)
+      _say(sts.format_results(scores, sts.describe_pooler(self.eval_pooler)))
       results.update({f"sts_{k}": v for k, v in scores.items()})
     elif self.sts_skipped:
       results["sts_skipped"] = self.sts_skipped
-      print(self.sts_skipped, flush=True)
+      _say(self.sts_skipped)
     if ev.export and self.workdir:
       folder = os.path.join(self.workdir, EXPORT_DIR)
       if jax.process_index() == 0:
@@ -559,8 +565,8 @@ class SentenceTask:
                "pooling gives CLS without the MLP")
       else:
         how = f"pooling: {self.eval_pooler}, no training MLP"
-      print(f"Exported the encoder to {folder} (transformers AutoModel / sentence-transformers; "
-            f"{how})", flush=True)
+      _say(f"Exported the encoder to {folder} (transformers AutoModel / sentence-transformers; "
+           f"{how})")
     return results
 
 
