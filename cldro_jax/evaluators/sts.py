@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import os
 import sys
 from typing import Callable, Iterable, Sequence
@@ -292,6 +293,41 @@ def describe_pooler(pooler: str) -> str:
   }[pooler]
 
 
+EXPORT_INFO = "cldro_jax_export.json"   # written next to a cldro_jax Hugging Face export
+
+
+def folder_pooler(model_dir: str) -> tuple[str, str]:
+  """(pooler, where it comes from) that a model folder declares, "cls" when it declares none.
+
+  A cldro_jax export names its evaluation pooler in `cldro_jax_export.json`; a
+  sentence-transformers folder (all-MiniLM-L6-v2: mean) in its Pooling module's config.json.
+  Scoring with another pooler than the model's is the classic reproduction bug.
+  """
+  info_path = os.path.join(model_dir, EXPORT_INFO)
+  if os.path.isfile(info_path):
+    with open(info_path, encoding="utf-8") as f:
+      pooler = json.load(f).get("pooler")
+    if pooler in ("cls", "mean", "cls_mlp"):
+      return pooler, EXPORT_INFO
+  pooling_dir = "1_Pooling"
+  modules_path = os.path.join(model_dir, "modules.json")
+  if os.path.isfile(modules_path):
+    with open(modules_path, encoding="utf-8") as f:
+      pooling_dir = next((m["path"] for m in json.load(f)
+                          if m.get("type", "").endswith("models.Pooling")), pooling_dir)
+  config_path = os.path.join(model_dir, pooling_dir, "config.json")
+  if not os.path.isfile(config_path):
+    return "cls", "SimCSE's evaluation; the folder declares no pooling"
+  with open(config_path, encoding="utf-8") as f:
+    modes = {k for k, v in json.load(f).items() if k.startswith("pooling_mode_") and v is True}
+  if modes == {"pooling_mode_mean_tokens"}:
+    return "mean", f"{pooling_dir}/config.json"
+  if modes == {"pooling_mode_cls_token"}:
+    return "cls", f"{pooling_dir}/config.json"
+  raise ValueError(f"{config_path} declares the pooling {sorted(modes)}, which this evaluator "
+                   "does not implement; pass --pooler=cls, mean or cls_mlp to choose one.")
+
+
 # --------------------------------------------------------------------------------------------
 # Embedding functions from our encoders.
 
@@ -375,9 +411,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="SentEval's data/downstream folder (with --workdir, default: the "
                            "run's config.data.sts_root)")
   parser.add_argument("--pooler", default=None, choices=("cls", "mean", "cls_mlp"),
-                      help="cls = CLS without the training MLP (SimCSE's evaluation; the default "
-                           "with --model_dir); with --workdir the default is the run's "
-                           "evaluation pooler")
+                      help="cls = CLS without the training MLP (SimCSE's evaluation). Default "
+                           "with --model_dir: the pooler the folder declares (a cldro_jax "
+                           "export's, or a sentence-transformers Pooling module's), else cls; "
+                           "with --workdir: the run's evaluation pooler")
   parser.add_argument("--max_length", type=int, default=None,
                       help="truncate to this many tokens (default: the model's maximum)")
   parser.add_argument("--batch_size", type=int, default=64)
@@ -396,7 +433,11 @@ def _encoder_from_args(args: argparse.Namespace):
   from cldro_jax.models import bert
   if args.model_dir:
     config, params = bert.load_pretrained(args.model_dir)
-    return config, params, args.model_dir, args.pooler or "cls", f"model {args.model_dir}"
+    if args.pooler:
+      return config, params, args.model_dir, args.pooler, f"model {args.model_dir}"
+    pooler, source = folder_pooler(args.model_dir)
+    return (config, params, args.model_dir, pooler,
+            f"model {args.model_dir} (pooler {pooler}: {source})")
   from cldro_jax.tasks import sentence
   trained = sentence.load_trained_encoder(args.workdir, args.checkpoint)
   pooler = args.pooler or sentence.eval_pooler(trained.config)

