@@ -381,6 +381,9 @@ def test_rst_sentences_and_the_offline_corpus():
     ({"data.source": "hub"}, "data.source='hub' is not one of file, sklearn_descr"),
     ({"data.path": ""}, "data.path is empty.*wiki1m"),
     ({"data.max_length": 1}, "max_length must be >= 2"),
+    # a corpus given to a :runlocal variant would be silently replaced by the offline text
+    ({"data.source": "sklearn_descr", "data.path": "wiki.txt"},
+     "data.path='wiki.txt' is set but config.data.source='sklearn_descr'.*data.source=file"),
     ({"eval.pooler": "max"}, "eval.pooler='max' is not ''"),
     ({"model.mlp_init": "random"}, "mlp_init='random' is not fresh or checkpoint"),
     ({"model.dtype": "float16"}, "dtype='float16' is not float32 or bfloat16"),
@@ -415,3 +418,7 @@ def test_bad_sentence_settings_are_refused(tmp_path):
   config = tiny_config(tmp_path, **{"model.path": ""})
   with pytest.raises(FileNotFoundError, match="huggingface-cli download bert-base-uncased"):
     train.train_and_evaluate(config, str(tmp_path / "run2"))
+  config = tiny_config(tmp_path, **{"model.path": str(tmp_path / "models" / "roberta-base")})
+  with pytest.raises(FileNotFoundError, match=r"does not exist\. Fetch the model once.*"
+                     r"huggingface-cli download roberta-base --local-dir .*models/roberta-base"):
+    train.train_and_evaluate(config, str(tmp_path / "run3"))

