@@ -53,8 +53,9 @@ run() {   # run NAME SECONDS SCRIPT ARGS...: one benchmark with its own time lim
 }
 # Most important first: the targets of the open issues (images/s, sentences/s, the loss), then
 # what decides a default (both views in one pass), then the rest. Plain baselines are skipped on
-# the GPU: the same machine's plain-JAX and PyTorch figures are the anchors (ANCHORS.md). The
-# limits add up to 545 s, under the device tool's 600 s per command with the start-up.
+# the GPU: the same machine's plain-JAX and PyTorch figures are the anchors (docs/benchmarks.md,
+# "Anchors"). The limits add up to 545 s, under the device tool's 600 s per command with the
+# start-up.
 # (The scaling benchmark is left out: on one GPU it repeats train_step, and it prints nothing
 # until its child process ends.)
 run train_step_resnet18 80 benchmarks/train_step.py --models resnet18 --skip-plain --json "$WORK/train_step_resnet18.json"

@@ -10,7 +10,7 @@ All files given must come from the same benchmark; several train_step or sentenc
   losses         time and compiled temporary memory of forward + backward against B, log-log,
                  one line per implementation (plain transcription, dense, blockwise).
   train_step     images/s per model; on an H200 beside the anchors measured on the same GPU
-                 (ANCHORS.md) and the project's targets.
+                 (docs/benchmarks.md) and the project's targets.
   sentence_step  sentences/s per batch and dtype, with the same anchors and targets on an H200.
   scaling        the trainer's images/s against the device count at a fixed global batch, with
                  the linear speed-up line.
@@ -34,8 +34,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
-# Measured on one H200, 2026-11-28 (ANCHORS.md), batch 512 images = 1024 views, 32x32: drawn only
-# beside results from an H200, where they are a like-for-like comparison.
+# Measured on one H200, 2026-11-28 (docs/benchmarks.md, "Anchors"), batch 512 images = 1024 views,
+# 32x32: drawn only beside results from an H200, where they are a like-for-like comparison.
 IMAGE_ANCHORS = {
     "resnet18": {"PyTorch fp32 (reference code)": 10_190, "PyTorch bf16 + channels_last": 24_288,
                  "torch.compile bf16": 28_904, "plain JAX/Flax bf16": 44_777},
@@ -43,7 +43,7 @@ IMAGE_ANCHORS = {
                  "torch.compile bf16": 10_440, "plain JAX/Flax bf16": 12_526},
 }
 IMAGE_TARGETS = {"resnet18": 50_000, "resnet50": 15_000}
-# Hugging Face transformers 5.17 on PyTorch 2.11, BERT-base, length 32 (ANCHORS.md).
+# Hugging Face transformers 5.17 on PyTorch 2.11, BERT-base, length 32 (docs/benchmarks.md).
 SENTENCE_ANCHORS = {
     ("float32", 64): 1_086, ("float32", 512): 1_296,
     ("bfloat16", 64): 1_462, ("bfloat16", 512): 6_143,

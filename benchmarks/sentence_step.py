@@ -16,11 +16,11 @@ Two programs per (batch, dtype), each one jitted step with donated state:
 
 Time is the median over --repeats steps after --warmup steps (each blocked on). FLOPs per
 sentence are the analytic matmul count (`sentence.flops_per_sentence`: 2 views x forward +
-backward; ~33 GFLOP for BERT-base at length 32, ANCHORS.md); XLA's own count of the compiled
+backward; ~33 GFLOP for BERT-base at length 32, docs/benchmarks.md); XLA's own count of the compiled
 step is printed beside it. MFU = achieved FLOP/s / the device's measured dense matmul rate in the
 same dtype (--peak_tflops overrides; the H200's measured bf16 rate is ~790 TFLOP/s).
 
-Anchors (ANCHORS.md, one H200, Hugging Face transformers + PyTorch 2.11, random weights):
+Anchors (docs/benchmarks.md, one H200, Hugging Face transformers + PyTorch 2.11, random weights):
 fp32 1,086 (batch 64) and 1,296 (512) sentences/s; bf16 autocast 1,462 (64) and 6,143 (512);
 targets for this project: 3,000 (batch 64) and 9,000 (batch 512) sentences/s in bf16.
 """

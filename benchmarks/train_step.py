@@ -12,11 +12,12 @@ diagnostics, Adam and the online probe. Median step time after warm-up. Also rep
   - the share of the step spent in augmentation (the augmentation alone, jitted, same batch),
   - a plain baseline measured in the same process: the same network and optimizer in one jitted
     step with a naive transcription of the reference loss and views made by a cheap flip only —
-    the "plain JAX/Flax, no tuning" row of ANCHORS.md; on the CPU only the ratio means anything,
+    the "plain JAX/Flax, no tuning" anchor (docs/benchmarks.md); on the CPU only the ratio means
+    anything,
   - the host input pipeline's images/s (uint8 batches from an in-memory CIFAR-sized array).
-FLOPs per image per step are counted analytically (2 views x forward+backward ~ 3x forward;
-ANCHORS.md: ResNet-18 CIFAR 6.7 GFLOP, ResNet-50 CIFAR 15.6 GFLOP); MFU uses the measured bf16
-matrix rate of an H200 (790 TFLOP/s, ANCHORS.md) on a GPU.
+FLOPs per image per step are counted analytically (2 views x forward+backward ~ 3x forward; the
+anchors' ResNet-18 CIFAR 6.7 GFLOP, ResNet-50 CIFAR 15.6 GFLOP); MFU uses the measured bf16 matrix
+rate of an H200 (790 TFLOP/s, docs/benchmarks.md) on a GPU.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from cldro_jax.models import resnet
 from cldro_jax.tasks import image as image_task
 import record  # benchmarks/record.py, beside this script
 
-H200_BF16_FLOPS = 790e12   # measured bf16 matmul rate, ANCHORS.md
+H200_BF16_FLOPS = 790e12   # measured bf16 matmul rate, docs/benchmarks.md
 
 
 def synthetic_dataset(n: int, size: int) -> images_lib.ImageDataset:

@@ -13,7 +13,8 @@ Data: tfds `cifar10` prepared as array_record in --config.data.data_dir (needs t
 TensorFlow once: see README, "Data").
 
 Expected (paper, Table 1; 400 epochs, batch 256, linear probe top-1 on the test set):
-  InfoNCE 91.19, ADNCE 91.88. Hyperparameters from LOSSES.md: t=0.4, mu=0.7, sigma=0.5.
+  InfoNCE 91.19, ADNCE 91.88. Hyperparameters (the authors' scripts; docs/reproducing.md):
+  t=0.4, mu=0.7, sigma=0.5.
 """
 
 from cldro_jax import config_defaults

@@ -13,7 +13,8 @@ Data: tfds `cifar100` prepared as array_record in --config.data.data_dir (needs 
 TensorFlow once: see README, "Data").
 
 Expected (paper, Table 1; 400 epochs, batch 256, linear probe top-1 on the test set):
-  InfoNCE 69.92, ADNCE 70.75. Hyperparameters from LOSSES.md: t=0.3, mu=0.5, sigma=1.0.
+  InfoNCE 69.92, ADNCE 70.75. Hyperparameters (the authors' scripts; docs/reproducing.md):
+  t=0.3, mu=0.5, sigma=1.0.
 """
 
 from cldro_jax import config_defaults

@@ -17,7 +17,8 @@ deviate.
 Data: tfds `stl10` prepared as array_record in --config.data.data_dir (see README, "Data").
 
 Expected: the paper reports ADNCE above InfoNCE on STL10 with t=0.2, mu=0.8, sigma=1.0
-(LOSSES.md); peer anchors with the same code base: DCL 84.26, HCL 87.44 (linear probe top-1).
+(docs/reproducing.md); peer anchors with the same code base: DCL 84.26, HCL 87.44 (linear probe
+top-1).
 """
 
 from cldro_jax import config_defaults

@@ -16,12 +16,12 @@ Data and model (fetch once, with the internet):
   git clone https://github.com/facebookresearch/SentEval && \
       (cd SentEval/data/downstream && bash get_transfer_data.bash)   # STS12-16, STS-B, SICK-R
 
-Recipe (LOSSES.md; SimCSE's run_unsup_example.sh through the Hugging Face Trainer): 1 epoch over
-the 1M sentences, batch 64, length 32, AdamW lr 3e-5 with linear decay and no warm-up, weight
-decay 0 (TrainingArguments' default, so the bias/LayerNorm exclusion of the Trainer does not
-matter), gradient norm clipped at 1.0 (TrainingArguments' max_grad_norm), CLS + MLP in training,
-CLS without the MLP at evaluation, STS-B dev every 125 steps keeping the best model; ADNCE
-t=0.07, mu=0.4, sigma=1.0. Compute in bfloat16 (SimCSE trains with fp16 autocast).
+Recipe (docs/reproducing.md; SimCSE's run_unsup_example.sh through the Hugging Face Trainer): 1
+epoch over the 1M sentences, batch 64, length 32, AdamW lr 3e-5 with linear decay and no warm-up,
+weight decay 0 (TrainingArguments' default, so the bias/LayerNorm exclusion of the Trainer does
+not matter), gradient norm clipped at 1.0 (TrainingArguments' max_grad_norm), CLS + MLP in
+training, CLS without the MLP at evaluation, STS-B dev every 125 steps keeping the best model;
+ADNCE t=0.07, mu=0.4, sigma=1.0. Compute in bfloat16 (SimCSE trains with fp16 autocast).
 
 Expected (STS avg Spearman x100 over STS12-16, STS-B, SICK-R, "all" setting): SimCSE-BERT-base
 76.25 (STS12 68.40, STS13 82.41, STS14 74.38, STS15 80.91, STS16 78.56, STS-B 76.85, SICK-R

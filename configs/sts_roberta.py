@@ -16,10 +16,10 @@ Data and model (fetch once, with the internet):
   git clone https://github.com/facebookresearch/SentEval && \
       (cd SentEval/data/downstream && bash get_transfer_data.bash)   # STS12-16, STS-B, SICK-R
 
-Recipe (LOSSES.md): as configs/sts_bert.py (1 epoch of wiki1m, length 32, AdamW with linear
-decay, no warm-up, weight decay 0, gradient clipping 1.0, CLS + MLP in training and CLS without
-it at evaluation, STS-B dev every 125 steps keeping the best) with batch 512, lr 1e-5 and ADNCE
-t=0.06, mu=2.0, sigma=1.0 (mu > 1: the weight grows monotonically with the similarity).
+Recipe (docs/reproducing.md): as configs/sts_bert.py (1 epoch of wiki1m, length 32, AdamW with
+linear decay, no warm-up, weight decay 0, gradient clipping 1.0, CLS + MLP in training and CLS
+without it at evaluation, STS-B dev every 125 steps keeping the best) with batch 512, lr 1e-5 and
+ADNCE t=0.06, mu=2.0, sigma=1.0 (mu > 1: the weight grows monotonically with the similarity).
 
 Expected (STS avg Spearman x100, 7 tasks, "all" setting): SimCSE-RoBERTa-base 76.57;
 reproductions commonly 73.5-75.

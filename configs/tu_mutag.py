@@ -6,7 +6,7 @@ Command (offline: MUTAG ships inside the `grakel` package; about a minute on 2 C
   # the reference code's augmentations: :aug_mode=faithful ; smoke run: :runlocal
   # all 20 runs (2 losses x 2 modes x 5 seeds) with a table and a plot: experiments/graph_mutag.py
 
-Recipe (the authors' graph scripts, LOSSES.md): GIN 3 x 32, Adam lr 0.01, batch 128, 20 epochs,
+Recipe (authors' scripts, docs/reproducing.md): GIN 3 x 32, Adam lr 0.01, batch 128, 20 epochs,
 view 2 = random2 (node drop or subgraph, one per graph), ADNCE mu=0.7 sigma=1.0 t=0.15; seeds 0-4.
 Scores: SVM (C by inner 5-fold CV) outer 10-fold CV accuracy of the original graphs' embeddings,
 `svm_accuracy` in results.json, next to `untrained_svm_accuracy` (same protocol, untrained GIN).

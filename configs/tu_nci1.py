@@ -15,7 +15,7 @@ Command:
   # InfoNCE: :loss=infonce ; seeds 0-4: :seed=S ; the reference code's augmentations:
   # :aug_mode=faithful ; smoke run: :runlocal
 
-Recipe (the authors' graph scripts, LOSSES.md): GIN 3 x 32, Adam lr 0.01, batch 128, 20 epochs,
+Recipe (authors' scripts, docs/reproducing.md): GIN 3 x 32, Adam lr 0.01, batch 128, 20 epochs,
 view 2 = random3 (node drop, edge perturbation or subgraph, one per graph); ADNCE mu=0.7 sigma=1.0
 t=0.05; seeds 0-4. Score: `svm_accuracy` in results.json (SVM outer 10-fold CV accuracy of the
 original graphs' embeddings, percent), next to `untrained_svm_accuracy`.

@@ -18,7 +18,7 @@ Memory: the guaranteed per-device budget (the sum of the largest graphs' sizes) 
 REDDIT; --config.data.budget_quantile=0.99 packs smaller arrays (a batch that does not fit then
 raises, naming the fix).
 
-Recipe (the authors' graph scripts, LOSSES.md): GIN 3 x 32, Adam lr 0.01, batch 128, 20 epochs,
+Recipe (authors' scripts, docs/reproducing.md): GIN 3 x 32, Adam lr 0.01, batch 128, 20 epochs,
 view 2 = random2 (node drop or subgraph, one per graph); ADNCE mu=0.8 sigma=1.0 t=0.15; seeds 0-4.
 Score: `svm_accuracy` in results.json (SVM outer 10-fold CV accuracy of the original graphs'
 embeddings, percent), next to `untrained_svm_accuracy`.

@@ -29,7 +29,7 @@ import numpy as np
 
 from experiments import common
 
-# (mu, sigma) of the paper's image settings (LOSSES.md): CIFAR10, CIFAR100, STL10.
+# (mu, sigma) of the paper's image settings (the authors' scripts): CIFAR10, CIFAR100, STL10.
 PAPER_SETTINGS = [(0.7, 0.5), (0.5, 1.0), (0.8, 1.0)]
 
 

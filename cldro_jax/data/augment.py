@@ -6,9 +6,9 @@ The reference code augments on the CPU with torchvision + PIL (+ cv2 for the blu
     -> RandomApply([ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8) -> RandomGrayscale(0.2)
     -> GaussianBlur(kernel 3, sigma ~ U[0.1, 2], p=0.5) -> ToTensor -> Normalize(CIFAR mean/std)
 
-and that CPU pipeline, not the GPU, bounds its speed (ANCHORS.md). Here the same pipeline is a
-pure JAX function of (key, uint8 batch), random per example (`vmap` over per-example keys), with
-static shapes only, so it runs fused inside the jitted train step.
+and that CPU pipeline, not the GPU, bounds its speed (docs/benchmarks.md, "Anchors"). Here the same
+pipeline is a pure JAX function of (key, uint8 batch), random per example (`vmap` over per-example
+keys), with static shapes only, so it runs fused inside the jitted train step.
 
 Every parameter means what it means in torchvision; each op's docstring states the torchvision
 definition it implements. The pipeline computes in float32 on [0, 1] throughout, like

@@ -291,7 +291,7 @@ def contrastive_step_flops_per_image(
 
     Backward is counted as 2 x forward (gradients w.r.t. activations and weights), the usual
     convention; `head_dims` are the projection head's (hidden, out) sizes, () for none. This is
-    the figure ANCHORS.md quotes (ResNet-18 CIFAR 6.7 GFLOP, ResNet-50 CIFAR 15.6 GFLOP).
+    the figure docs/benchmarks.md quotes (ResNet-18 CIFAR 6.7 GFLOP, ResNet-50 CIFAR 15.6 GFLOP).
     """
     encoder = get_encoder(name, stem=stem, width=width)
     flops = resnet_flops_per_image(name, image_size, stem, width)

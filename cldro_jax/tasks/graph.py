@@ -55,7 +55,7 @@ from cldro_jax.tasks import ForwardOutput
 AXIS = "data"
 AUGMENTATIONS = ("none", *graph_augment.SINGLE_AUGMENTATIONS, *graph_augment.MIXTURES)
 
-# The paper's eight TU datasets: augmentation, mu, sigma, temperature (LOSSES.md, from the
+# The paper's eight TU datasets: augmentation, mu, sigma, temperature (from the
 # authors' scripts) and GraphCL's published SVM accuracy in percent (mean, std over 5 seeds;
 # GraphCL, You et al. 2020, unsupervised TU table; None where the std was not checked here).
 PAPER_SETTINGS = {

@@ -668,7 +668,7 @@ def flops_per_sentence(encoder_config: EncoderConfig, seq_len: int, *, use_mlp: 
   Matrix multiplications only (2 FLOPs per multiply-add): per token and layer the Q, K, V and
   output projections (4 h^2) and the feed-forward (2 h f), plus the attention scores and the
   weighted sum (2 L h); per sentence the MLP (h^2). Embedding look-ups, LayerNorm, softmax and the
-  loss are negligible. BERT-base at length 32: about 33 GFLOP (ANCHORS.md).
+  loss are negligible. BERT-base at length 32: about 33 GFLOP (docs/benchmarks.md).
   """
   h, f, n = (encoder_config.hidden_size, encoder_config.intermediate_size,
              encoder_config.num_hidden_layers)
