@@ -307,7 +307,7 @@ def test_tfds_not_prepared_fails_at_once_with_the_fix(tmp_path):
         message = str(err.value)
         assert f"tfds dataset {name!r} is not prepared" in message
         assert "--config.data.data_dir=" in message
-        assert "pip install 'cldro-jax[tfds-prepare]'" in message
+        assert "pip install -e '.[tfds-prepare]'" in message
         assert (f"python -m tensorflow_datasets.scripts.download_and_prepare --datasets={name} "
                 f"--data_dir={tmp_path} --file_format=array_record") in message
         assert "make quickstart" in message and "TensorFlow" in message

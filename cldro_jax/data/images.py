@@ -833,6 +833,10 @@ def _load_folder(cfg: Any) -> ImageDataset:
 # tfds
 
 
+# The README's install of the optional extra (TensorFlow, for preparing the official datasets).
+TFDS_PREPARE_INSTALL = ".venv/bin/pip install -e '.[tfds-prepare]' (from the repository root)"
+
+
 def tfds_not_prepared_message(name: str, data_dir: str | None, looked_in: str) -> str:
     """The error text for a tfds dataset that is neither prepared nor downloadable now."""
     shown_dir = data_dir or "DIR"
@@ -844,7 +848,7 @@ def tfds_not_prepared_message(name: str, data_dir: str | None, looked_in: str) -
         "  * point at a prepared copy: --config.data.data_dir=/path/to/tensorflow_datasets\n"
         "  * prepare it once (needs internet, and TensorFlow, which these official builders "
         "use to encode images):\n"
-        "      pip install 'cldro-jax[tfds-prepare]'\n"
+        f"      {TFDS_PREPARE_INSTALL}\n"
         f"      python -m tensorflow_datasets.scripts.download_and_prepare --datasets={name} "
         f"--data_dir={shown_dir} --file_format=array_record\n"
         f"    then run with --config.data.data_dir={shown_dir}\n"
@@ -864,7 +868,7 @@ def _check_download_possible(builder: Any, name: str, data_dir: str | None) -> N
     if importlib.util.find_spec("tensorflow") is None:
         raise FileNotFoundError(
             f"{base}\n--config.data.download=True cannot help here: TensorFlow is not installed "
-            "(pip install 'cldro-jax[tfds-prepare]')."
+            f"({TFDS_PREPARE_INSTALL})."
         )
     hosts = {urllib.parse.urlsplit(url) for url in (builder.url_infos or {})}
     for url in hosts:
@@ -910,8 +914,8 @@ def _open_tfds_split(name: str, split: str, cfg: Any) -> Any:
                 f"tfds dataset {name!r} at {builder.data_dir} is prepared as {file_format}, which "
                 "has no random access. Re-prepare it into another data_dir with "
                 f"`python -m tensorflow_datasets.scripts.download_and_prepare --datasets={name} "
-                "--data_dir=NEW_DIR --file_format=array_record` (needs pip install "
-                "'cldro-jax[tfds-prepare]') and pass --config.data.data_dir=NEW_DIR"
+                "--data_dir=NEW_DIR --file_format=array_record` (needs "
+                f"{TFDS_PREPARE_INSTALL}) and pass --config.data.data_dir=NEW_DIR"
             ) from err
         raise
 
