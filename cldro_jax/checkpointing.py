@@ -147,14 +147,18 @@ def _config_from_checkpoints(workdir: str) -> dict[str, Any] | None:
   return meta["config"]
 
 
-def read_saved_config(workdir: str) -> ml_collections.ConfigDict:
+def read_saved_config(workdir: str, *, example_config: str = "configs/quickstart.py"
+                      ) -> ml_collections.ConfigDict:
   """The config the run in `workdir` was started with (workdir/config.json), every field that
-  later versions added filled with its default (which is the behaviour the run had)."""
+  later versions added filled with its default (which is the behaviour the run had).
+
+  example_config: the config the error for a missing run suggests training (one of the caller's
+  domain)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(
         f"{path} not found: {workdir} is not a cldro_jax workdir. Train one with "
-        "`python -m cldro_jax.main --config=configs/quickstart.py --workdir=DIR`.")
+        f"`python -m cldro_jax.main --config={example_config} --workdir=DIR`.")
   return ml_collections.ConfigDict(_saved_config_dict(path))
 
 

@@ -261,3 +261,10 @@ def test_a_model_folder_is_scored_with_the_pooler_it_declares(sts_data, tmp_path
   chosen = sts.main([f"--model_dir={export}", "--pooler=mean", *args])
   cls = sts.main([f"--model_dir={export}", "--pooler=cls", *args])
   assert declared["STSBenchmark"] == chosen["STSBenchmark"] != cls["STSBenchmark"]
+
+
+def test_a_wrong_workdir_is_named_before_missing_sts_data(tmp_path):
+  # Both wrong: the workdir is the first thing to fix, and its hint trains a sentence run.
+  with pytest.raises(FileNotFoundError,
+                     match=r"not a cldro_jax workdir.*--config=configs/sts_minilm\.py"):
+    sts.main([f"--workdir={tmp_path / 'no_run'}", f"--sts_root={tmp_path / 'no_sts'}"])

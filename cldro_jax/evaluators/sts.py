@@ -452,9 +452,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
   from cldro_jax.models import bert
 
   tasks = tuple(args.tasks.split(",")) if args.tasks else None
-  if args.workdir and args.sts_root is None:
+  if args.workdir:   # a wrong workdir is named before any missing STS data
     from cldro_jax.tasks import sentence
-    args.sts_root = sentence.load_run_config(args.workdir).data.sts_root
+    run_config = sentence.load_run_config(args.workdir)
+  if args.workdir and args.sts_root is None:
+    args.sts_root = run_config.data.sts_root
     if not args.sts_root:
       raise FileNotFoundError(f"The run's config.data.sts_root is empty: pass --sts_root. "
                               f"{GET_DATA_HELP}")

@@ -606,9 +606,11 @@ class TrainedEncoder:
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run was started with (workdir/config.json)."""
-  config = checkpointing.read_saved_config(workdir)
+  config = checkpointing.read_saved_config(workdir, example_config="configs/sts_minilm.py")
   if config.get("domain") != "sentence":
-    raise ValueError(f"{workdir} holds a {config.get('domain')!r} run, not a sentence run.")
+    raise ValueError(f"{workdir} holds a {config.get('domain')!r} run, not a sentence run "
+                     "(python -m cldro_jax.main --config=configs/sts_minilm.py --workdir=DIR "
+                     "trains one).")
   return config
 
 
