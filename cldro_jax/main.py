@@ -15,6 +15,7 @@ when the environment says so (see `cldro_jax/distributed.py` and docs/scaling.md
 import json
 import logging as py_logging
 import os
+import re
 import sys
 import traceback
 
@@ -88,5 +89,32 @@ def main(argv):
     print(json.dumps(results, indent=2, sort_keys=True))
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing; an override naming no config field gets one line, not a traceback.
+
+  ml_collections raises a bare KeyError/AttributeError for `--config.loss.nmae=...` (its message
+  holds the "did you mean"), which absl would show as three chained tracebacks.
+  """
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as err:   # absl's own parsing errors, reported as absl does
+    sys.stderr.write(f"FATAL Flags parsing error: {err}\n"
+                     "Pass --helpshort or --helpfull to see help on flags.\n")
+    sys.exit(1)
+  except (KeyError, AttributeError) as err:
+    message = err
+    while isinstance(message, BaseException) and message.args:
+      message = message.args[0]
+    message = " ".join(str(message).split())
+    key = re.match(r"'([^']+)'", message)
+    named = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
+             and key is not None and key.group(1) in a.split("=")[0].split(".")]
+    sys.stderr.write(
+        f"cldro_jax: {' '.join(named) or 'a --config override'} names no field of the config: "
+        f"no field {message}\nThe fields are those of the config file and "
+        "cldro_jax/config_defaults.py; `--config.FIELD=VALUE` can only change existing ones.\n")
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

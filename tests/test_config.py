@@ -1,6 +1,9 @@
 """Config schema, validation and the saved-config check on resume."""
 
 import os
+import pathlib
+import subprocess
+import sys
 
 import ml_collections
 import pytest
@@ -8,6 +11,8 @@ import pytest
 from cldro_jax import checkpointing
 from cldro_jax import config_defaults
 from helpers import read_json
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_unknown_key_in_config_file_is_rejected_with_a_suggestion():
@@ -22,6 +27,18 @@ def test_locked_config_rejects_unknown_override():
   config.lock()
   with pytest.raises(AttributeError):
     config.loss.not_a_field = 1
+
+
+def test_a_command_line_override_naming_no_field_gets_one_clear_line(tmp_path):
+  # ml_collections raises a bare KeyError for it, which absl showed as three chained tracebacks.
+  run = subprocess.run(
+      [sys.executable, "-m", "cldro_jax.main", "--config=configs/quickstart.py:runlocal",
+       "--config.loss.nmae=adnce", f"--workdir={tmp_path / 'run'}"],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False)
+  assert run.returncode == 2
+  assert ('cldro_jax: --config.loss.nmae names no field of the config: no field \'nmae\' Did you '
+          'mean "name" instead of "nmae"?') in run.stderr
+  assert "Traceback" not in run.stderr and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("domain", ["sentence", "graph"])
