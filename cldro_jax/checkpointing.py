@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging as py_logging
 import os
 from typing import Any
 
@@ -274,6 +275,19 @@ def _shape_table(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
   """`{path: (shape, dtype name)}` of a tree of arrays or array metadata."""
   return {jax.tree_util.keystr(path): (tuple(leaf.shape), np.dtype(leaf.dtype).name)
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _not_orbax_info(record: py_logging.LogRecord) -> bool:
+  return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def quiet_orbax_info() -> None:
+  """Hides orbax's INFO lines (a dozen per checkpoint save or restore, through absl), which
+  would bury the progress bar; its warnings and errors still show, and so do our own INFO lines
+  (resume, distributed start-up). For command-line entry points."""
+  handler = logging.get_absl_handler()
+  if _not_orbax_info not in handler.filters:
+    handler.addFilter(_not_orbax_info)
 
 
 class _ManagerWithoutPreemptionReports(ocp.CheckpointManager):

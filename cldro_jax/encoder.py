@@ -49,6 +49,13 @@ class ImageEncoder:
     if images.dtype != np.uint8 or images.ndim not in (3, 4):
       raise ValueError(f"Expected uint8 images (N, H, W[, C]), got {images.dtype} {images.shape}.")
     if images.ndim == 3:
+      if images.shape[-1] in (3, 4):
+        # (H, W, C) of one colour image would be read as H grayscale images C pixels wide.
+        raise ValueError(
+            f"A 3-D array {images.shape} is read as {images.shape[0]} grayscale images of "
+            f"{images.shape[1]}x{images.shape[2]} pixels. For one colour image pass "
+            "images[None]; for grayscale images that narrow, add the channel axis: "
+            "images[..., None].")
       images = images[..., None]
     out = [np.asarray(self._embed(self.params, self.model_state, images[i:i + batch_size],
                                   image_size))

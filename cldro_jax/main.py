@@ -13,17 +13,16 @@ when the environment says so (see `cldro_jax/distributed.py` and docs/scaling.md
 """
 
 import json
-import logging as py_logging
 import os
 import re
 import sys
 import traceback
 
 import jax
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from cldro_jax import distributed, train
+from cldro_jax import checkpointing, distributed, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -43,20 +42,11 @@ _LOCAL_DEVICE_IDS = flags.DEFINE_string(
     "(default: all; JAX picks one GPU per process under SLURM / Open MPI).")
 flags.mark_flags_as_required(["config", "workdir"])
 
-# Orbax logs a dozen INFO lines per checkpoint save through absl, which would bury the progress
-# bar; its warnings and errors still show. Our own INFO lines (resume, distributed start-up) stay.
-_QUIET_PACKAGES = ("/orbax/",)
-
-
-def _drop_library_info(record: py_logging.LogRecord) -> bool:
-  return record.levelno >= py_logging.WARNING or not any(
-      package in record.pathname for package in _QUIET_PACKAGES)
-
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_drop_library_info)
+  checkpointing.quiet_orbax_info()
   plan = distributed.plan_initialization(
       multiprocess=_MULTIPROCESS.value, coordinator_address=_COORDINATOR.value,
       num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,

@@ -97,6 +97,7 @@ def run_probe(workdir: str, *, protocol: str | None = None, epochs: int | None =
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  checkpointing.quiet_orbax_info()
   result = run_probe(_WORKDIR.value, protocol=_PROTOCOL.value, epochs=_EPOCHS.value,
                      step=_STEP.value, untrained=_UNTRAINED.value, update_bn=_UPDATE_BN.value,
                      data_dir=_DATA_DIR.value)

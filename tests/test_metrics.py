@@ -64,3 +64,25 @@ def test_every_logged_point_is_on_disk_without_close(tmp_path):
   assert summaries == [(1, "summary")] * 2 + [(2, "summary")] * 2 + [(3, "summary")] * 2
   assert [r["step"] for r in metrics.read_metrics(workdir, "train")] == [1, 2, 3]
   writer.close()
+
+
+def test_command_lines_hide_orbax_info_but_not_its_warnings():
+  import logging as py_logging  # pylint: disable=import-outside-toplevel
+  from absl import logging  # pylint: disable=import-outside-toplevel
+  from cldro_jax import checkpointing  # pylint: disable=import-outside-toplevel
+
+  def record(level, path):
+    return py_logging.LogRecord("absl", level, path, 1, "message", None, None)
+
+  handler = logging.get_absl_handler()
+  before = list(handler.filters)
+  try:
+    checkpointing.quiet_orbax_info()
+    checkpointing.quiet_orbax_info()   # idempotent: main and probe may both call it
+    assert len(handler.filters) == len(before) + 1
+    orbax_file = "/site-packages/orbax/checkpoint/checkpoint_manager.py"
+    assert not handler.filter(record(py_logging.INFO, orbax_file))
+    assert handler.filter(record(py_logging.WARNING, orbax_file))
+    assert handler.filter(record(py_logging.INFO, "/work/cldro_jax/train.py"))
+  finally:
+    handler.filters[:] = before

@@ -409,6 +409,10 @@ def test_probe_from_a_checkpoint_and_load_encoder_reproduce_the_run(tmp_path):
   np.testing.assert_array_equal(test["label"], labels)
   with pytest.raises(FileNotFoundError, match="not a cldro_jax workdir"):
     cldro_jax.load_encoder(str(tmp_path / "nothing"))
+  # One colour image without its batch axis is refused, not embedded as 28 narrow images.
+  with pytest.raises(ValueError, match=r"For one colour image pass images\[None\]"):
+    encoder.embed(np.zeros((28, 28, 3), np.uint8))
+  assert encoder.embed(np.zeros((28, 28, 3), np.uint8)[None]).shape[0] == 1
 
 
 def test_bfloat16_compute_tracks_float32(tmp_path):
