@@ -165,7 +165,11 @@ def make_optimizer(optim: ml_collections.ConfigDict,
   elif optim.name == "adamw":
     chain.append(optax.adamw(schedule, weight_decay=optim.weight_decay))
   elif optim.name == "lars":
-    chain.append(optax.lars(schedule, weight_decay=optim.weight_decay, momentum=optim.momentum))
+    # As SimCLR's LARS: biases and BatchNorm parameters (the 1-D arrays) get neither weight
+    # decay nor the trust ratio, only momentum SGD.
+    kernels_only = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
+    chain.append(optax.lars(schedule, weight_decay=optim.weight_decay, momentum=optim.momentum,
+                            weight_decay_mask=kernels_only, trust_ratio_mask=kernels_only))
   elif optim.name == "sgd":
     if optim.weight_decay:
       chain.append(optax.add_decayed_weights(optim.weight_decay))

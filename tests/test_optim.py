@@ -41,10 +41,10 @@ def test_constant_and_linear_decay_schedules():
     train.make_schedule(optim_config(schedule="step"), 10, 5)
 
 
-def _one_update(config, params, grads):
+def _one_update(config, params, grads, name="w"):
   tx = train.make_optimizer(config, train.make_schedule(config, 10, 10))
   updates, _ = tx.update(grads, tx.init(params), params)
-  return np.asarray(updates["w"], np.float64)
+  return np.asarray(updates[name], np.float64)
 
 
 def test_adam_has_pytorch_coupled_weight_decay():
@@ -62,12 +62,18 @@ def test_sgd_momentum_and_lars_first_steps():
   w, g = np.asarray(params["w"], np.float64), np.asarray(grads["w"], np.float64)
   sgd = optim_config(name="sgd", lr=0.1, weight_decay=1e-2, momentum=0.9)
   np.testing.assert_allclose(_one_update(sgd, params, grads), -0.1 * (g + 1e-2 * w), rtol=1e-6)
-  # LARS (You et al. 2017, optax.lars defaults): the decayed gradient is rescaled by the trust
-  # ratio eta * ||w|| / ||g + wd w|| with eta = 0.001 before momentum.
+  # LARS (You et al. 2017; SimCLR's exclusions): a kernel's decayed gradient is rescaled by the
+  # trust ratio eta * ||w|| / ||g + wd w|| with eta = 0.001 before momentum; biases and
+  # BatchNorm parameters (1-D) get neither decay nor the ratio.
   lars = optim_config(name="lars", lr=0.1, weight_decay=1e-2, momentum=0.9)
-  decayed = g + 1e-2 * w
-  trust = 0.001 * np.linalg.norm(w) / np.linalg.norm(decayed)
+  kernel = np.array([[1.0, -2.0], [0.5, 3.0]])
+  kernel_grad = np.array([[0.1, 0.3], [-0.2, 0.05]])
+  params = {"w": jnp.asarray(kernel), "b": jnp.asarray([1.0, -2.0, 0.5])}
+  grads = {"w": jnp.asarray(kernel_grad), "b": jnp.asarray([0.1, 0.3, -0.2])}
+  decayed = kernel_grad + 1e-2 * kernel
+  trust = 0.001 * np.linalg.norm(kernel) / np.linalg.norm(decayed)
   np.testing.assert_allclose(_one_update(lars, params, grads), -0.1 * trust * decayed, rtol=1e-5)
+  np.testing.assert_allclose(_one_update(lars, params, grads, "b"), -0.1 * g, rtol=1e-6)
 
 
 def test_unknown_optimizer_is_refused():
