@@ -554,21 +554,28 @@ def _finished_results(workdir, config, start_step,
   return None, True
 
 
-def _save(checkpointer, state, step, steps_per_epoch, meta_base, log_state=None):
-  """Checkpoint of `step`. `log_state`: what the metrics need to go on exactly as if the run
-  had not stopped (the steps logged since the last log line, the collapse step), in the meta."""
+def _check_finite(state, step, action: str) -> None:
+  """Stops the run before `action` (saving, evaluating) on a state that is no longer finite."""
   if not bool(jax.device_get(state.finite)):
     raise NonFiniteLossError(
         f"The loss, its gradient or the parameters became NaN or inf before step {step}; the run "
-        "stopped without saving, so the "
-        "last good checkpoint is kept. Lower --config.optim.lr, raise --config.loss.temperature, "
-        "or use --config.model.dtype=float32.")
+        f"stopped without {action}, so the last good checkpoint is kept. Lower "
+        "--config.optim.lr, raise --config.loss.temperature, or use --config.model.dtype=float32.")
+
+
+def _save(checkpointer, state, step, steps_per_epoch, meta_base, log_state=None):
+  """Checkpoint of `step`. `log_state`: what the metrics need to go on exactly as if the run
+  had not stopped (the steps logged since the last log line, the collapse step), in the meta."""
+  _check_finite(state, step, "saving")
   checkpointer.save(step, state, meta=dict(meta_base, step=step, epoch=step / steps_per_epoch,
                                            **(log_state or {})))
 
 
 def _monitor(task, state, writer, bar, step) -> dict[str, float]:
   """The kNN monitor / online probe of `step`, logged (and shown above the progress bar)."""
+  # Between two log lines the NaN guard has not looked yet: a monitor of non-finite parameters
+  # would log garbage (and a sentence run would keep them as its best dev model).
+  _check_finite(state, step, "evaluating")
   monitor = task.monitor(state)
   epoch = step / task.steps_per_epoch
   writer.write(step, dict(monitor, epoch=epoch), split="monitor")

@@ -218,6 +218,16 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert_trees_close(saved_arrays(workdir)[0], good, rtol=0, atol=0)
 
 
+def test_nan_parameters_are_never_evaluated_between_two_log_lines(tmp_path):
+  # The monitor at step 5 (one epoch) comes before any log line (every 100 steps) or
+  # checkpoint: it must not evaluate NaN parameters and log the result.
+  config = tiny_config(total_steps=8, **{"optim.lr": float("inf"), "log_every_steps": 100,
+                                         "checkpoint_every_steps": 100, "eval.every_epochs": 1})
+  with pytest.raises(train.NonFiniteLossError, match="before step 5; .* without evaluating"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert metrics_lib.read_metrics(str(tmp_path), "monitor") == []
+
+
 def test_a_collapsing_run_is_reported_at_the_step_its_logged_statistics_show(tmp_path, capsys):
   # chi2_dro with a huge radius pulls every cosine to one value (docs/results.md, claim 7).
   config = tiny_config(total_steps=15, **{"loss.name": "chi2_dro", "loss.eta": 100.0,
