@@ -102,6 +102,7 @@ def bench_config(batch: int, dtype: str):
   config.batch_size = batch
   config.model.dtype = dtype
   config.data.source = "sklearn_descr"   # unused: the benchmark feeds its own batches
+  config.data.path = ""
   config.total_steps = 1000
   return config
 
@@ -155,7 +156,9 @@ def project_program(arch, batch: int, dtype: str, mesh):
     with jax.set_mesh(mesh):
       new_state, _ = compiled(state, batch)
     return new_state
-  return run, state, global_batch, xla_flops(compiled)
+  # XLA counts one device's partitioned program: the step is that on every device of the mesh
+  # (replicated work such as the optimizer update is then counted once per device, as it runs).
+  return run, state, global_batch, xla_flops(compiled) * mesh.size
 
 
 def plain_program(arch, batch: int, dtype: str):
