@@ -455,11 +455,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
   if args.workdir:   # a wrong workdir is named before any missing STS data
     from cldro_jax.tasks import sentence
     run_config = sentence.load_run_config(args.workdir)
-  if args.workdir and args.sts_root is None:
-    args.sts_root = run_config.data.sts_root
-    if not args.sts_root:
-      raise FileNotFoundError(f"The run's config.data.sts_root is empty: pass --sts_root. "
-                              f"{GET_DATA_HELP}")
+    if args.sts_root is None:
+      args.sts_root = run_config.data.sts_root
+      if not args.sts_root:
+        raise FileNotFoundError(f"The run's config.data.sts_root is empty: pass --sts_root. "
+                                f"{GET_DATA_HELP}")
   load_tasks(args.sts_root, tasks, args.split)  # missing data fails before the model loads
   config, params, tokenizer_folder, pooler, description = _encoder_from_args(args)
   pooling, use_mlp = bert.pooler_settings(pooler)
