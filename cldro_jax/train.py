@@ -571,16 +571,21 @@ def _save(checkpointer, state, step, steps_per_epoch, meta_base, log_state=None)
                                            **(log_state or {})))
 
 
-def _monitor(task, state, writer, bar, step) -> dict[str, float]:
-  """The kNN monitor / online probe of `step`, logged (and shown above the progress bar)."""
+def _monitor(task, state, writer, step, *, show: bool) -> dict[str, float]:
+  """The kNN monitor / online probe of `step`, logged (and, with `show`, printed by process 0
+  above the progress bar)."""
   # Between two log lines the NaN guard has not looked yet: a monitor of non-finite parameters
   # would log garbage (and a sentence run would keep them as its best dev model).
   _check_finite(state, step, "evaluating")
   monitor = task.monitor(state)
   epoch = step / task.steps_per_epoch
   writer.write(step, dict(monitor, epoch=epoch), split="monitor")
-  if bar is not None:
-    bar.write(f"epoch {epoch:.0f}: " + ", ".join(f"{k}={v:.2f}" for k, v in monitor.items()))
+  if show and jax.process_index() == 0:
+    # tqdm's class-level write: above a running bar, and also before the bar exists (the
+    # catch-up monitor of a resumed run).
+    from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+    tqdm.write(f"epoch {epoch:.0f}: " + ", ".join(f"{k}={v:.2f}" for k, v in monitor.items()),
+               file=sys.stderr)
   return monitor
 
 
@@ -650,7 +655,7 @@ def _loop(config, task, state, train_step, checkpointer, writer, mesh, start_ste
   if _monitor_missing(task, workdir, start_step, total_steps):
     # Stopped (SIGTERM at an epoch's end, or killed) between a checkpoint and its monitor: the
     # curves would lack that epoch.
-    _monitor(task, state, writer, bar, start_step)
+    _monitor(task, state, writer, start_step, show=config.progress_bar)
   preemption = _PreemptionWatch()
   try:
     for step in range(start_step, total_steps):
@@ -719,7 +724,7 @@ def _loop(config, task, state, train_step, checkpointer, writer, mesh, start_ste
             "Rerun the same command to resume.")
       every = task.monitor_every_steps
       if every and done % every == 0 and done < total_steps:
-        _monitor(task, state, writer, bar, done)
+        _monitor(task, state, writer, done, show=config.progress_bar)
         # The next line's examples/s measures training, not the monitor's minutes.
         last_log_time, last_log_step = time.time(), done
   finally:
@@ -752,7 +757,7 @@ def _loop(config, task, state, train_step, checkpointer, writer, mesh, start_ste
     if start_step == total_steps and not resumed_log["reevaluate"]:
       monitor = _logged_monitor(workdir, total_steps)
     if monitor is None:
-      monitor = _monitor(task, state, writer, None, total_steps)
+      monitor = _monitor(task, state, writer, total_steps, show=False)
     results.update({f"final_{k}": v for k, v in monitor.items()})
   results.update(task.final_evaluation(state))
   writer.write(total_steps, {k: v for k, v in results.items()

@@ -254,3 +254,20 @@ def test_the_first_rates_measure_training_not_the_compilation(tmp_path, monkeypa
   assert first_line["step"] == 3
   assert first_line["examples_per_sec"] > 2 * 8 / 0.75   # two steps of 8 images after compiling
   assert "Compiling the train step (step 1 of 8" in capsys.readouterr().err
+
+
+def test_a_monitor_line_is_printed_once_per_job_also_before_the_bar_exists(monkeypatch, capsys):
+  # tqdm's bar.write printed on a disabled bar too (every process of a job), and the catch-up
+  # monitor of a resumed run, which runs before the bar exists, printed nothing.
+  import types  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  task = types.SimpleNamespace(monitor=lambda state: {"knn_top1": 51.25}, steps_per_epoch=5)
+  state = types.SimpleNamespace(finite=jnp.asarray(True))
+  logged = []
+  writer = types.SimpleNamespace(write=lambda step, values, split: logged.append((step, split)))
+  train._monitor(task, state, writer, 10, show=True)  # pylint: disable=protected-access
+  assert "epoch 2: knn_top1=51.25" in capsys.readouterr().err
+  train._monitor(task, state, writer, 10, show=False)  # pylint: disable=protected-access
+  monkeypatch.setattr(train.jax, "process_index", lambda: 1)
+  train._monitor(task, state, writer, 10, show=True)  # pylint: disable=protected-access
+  assert capsys.readouterr().err == "" and logged == [(10, "monitor")] * 3
