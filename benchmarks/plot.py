@@ -13,7 +13,7 @@ All files given must come from the same benchmark; several train_step or sentenc
                  (docs/benchmarks.md) and the project's targets.
   sentence_step  sentences/s per batch and dtype, with the same anchors and targets on an H200.
   scaling        the trainer's images/s against the device count at a fixed global batch, with
-                 the linear speed-up line.
+                 the linear speed-up line (on virtual CPU devices, the 1-device rate instead).
   graph_host     host graphs/s of the graph pipeline per augmentation and mode, one panel per
                  dataset size, beside the baseline revision measured in the same process.
 
@@ -128,7 +128,7 @@ def _panels(groups: list[str], series: dict[str, list[float | None]],
     colors = ["tab:blue" if label.startswith("this project") else
               "tab:orange" if label.endswith("same run") else "0.6" for label in labels]
     bars = ax.barh(range(len(kept)), values, color=colors)
-    ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values], fontsize=8, padding=2)
+    ax.bar_label(bars, labels=[_rate_label(v) for v in values], fontsize=8, padding=2)
     ax.set_yticks(range(len(kept)), labels if i % ncols == 0 else [""] * len(kept))
     if targets[i] is not None:
       ax.axvline(targets[i], color="k", linestyle="--", label=f"target {targets[i]:,.0f}")
@@ -137,6 +137,12 @@ def _panels(groups: list[str], series: dict[str, list[float | None]],
     ax.set_xlabel(xlabel)
     ax.margins(x=0.18)
   return fig
+
+
+def _rate_label(value: float) -> str:
+  """Thousands separators for large rates; three significant digits for small ones (a CPU's
+  4.09 sentences/s must not read "4" next to 4.24)."""
+  return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
 
 def _merge(series: dict[str, list[float | None]], label: str, values: list[float | None]):
@@ -209,27 +215,42 @@ def plot_sentence_step(results: Sequence[dict[str, Any]]):
 
 
 def plot_scaling(results: Sequence[dict[str, Any]]):
+  """Images/s against the device count. Real devices get the linear speed-up as reference;
+  virtual CPU devices share the host's cores, where no speed-up is possible, so there the
+  reference is the 1-device rate (what a multi-device code path without overhead would give)."""
   fig, ax = plt.subplots(figsize=(6, 4.2))
+  batches = {r["settings"]["batch"] for r in results}
+  kinds = {r["device_kind"] for r in results}
   for result in results:
     rows = sorted(result["rows"], key=lambda r: r["devices"])
     devices = [r["devices"] for r in rows]
-    label = result["device_kind"] if len(results) > 1 else "measured"
+    # Each line is named by what differs between the files: the device, else the batch.
+    label = " ".join(([result["device_kind"]] if len(kinds) > 1 else []) +
+                     ([f"global batch {result['settings']['batch']}"] if len(batches) > 1 else [])
+                     ) or "measured"
     line, = ax.plot(devices, [r["images_per_s"] for r in rows], marker="o", label=label)
-    # linear speed-up from the fewest devices measured
-    ideal = [rows[0]["images_per_s"] * d / devices[0] for d in devices]
-    ax.plot(devices, ideal, linestyle=":", color=line.get_color(),
-            label="linear from " + ("1 device" if devices[0] == 1 else f"{devices[0]} devices"))
+    first = rows[0]["images_per_s"] / devices[0]
+    start = "1 device" if devices[0] == 1 else f"{devices[0]} devices"
+    if result["backend"] == "cpu":
+      ideal, name = [rows[0]["images_per_s"]] * len(devices), f"the rate on {start} (no overhead)"
+    else:
+      ideal, name = [first * d for d in devices], f"linear from {start}"
+    ax.plot(devices, ideal, linestyle=":", color=line.get_color(), label=name)
   all_devices = sorted({r["devices"] for result in results for r in result["rows"]})
   ax.set_xscale("log", base=2)
   ax.set_xticks(all_devices, [str(d) for d in all_devices])
   ax.xaxis.set_minor_locator(ticker.NullLocator())
   ax.set_xlabel("devices (same global batch)")
   ax.set_ylabel("images/s (2 views each)")
+  if all(r["backend"] == "cpu" for r in results):
+    ax.set_xlabel("virtual CPU devices sharing the host's cores (same global batch)")
+    ax.set_ylim(bottom=0)
   ax.grid(True, alpha=0.3)
   ax.legend(fontsize=8)
   settings = results[0]["settings"]
-  ax.set_title(f"Trainer, {settings['model']} width {settings['width']} {settings['dtype']}, "
-               f"global batch {settings['batch']}:\n{_caption(results)}", fontsize=9)
+  batch = f", global batch {settings['batch']}" if len(batches) == 1 else ""
+  ax.set_title(f"Trainer, {settings['model']} width {settings['width']} {settings['dtype']}"
+               f"{batch}:\n{_caption(results)}", fontsize=9)
   fig.tight_layout()
   return fig
 

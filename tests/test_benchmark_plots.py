@@ -147,6 +147,32 @@ def test_scaling_figure_draws_images_per_second_and_the_linear_line():
   assert ideal.get_label() == "linear from 1 device"
 
 
+def test_scaling_figure_on_virtual_cpu_devices_names_each_batch_and_draws_the_flat_reference():
+  def result(batch, rates):
+    return {"benchmark": "scaling", "date": "2026-11-29", "backend": "cpu",
+            "device_kind": "cpu", "device_count": 8, "jax": "0.10.2", "host": "x86_64",
+            "command": "python benchmarks/scaling.py",
+            "settings": {"batch": batch, "model": "resnet18", "width": 8, "dtype": "float32",
+                         "steps": 20, "warmup": 3},
+            "rows": [{"devices": d, "images_per_s": v} for d, v in rates]}
+  ax = plot.plot_scaling([result(64, ((1, 509.0), (2, 478.0), (8, 338.0))),
+                          result(128, ((1, 454.0), (8, 355.0)))]).axes[0]
+  lines = {line.get_label(): line for line in ax.get_lines()}
+  np.testing.assert_array_equal(lines["global batch 64"].get_ydata(), [509, 478, 338])
+  np.testing.assert_array_equal(lines["global batch 128"].get_ydata(), [454, 355])
+  # Virtual devices share the cores: the reference is the 1-device rate, not a linear speed-up.
+  flat = [line for line in ax.get_lines() if line.get_label().startswith("the rate on 1 device")]
+  assert sorted(list(line.get_ydata()) for line in flat) == [[454, 454], [509, 509, 509]]
+  assert "global batch" not in ax.get_title()   # the batches differ: named per line instead
+
+
+def test_bar_labels_keep_three_digits_for_small_rates():
+  assert plot._rate_label(4.09) == "4.09"
+  assert plot._rate_label(4.24) == "4.24"
+  assert plot._rate_label(57.25) == "57.2"
+  assert plot._rate_label(51_000.4) == "51,000"
+
+
 def test_graph_host_figure_draws_both_revisions_per_dataset():
   def row(dataset, aug, ms, baseline_ms):
     return {"dataset": dataset, "aug": aug, "mode": "proper", "batch": 128, "ms": ms,
