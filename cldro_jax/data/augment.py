@@ -272,9 +272,10 @@ def rgb_to_grayscale(image, num_output_channels: int = 1):
     if image.shape[-1] == 1:
         gray = image
     else:
-        gray = jnp.tensordot(image, jnp.asarray(GRAYSCALE_WEIGHTS, image.dtype), axes=([-1], [0]))[
-            ..., None
-        ]
+        # A weighted sum, not a tensordot: a dot with 3 terms becomes a matrix kernel of its own
+        # on a GPU (in TF32 there by default) and breaks the fusion of the colour ops around it.
+        r, g, b = GRAYSCALE_WEIGHTS
+        gray = (r * image[..., 0] + g * image[..., 1] + b * image[..., 2])[..., None]
     return jnp.broadcast_to(gray, gray.shape[:-1] + (num_output_channels,))
 
 
@@ -333,19 +334,13 @@ def hsv_to_rgb(image):
     p = jnp.clip(v * (1.0 - s), 0.0, 1.0)
     q = jnp.clip(v * (1.0 - s * frac), 0.0, 1.0)
     t = jnp.clip(v * (1.0 - s * (1.0 - frac)), 0.0, 1.0)
-    # Rows: sectors 0..5; columns: R, G, B.
-    table = jnp.stack(
-        [
-            jnp.stack([v, t, p], -1),
-            jnp.stack([q, v, p], -1),
-            jnp.stack([p, v, t], -1),
-            jnp.stack([p, q, v], -1),
-            jnp.stack([t, p, v], -1),
-            jnp.stack([v, p, q], -1),
-        ],
-        axis=0,
-    )
-    return jnp.take_along_axis(table, sector[None, ..., None], axis=0)[0]
+    # (R, G, B) per sector 0..5, picked by selects: elementwise code that fuses with the rest of
+    # the colour jitter (a gather from a stacked 6-sector table would not).
+    in_sector = [sector == k for k in range(5)]
+    red = jnp.select(in_sector, [v, q, p, p, t], v)
+    green = jnp.select(in_sector, [t, v, v, q, p], p)
+    blue = jnp.select(in_sector, [p, p, t, v, v], q)
+    return jnp.stack([red, green, blue], axis=-1)
 
 
 def adjust_hue(image, factor):
