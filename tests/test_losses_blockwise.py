@@ -115,3 +115,25 @@ def test_blockwise_gradient_memory_is_linear_in_batch():
   assert dense_4096 >= 2 * (2 * 4096) ** 2 * 4  # at least two full similarity matrices
   assert block_4096 < 0.1 * dense_4096, (block_4096, dense_4096)
   assert 1.6 < block_4096 / block_2048 < 2.4, (block_2048, block_4096)
+
+
+@pytest.mark.parametrize("name", ["infonce", "adnce", "hcl", "kl_dro"])
+@pytest.mark.parametrize("precision", ["highest", None])
+def test_backward_pass_keeps_the_precision_the_loss_was_called_with(name, precision):
+  """`with jax.default_matmul_precision(p): loss(...)` under `jax.grad` gives every matmul of
+  the blockwise path precision p, the backward pass's too (its custom_vjp rule is traced after
+  the caller's block has closed)."""
+  kw = {"infonce": dict(temperature=0.5), "adnce": dict(temperature=0.5, mu=0.7, sigma=1.0),
+        "hcl": dict(temperature=0.5, tau_plus=0.1, beta=1.0), "kl_dro": dict(temperature=0.5)}
+  loss = getattr(losses, name)
+
+  def fn(a, b):
+    if precision is None:
+      return loss(a, b, block_size=4, **kw[name])
+    with jax.default_matmul_precision(precision):
+      return loss(a, b, block_size=4, **kw[name])
+  z = jnp.ones((BATCH, DIM))
+  hlo = jax.jit(jax.grad(fn, argnums=(0, 1))).lower(z, z).as_text()
+  dots = [line for line in hlo.splitlines() if "stablehlo.dot_general" in line]
+  want = "HIGHEST" if precision else "DEFAULT"
+  assert len(dots) >= 3 and all(f"precision = [{want}, {want}]" in d for d in dots), dots

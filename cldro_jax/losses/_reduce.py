@@ -23,6 +23,7 @@ in the batch; the custom rule saves only the final (R,) reductions.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Callable, Mapping, Sequence
 
@@ -125,8 +126,16 @@ def _finish_acc(kind: str, acc):
   return acc
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _blockwise(stats_fn, kinds, q, k_blocks, rows, col_blocks, params):
+def _at_precision(precision: str | None):
+  """The matmul precision the loss was called with, for code JAX traces later: a custom_vjp's
+  backward pass is traced after the caller's `jax.default_matmul_precision` block has closed."""
+  return (contextlib.nullcontext() if precision is None
+          else jax.default_matmul_precision(precision))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _blockwise(stats_fn, kinds, precision, q, k_blocks, rows, col_blocks, params):
+  del precision  # the primal is traced inside the caller's precision context
   outs, count = _blockwise_fwd_pass(stats_fn, kinds, q, k_blocks, rows, col_blocks, params)
   return outs, count
 
@@ -148,12 +157,18 @@ def _blockwise_fwd_pass(stats_fn, kinds, q, k_blocks, rows, col_blocks, params):
   return tuple(_finish_acc(kind, acc) for kind, acc in zip(kinds, accs)), count
 
 
-def _blockwise_fwd(stats_fn, kinds, q, k_blocks, rows, col_blocks, params):
-  outs, count = _blockwise_fwd_pass(stats_fn, kinds, q, k_blocks, rows, col_blocks, params)
+def _blockwise_fwd(stats_fn, kinds, precision, q, k_blocks, rows, col_blocks, params):
+  with _at_precision(precision):
+    outs, count = _blockwise_fwd_pass(stats_fn, kinds, q, k_blocks, rows, col_blocks, params)
   return (outs, count), (q, k_blocks, rows, col_blocks, params, outs)
 
 
-def _blockwise_bwd(stats_fn, kinds, residuals, cotangents):
+def _blockwise_bwd(stats_fn, kinds, precision, residuals, cotangents):
+  with _at_precision(precision):
+    return _blockwise_bwd_pass(stats_fn, kinds, residuals, cotangents)
+
+
+def _blockwise_bwd_pass(stats_fn, kinds, residuals, cotangents):
   q, k_blocks, rows, col_blocks, params, outs = residuals
   d_outs, _ = cotangents  # the counts are integers in disguise: no gradient
   if any(kind not in ("lse", "sum") for kind in kinds):
@@ -226,7 +241,11 @@ def row_reduce(stats_fn: StatsFn, kinds: Sequence[str], q: jax.Array, k: jax.Arr
     return _dense(stats_fn, kinds, q, k, rows, cols, params)
   block_size = min(int(block_size), k.shape[0])
   k_blocks, col_blocks = _split_columns(k, cols, block_size)
-  outs, count = _blockwise(stats_fn, kinds, q, k_blocks, dict(rows), col_blocks, dict(params))
+  # The ambient matmul precision, read now: the backward pass is traced outside the caller's
+  # `with jax.default_matmul_precision(...)` and must use the same one as the forward.
+  precision = jax.config.jax_default_matmul_precision
+  outs, count = _blockwise(stats_fn, kinds, precision, q, k_blocks, dict(rows), col_blocks,
+                           dict(params))
   if "label" not in rows:  # same numbers; lets XLA drop the per-block mask sums
     count = count_without_labels(rows, cols, k.shape[0], q.dtype)
   return outs, count
