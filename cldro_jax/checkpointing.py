@@ -48,7 +48,7 @@ RESUMABLE_FIELDS = (
     "total_epochs", "total_steps", "log_every_steps", "checkpoint_every_steps",
     "keep_checkpoints", "eval", "data.data_dir", "data.path", "data.test_dir", "data.sts_root",
     "data.read_threads", "data.in_memory", "data.in_memory_max_mb",
-    "progress_bar", "mesh", "model.views_in_one_pass",
+    "progress_bar", "mesh", "model.views_in_one_pass", "loss.matmul_precision",
 )
 # Exceptions inside a resumable group: the online probe's parameters are part of the train state.
 FIXED_FIELDS = ("eval.online_probe",)

@@ -26,6 +26,8 @@ LOSS_NAMES = ("infonce", "adnce", "dcl", "hcl", "kl_dro", "chi2_dro", "mean_vari
 IMAGE_ONLY_LOSSES = ("dcl", "hcl")
 # Losses with the memory-bounded blockwise path (`config.loss.block_size`); the others are dense.
 BLOCKWISE_LOSSES = ("infonce", "adnce", "dcl", "hcl", "kl_dro")
+# The names `jax.default_matmul_precision` accepts (both spellings).
+MATMUL_PRECISIONS = ("highest", "high", "default", "float32", "tensorfloat32", "bfloat16")
 
 
 def _loss_defaults() -> ml_collections.ConfigDict:
@@ -41,6 +43,12 @@ def _loss_defaults() -> ml_collections.ConfigDict:
       eta=1.0,
       # Column-block size of the memory-bounded loss path; 0 uses the dense path.
       block_size=0,
+      # Precision of the loss's similarity matmuls (and its diagnostics') in the trainer, as
+      # `jax.default_matmul_precision` takes it. "highest" is true float32 on every backend, as
+      # the reference's PyTorch computes its logits; "default" lets NVIDIA GPUs use TF32 and TPUs
+      # one bfloat16 pass (cosines to about 3 digits: at t=0.05 logits off by up to ~0.1). The
+      # matmul is B x 2B x d, negligible beside the encoder at the recipes' batch sizes.
+      matmul_precision="highest",
       # Remove same-label candidates from the negatives (the "oracle" of the sampling-bias
       # experiment; needs labels for every training example).
       use_labels=False,
@@ -199,6 +207,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
          problems)
   _check(loss.eta >= 0, f"config.loss.eta must be >= 0, got {loss.eta}", problems)
   _check(loss.block_size >= 0, "config.loss.block_size must be >= 0 (0 = dense)", problems)
+  _check(loss.matmul_precision in MATMUL_PRECISIONS,
+         f"config.loss.matmul_precision={loss.matmul_precision!r} is not one of "
+         f"{MATMUL_PRECISIONS}", problems)
   if loss.block_size and loss.name not in BLOCKWISE_LOSSES:
     problems.append(
         f"config.loss.name={loss.name!r} has no blockwise path (it needs the full row of "

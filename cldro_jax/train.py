@@ -220,6 +220,12 @@ def _global_loss_and_diagnostics(loss_cfg, variant, mesh, z1, z2, valid, labels)
       "fixed", "fixed")
 
   def local(z1, z2, valid, labels):
+    # The precision is read when the dots are traced: every matmul of the loss, its gradient
+    # and the diagnostics gets it, and none of the encoder's.
+    with jax.default_matmul_precision(loss_cfg.matmul_precision):
+      return local_at_precision(z1, z2, valid, labels)
+
+  def local_at_precision(z1, z2, valid, labels):
     lab = labels if loss_cfg.use_labels else None
     mu, sigma = loss_cfg.mu, loss_cfg.sigma
     if adaptive:   # adaptive ADNCE: this step's mu/sigma from its negatives (stop-gradient)

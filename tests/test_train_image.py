@@ -317,6 +317,7 @@ def test_workdir_of_an_older_version_loads_resumes_and_keeps_its_meaning(tmp_pat
   train.train_and_evaluate(tiny_config(total_steps=2), workdir)
   saved = read_json(workdir, "config.json")
   del saved["model"]["views_in_one_pass"], saved["loss"]["mu_rule"]
+  del saved["loss"]["matmul_precision"]
   with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
     json.dump(saved, f)
   encoder = cldro_jax.load_encoder(workdir)
@@ -325,8 +326,11 @@ def test_workdir_of_an_older_version_loads_resumes_and_keeps_its_meaning(tmp_pat
   with pytest.raises(checkpointing.CheckpointMismatchError,
                      match="loss.mu_rule: saved 'fixed', now 'quantile'"):
     train.train_and_evaluate(tiny_config(total_steps=3, **{"loss.mu_rule": "quantile"}), workdir)
-  train.train_and_evaluate(tiny_config(total_steps=3), workdir)
+  # A field that changes only the rounding (like the mesh) may change on a resume.
+  train.train_and_evaluate(tiny_config(total_steps=3, **{"loss.matmul_precision": "default"}),
+                           workdir)
   assert saved_arrays(workdir)[1]["step"] == 3
+  assert read_json(workdir, "config.json")["loss"]["matmul_precision"] == "default"
 
 
 def test_full_configs_match_the_paper(tmp_path):
@@ -436,3 +440,39 @@ def test_bfloat16_compute_tracks_float32(tmp_path):
     params = saved_arrays(workdir)[0]["params"]["model"]
     assert all(np.asarray(x).dtype == np.float32 for x in jax.tree.leaves(params))
   np.testing.assert_allclose(runs["bfloat16"], runs["float32"], rtol=0.03)
+
+
+@pytest.mark.parametrize("precision,want,block_size", [(None, "HIGHEST", 0),
+                                                      ("default", "DEFAULT", 0),
+                                                      (None, "HIGHEST", 8)])
+def test_the_loss_matmuls_run_at_the_configured_precision_and_the_encoder_at_its_own(
+    precision, want, block_size):
+  """`config.loss.matmul_precision` ("highest" unless set) reaches every matmul of the loss,
+  its gradient and the diagnostics (the 2B x 2B cosine matrix and its transposes: true float32
+  on GPUs and TPUs too), and none of the encoder's convolutions."""
+  import re  # pylint: disable=import-outside-toplevel
+  from cldro_jax.tasks import image as image_task  # pylint: disable=import-outside-toplevel
+  config = tiny_config(**({"loss.matmul_precision": precision} if precision else {}),
+                       **{"loss.block_size": block_size})
+  mesh = train.make_mesh(1)
+  task = image_task.ImageTask(config, mesh)
+  schedule = train.make_schedule(config.optim, config.total_steps, task.steps_per_epoch)
+  tx = train.make_full_optimizer(config, schedule)
+  with jax.set_mesh(mesh):
+    state = jax.eval_shape(lambda k: train.create_train_state(task, config, tx, k),
+                           jax.random.PRNGKey(0))
+    step = jax.jit(train.make_train_step(task, config, tx, schedule, mesh))
+    batch = task.to_global(task.dataset.pretrain[np.arange(config.batch_size)])
+    hlo = step.lower(state, batch).as_text()
+  views = 2 * config.batch_size
+  # The cosine matrix (2B x 2B, or 2B x block) and its gradient's products with the
+  # (2B, d) projections.
+  cols = block_size or views
+  loss_dots = [line for line in hlo.splitlines() if "stablehlo.dot_general" in line and (
+      f"-> tensor<{views}x{cols}xf32>" in line or f"(tensor<{views}x{cols}xf32>" in line)]
+  assert len(loss_dots) >= 3
+  assert all(f"precision = [{want}, {want}]" in line for line in loss_dots), loss_dots
+  convs = [line for line in hlo.splitlines() if "stablehlo.convolution" in line]
+  assert convs and not any("HIGHEST" in line for line in convs)
+  with pytest.raises(ValueError, match="config.loss.matmul_precision='fp64' is not one of"):
+    config_defaults.validate_config(tiny_config(**{"loss.matmul_precision": "fp64"}))
