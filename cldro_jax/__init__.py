@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 
 
 def load_encoder(workdir, *, step=None):
-  """The trained image encoder of a workdir (see `cldro_jax.encoder`)."""
+  """The trained encoder of a workdir, image, sentence or graph run; `.embed(...)` embeds inputs
+  as the run's own evaluation does (see `cldro_jax.encoder`)."""
   from cldro_jax import encoder  # pylint: disable=import-outside-toplevel
   return encoder.load_encoder(workdir, step=step)

@@ -1,15 +1,24 @@
-"""Load a trained image encoder from a workdir and embed arrays with it.
+"""Load a trained encoder from a workdir and embed inputs with it, for any of the three domains.
 
     import cldro_jax
     encoder = cldro_jax.load_encoder("workdirs/cifar10_adnce")
     features = encoder.embed(images_uint8)          # (N, H, W, C) uint8 -> (N, F) float32
+    encoder = cldro_jax.load_encoder("workdirs/sts_bert")
+    vectors = encoder.embed(["A man plays a guitar.", "Someone plays music."])   # (2, hidden)
+    from cldro_jax.data.graphs import load_tu_dataset
+    encoder = cldro_jax.load_encoder("workdirs/tu_mutag")
+    vectors = encoder.embed(load_tu_dataset("MUTAG").graphs)     # (N, num_layers * hidden)
 
+Each embeds exactly as the run's own evaluation does (images: the probe's preprocessing, frozen
+BatchNorm; sentences: the evaluation pooler, without the training MLP, and the best STS dev model
+when the run kept one; graphs: the SVM evaluation's GIN embeddings of the unaugmented graphs).
 For users who only want the representations: no dataset, no trainer, no optimizer state.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -63,11 +72,100 @@ class ImageEncoder:
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def load_encoder(workdir: str, *, step: int | None = None) -> ImageEncoder:
-  """The encoder of the latest (or given) checkpoint of an image run in `workdir`."""
+@dataclasses.dataclass
+class SentenceEncoder:
+  """A trained BERT/RoBERTa sentence encoder with the pooler its run evaluates with."""
+
+  trained: Any            # cldro_jax.tasks.sentence.TrainedEncoder: config, weights, tokenizer
+  pooler: str             # "cls" (SimCSE's evaluation: no MLP), "mean" or "cls_mlp"
+
+  def __post_init__(self):
+    from cldro_jax.data import text  # pylint: disable=import-outside-toplevel
+    from cldro_jax.evaluators import sts  # pylint: disable=import-outside-toplevel
+    model, use_mlp = self.trained.model(self.pooler)
+    if use_mlp and "pooler" not in self.trained.params:
+      raise ValueError(f"pooler {self.pooler!r} needs the training MLP's weights, which "
+                       f"{self.trained.description} lacks.")
+    self._tokenizer = text.SentenceTokenizer(self.trained.tokenizer_folder)
+    self._encode = sts.jit_encode_fn(model, use_mlp=use_mlp)
+    self._params = jax.tree.map(jnp.asarray, self.trained.params)   # on the device once
+    self._max_tokens = model.config.max_tokens
+
+  @property
+  def config(self) -> ml_collections.ConfigDict:
+    return self.trained.config
+
+  @property
+  def step(self) -> int:
+    return self.trained.step
+
+  def embed(self, sentences, *, batch_size: int = 64, max_length: int | None = None
+            ) -> np.ndarray:
+    """(N, hidden) float32 embeddings of N sentences (dropout off; texts longer than
+    `max_length` tokens, by default the model's maximum, are truncated)."""
+    from cldro_jax.evaluators import sts  # pylint: disable=import-outside-toplevel
+    if isinstance(sentences, str):
+      raise ValueError("embed takes a list of sentences; for one sentence pass [sentence].")
+    sentences = list(sentences)
+    if not sentences:
+      return np.zeros((0, self.trained.encoder_config.hidden_size), np.float32)
+    embed_fn = sts.make_embed_fn(functools.partial(self._encode, self._params), self._tokenizer,
+                                 max_length=max_length or self._max_tokens, batch_size=batch_size)
+    return embed_fn(sentences)
+
+
+@dataclasses.dataclass
+class GraphEncoder:
+  """A trained GIN (BatchNorm in eval mode) that embeds graphs as the run's SVM evaluation."""
+
+  config: ml_collections.ConfigDict
+  params: Any
+  model_state: Any
+  step: int
+
+  def __post_init__(self):
+    from cldro_jax.tasks import graph  # pylint: disable=import-outside-toplevel
+    self._model = graph.build_model(self.config.model)
+    # The evaluation's own sharded apply, on a 1-device mesh of this process.
+    self._mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()[:1]), (graph.AXIS,),
+                                   axis_types=(jax.sharding.AxisType.Auto,))
+    self._sharding = jax.sharding.NamedSharding(self._mesh, jax.sharding.PartitionSpec(graph.AXIS))
+    self._params, self._model_state = jax.device_put(
+        (self.params, self.model_state),
+        jax.sharding.NamedSharding(self._mesh, jax.sharding.PartitionSpec()))
+
+  def embed(self, graphs, *, batch_size: int = 128) -> np.ndarray:
+    """(N, num_layers * hidden) float32 embeddings of `Graph`s (`cldro_jax.data.graphs.Graph`,
+    node features encoded as in training, e.g. from `load_tu_dataset`)."""
+    from cldro_jax.data import graphs as graphs_lib  # pylint: disable=import-outside-toplevel
+    from cldro_jax.tasks import graph  # pylint: disable=import-outside-toplevel
+    width = self.config.model.num_layers * self.config.model.hidden
+    # faithful mode trained (and evaluated) on graphs with the reference's self-loops.
+    views = [graphs_lib.view_one(g, self.config.data.aug_mode) for g in graphs]
+    if not views:
+      return np.zeros((0, width), np.float32)
+    budget = graphs_lib.budget_for_graphs(views, min(batch_size, len(views)))
+    out = []
+    for start in range(0, len(views), budget.max_graphs):
+      batch = graphs_lib.pack_graphs(views[start:start + budget.max_graphs], budget)
+      emb, _, _ = graph.jitted_apply(self._model, self._mesh, self._params, self._model_state,
+                                     jax.device_put(batch, self._sharding), train=False)
+      out.append(np.asarray(emb)[np.asarray(batch.graph_mask)])
+    return np.concatenate(out).astype(np.float32)
+
+
+def load_encoder(workdir: str, *, step: int | None = None
+                 ) -> ImageEncoder | SentenceEncoder | GraphEncoder:
+  """The encoder of a run in `workdir`: its latest checkpoint, or `step`.
+
+  A sentence run without `step` gives its best STS dev model when it kept one (what its final
+  evaluation and Hugging Face export use), else its latest checkpoint.
+  """
   config = checkpointing.read_saved_config(workdir)
-  if config.domain != "image":
-    raise ValueError(f"load_encoder handles image runs; {workdir} is a {config.domain} run.")
+  if config.domain == "sentence":
+    from cldro_jax.tasks import sentence  # pylint: disable=import-outside-toplevel
+    trained = sentence.load_trained_encoder(workdir, "auto" if step is None else str(int(step)))
+    return SentenceEncoder(trained=trained, pooler=sentence.eval_pooler(config))
   checkpointer = checkpointing.Checkpointer(workdir, read_only=True)
   try:
     raw, meta = checkpointer.restore_raw(step=step)
@@ -75,5 +173,8 @@ def load_encoder(workdir: str, *, step: int | None = None) -> ImageEncoder:
     checkpointer.close()
   params = jax.tree.map(jnp.asarray, raw["params"]["model"])
   model_state = jax.tree.map(jnp.asarray, raw["model_state"])
+  if config.domain == "graph":
+    return GraphEncoder(config=config, params=params, model_state=model_state,
+                        step=int(meta["step"]))
   return ImageEncoder(config=config, params=params, model_state=model_state,
                       step=int(meta["step"]))

@@ -12,6 +12,7 @@ from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.svm import SVC
 
 import reference_losses as ref
+import cldro_jax
 from cldro_jax import config_defaults
 from cldro_jax import metrics as metrics_lib
 from cldro_jax import train
@@ -93,6 +94,14 @@ def test_runlocal_end_to_end_and_svm_wiring(tmp_path):
   direct, _ = jax.jit(functools.partial(unsharded_gin(config).apply, train=False))(
       {"params": params, **model_state}, tight_pack(dataset.graphs))
   np.testing.assert_allclose(emb_one, np.asarray(direct)[:MUTAG_GRAPHS], rtol=1e-5, atol=1e-5)
+  # `cldro_jax.load_encoder` embeds any list of graphs the same way, in order, at any batch size.
+  encoder = cldro_jax.load_encoder(str(tmp_path))
+  assert encoder.step == config.total_steps
+  np.testing.assert_allclose(encoder.embed(dataset.graphs, batch_size=50),
+                             np.asarray(direct)[:MUTAG_GRAPHS], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(encoder.embed(dataset.graphs[7:10][::-1]),
+                             np.asarray(direct)[7:10][::-1], rtol=1e-5, atol=1e-5)
+  assert encoder.embed([]).shape == (0, 96)
   # 128 evaluation graphs over 8 devices: the last batch (60 graphs) leaves 4 devices empty.
   eight = graph_task.GraphTask(mutag_config(**{"eval.batch_size": 128, "mesh.num_devices": 8}),
                                train.make_mesh(8))

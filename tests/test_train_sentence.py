@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
+import cldro_jax
 from cldro_jax import config_defaults
 from cldro_jax import losses
 from cldro_jax import metrics as metrics_lib
@@ -258,6 +259,19 @@ def test_dev_selection_final_sts_and_workdir_evaluation(tmp_path):
   emb_final = lambda s: encode(enc_config, final_params, ROBERTA_DIR, s, "cls")  # noqa: E731
   assert latest["STSBenchmark"] == pytest.approx(
       spearman_all_setting(emb_final, sts.load_task(str(root), "STSBenchmark", "test")), abs=1e-3)
+
+  # `cldro_jax.load_encoder`: the kept (best dev) model by default, a training checkpoint by
+  # step; the evaluation pooler (CLS without the MLP); any batch size, order kept.
+  sentences = list(next(iter(stsb_dev.values())).sentences1[:11])
+  best = cldro_jax.load_encoder(workdir)
+  assert best.step == best_step and best.pooler == "cls"
+  np.testing.assert_allclose(best.embed(sentences, batch_size=4),
+                             emb(sentences), rtol=1e-5, atol=1e-5)
+  last = cldro_jax.load_encoder(workdir, step=6)
+  np.testing.assert_allclose(last.embed(sentences), emb_final(sentences), rtol=1e-5, atol=1e-5)
+  assert best.embed([]).shape == (0, enc_config.hidden_size)
+  with pytest.raises(ValueError, match="list of sentences"):
+    best.embed("one sentence")
 
 
 def test_runlocal_minilm_offline_end_to_end_and_export_reload(tmp_path):

@@ -236,7 +236,7 @@ def sharded_apply(model: gin.GIN, mesh: jax.sharding.Mesh, params, model_state,
 
 # Module-level, with the model and mesh static: every task (and every run of an experiment in one
 # process) with the same network and mesh shares one compiled evaluation function.
-_embed = jax.jit(sharded_apply, static_argnums=(0, 1), static_argnames=("train",))
+jitted_apply = jax.jit(sharded_apply, static_argnums=(0, 1), static_argnames=("train",))
 
 
 class GraphTask:
@@ -383,7 +383,7 @@ class GraphTask:
     out, labels = [], []
     for host in self._eval_host_batches():
       batch = self.to_global(host)
-      emb, _, _ = _embed(self.model, self.mesh, params, model_state, batch, train=False)
+      emb, _, _ = jitted_apply(self.model, self.mesh, params, model_state, batch, train=False)
       emb, mask, lab = (_to_host(x) for x in (emb, batch.graph_mask, batch.labels))
       out.append(emb[mask])
       labels.append(lab[mask])
