@@ -133,6 +133,8 @@ class GraphEncoder:
     self._params, self._model_state = jax.device_put(
         (self.params, self.model_state),
         jax.sharding.NamedSharding(self._mesh, jax.sharding.PartitionSpec()))
+    # The first GIN layer's input width: node features must be encoded as in training.
+    self.feature_dim = int(self.params["encoder"]["GINConv_0"]["Dense_0"]["kernel"].shape[0])
 
   def embed(self, graphs, *, batch_size: int = 128) -> np.ndarray:
     """(N, num_layers * hidden) float32 embeddings of `Graph`s (`cldro_jax.data.graphs.Graph`,
@@ -144,6 +146,12 @@ class GraphEncoder:
     views = [graphs_lib.view_one(g, self.config.data.aug_mode) for g in graphs]
     if not views:
       return np.zeros((0, width), np.float32)
+    widths = sorted({int(g.node_features.shape[1]) for g in views})
+    if widths != [self.feature_dim]:
+      raise ValueError(
+          f"The encoder was trained on {self.feature_dim} node features per node; these graphs "
+          f"have {widths}. Encode them as the run did, e.g. with cldro_jax.data.graphs."
+          f"load_tu_dataset({self.config.data.name!r}) and the run's data settings.")
     budget = graphs_lib.budget_for_graphs(views, min(batch_size, len(views)))
     out = []
     for start in range(0, len(views), budget.max_graphs):
