@@ -463,24 +463,40 @@ def paired_difference(scores: Sequence[float | None], seeds: Sequence[int],
   Runs with the same seed share the initial parameters, the data order and the augmentation
   keys, so pairing by seed removes that noise from the comparison: a difference within the
   seed-to-seed spread can still be consistent. Returns n, the mean difference, its 95%
-  confidence interval (Student t), the paired t-test's two-sided p-value, and the seeds won.
+  confidence interval (Student t), the paired t-test's two-sided p-value, and the seeds won,
+  lost and tied (a NaN score, from a diverged run, makes the p-value and interval NaN).
   """
   from scipy import stats  # pylint: disable=import-outside-toplevel
   for name, given in (("seeds", seeds), ("reference_seeds", reference_seeds)):
     if len(set(given)) != len(given):   # a seed counted twice would inflate n
       raise ValueError(f"paired_difference: {name} {list(given)} repeat a seed; pass each "
                        "seed once (two methods with the same label merge their runs)")
-  reference = {s: v for s, v in zip(reference_seeds, reference_scores) if v is not None}
-  diffs = np.asarray([v - reference[s] for s, v in zip(seeds, scores)
-                      if v is not None and s in reference], float)
+  diffs = paired_diffs(scores, seeds, reference_scores, reference_seeds)
   n = diffs.size
   if n < 2:
     return None
   mean, se = float(diffs.mean()), float(diffs.std(ddof=1) / math.sqrt(n))
   half = float(stats.t.ppf(0.975, n - 1) * se)
-  p = float(2 * stats.t.sf(abs(mean) / se, n - 1)) if se > 0 else (1.0 if mean == 0 else 0.0)
+  if not math.isfinite(se):   # a NaN score (a diverged run): no test, as scipy's nan
+    p = float("nan")
+  elif se > 0:
+    p = float(2 * stats.t.sf(abs(mean) / se, n - 1))
+  else:                       # every difference equal: t is 0/0 or infinite
+    p = 1.0 if mean == 0 else 0.0
   return {"n": n, "mean": mean, "ci_low": mean - half, "ci_high": mean + half, "p": p,
-          "wins": int((diffs > 0).sum()), "losses": int((diffs < 0).sum())}
+          "wins": int((diffs > 0).sum()), "losses": int((diffs < 0).sum()),
+          "ties": int((diffs == 0).sum())}
+
+
+def paired_diffs(scores: Sequence[float | None], seeds: Sequence[int],
+                 reference_scores: Sequence[float | None],
+                 reference_seeds: Sequence[int]) -> np.ndarray:
+  """Per-seed differences score - reference on the seeds both scored (None = no score)."""
+  if len(scores) != len(seeds) or len(reference_scores) != len(reference_seeds):
+    raise ValueError("paired_diffs: one seed per score (zip would drop the extra ones)")
+  reference = {s: v for s, v in zip(reference_seeds, reference_scores) if v is not None}
+  return np.asarray([v - reference[s] for s, v in zip(seeds, scores)
+                     if v is not None and s in reference], float)
 
 
 def paired_table(rows: Sequence[Mapping[str, Any]], reference_label: str,
@@ -496,7 +512,7 @@ def paired_table(rows: Sequence[Mapping[str, Any]], reference_label: str,
     if d is not None:
       body.append([r["label"], d["n"], f"{d['mean']:+.2f}",
                    f"[{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]", f"{d['p']:.3f}",
-                   f"{d['wins']} / {d['losses']} / {d['n'] - d['wins'] - d['losses']}"])
+                   f"{d['wins']} / {d['losses']} / {d['ties']}"])
   if not body:
     return ""
   return markdown_table(

@@ -78,6 +78,26 @@ def measured_share(config, steps: int = 50) -> float:
   return float(np.mean([same_class_share(b["label"]) for b in batches]))
 
 
+def mean_paired(runs: dict, key, reference_key) -> float:
+  """Mean over the seeds both scored of score(key) - score(reference_key); NaN when none.
+
+  Paired by seed, like every comparison in experiments/: with all seeds present it is the
+  difference of the two cells' means, and a missing score drops its seed from both sides."""
+  diffs = common.paired_diffs(*runs[key], *runs[reference_key])
+  return float(diffs.mean()) if diffs.size else float("nan")
+
+
+def changes_and_gaps(runs: dict, labels: Sequence[str], levels: Sequence[int],
+                     oracle: str | None) -> tuple[dict, dict]:
+  """From `runs` {(label, level): (scores, seeds)}: each method's change from the first bias
+  level to the last, and its gap to the oracle at every level (what the false negatives cost)."""
+  change = ({lab: mean_paired(runs, (lab, levels[-1]), (lab, levels[0])) for lab in labels}
+            if len(levels) > 1 else {})
+  gaps = ({lab: {k: mean_paired(runs, (lab, k), (oracle, k)) for k in levels}
+           for lab in labels if lab != oracle} if oracle else {})
+  return change, gaps
+
+
 def oracle_replay(records, out: str) -> dict | None:
   """Replays one step of the first oracle run and saves what the NumPy check needs."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -145,6 +165,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
   labels = list(dict.fromkeys(m.label for m in methods))
   scores = {(lab, k): [common.score_of(r.results, "image") for r in groups[(lab, k)]]
             for lab in labels for k in levels}
+  seeds = {(lab, k): [r.spec.seed for r in groups[(lab, k)]] for lab in labels for k in levels}
+  # What the false negatives cost: each method's score minus the oracle's at the same level
+  # (the oracle sees the same batches without them). Tolerance = this gap not growing with bias.
+  oracle_labels = [m.label for m in methods if dict(m.overrides).get("loss.use_labels")]
+  change, gaps = changes_and_gaps({key: (scores[key], seeds[key]) for key in scores}, labels,
+                                  levels, oracle_labels[0] if oracle_labels else None)
   knn = {(lab, k): [r.results.get("final_knn_top1") for r in groups[(lab, k)]]
          for lab in labels for k in levels}
 
@@ -159,18 +185,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
   for lab in labels:
     row = [lab] + [common.fmt(scores[(lab, k)]) for k in levels]
     if len(levels) > 1:
-      first, last = (np.mean(scores[(lab, k)]) for k in (levels[0], levels[-1]))
-      row.append(f"{last - first:+.2f}")
+      row.append(f"{change[lab]:+.2f}")
     rows.append(row)
   knn_rows = [[lab] + [common.fmt(knn[(lab, k)]) for k in levels] for lab in labels]
-  # What the false negatives cost: each method's mean score minus the oracle's at the same level
-  # (the oracle sees the same batches without them). Tolerance = this gap not growing with bias.
-  oracle_labels = [m.label for m in methods if dict(m.overrides).get("loss.use_labels")]
-  gap_rows = []
-  if oracle_labels:
-    oracle = oracle_labels[0]
-    gap_rows = [[lab] + [f"{np.mean(scores[(lab, k)]) - np.mean(scores[(oracle, k)]):+.2f}"
-                         for k in levels] for lab in labels if lab != oracle]
+  gap_rows = [[lab] + [f"{gaps[lab][k]:+.2f}" for k in levels] for lab in gaps]
 
   fig, ax = common.plt.subplots(figsize=(6.5, 4.2))
   xs = np.array([100 * shares[k] for k in levels])
@@ -197,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
            "every same-class negative (`loss.use_labels=True`).\n\n")
   text += "## Linear probe top-1 (%)\n\n" + common.markdown_table(headers, rows) + "\n"
   if gap_rows:
-    text += ("\n## Gap to the oracle (linear probe points, mean over seeds)\n\n"
+    text += ("\n## Gap to the oracle (linear probe points, mean over seeds, paired by seed)\n\n"
              + common.markdown_table(["method"] + [level_name(k) for k in levels], gap_rows)
              + "\n")
   text += ("\n## Final kNN top-1 (%)\n\n"
@@ -209,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   text += f"\n![sampling bias]({Path(figure).name})\n"
   common.write_text(f"{args.out}/sampling_bias.md", text)
   summary = {"levels": levels, "shares": {str(k): shares[k] for k in levels},
-             "gap_to_oracle": gap_rows,
+             "change": change, "gap_to_oracle": gap_rows,
              "scores": {f"{lab}|{k}": v for (lab, k), v in scores.items()},
              "knn": {f"{lab}|{k}": v for (lab, k), v in knn.items()},
              "oracle_check": check, "runs": [common.record_summary(r) for r in records],

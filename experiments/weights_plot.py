@@ -72,7 +72,10 @@ def gaussian_weights(sims, mask, mu: float, sigma: float) -> np.ndarray:
 
 def weight_stats(rel: np.ndarray, mask: np.ndarray, sims: np.ndarray,
                  same: np.ndarray) -> dict[str, float]:
-  """Per-anchor statistics of the distribution q = rel / N, averaged over anchors."""
+  """Per-anchor statistics of the distribution q = rel / N, averaged over the anchors that have
+  negatives (a padded slot, valid=False, has none: the loss skips it, and so does the mean)."""
+  has = mask.any(1)
+  rel, mask, sims, same = rel[has], mask[has], sims[has], same[has]
   n = mask.sum(1)
   q = rel / n[:, None]
   ess = q.sum(1) ** 2 / (n * np.square(q).sum(1))
@@ -134,8 +137,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   text = common.header("What ADNCE does to the negatives", command,
                        [config.seed], sum(r.wall_s for r in records))
   text += (f"\nEmbeddings: {workdir} ({config.loss.name}, t={t:g}), checkpoint {step} on the "
-           f"batch and augmentation of step {step + 1}: {mask.shape[0]} anchors, "
-           f"{int(mask.sum(1).mean())} negatives each; "
+           f"batch and augmentation of step {step + 1}: {int(mask.any(1).sum())} anchors, "
+           f"{int(mask.sum(1)[mask.any(1)].mean())} negatives each; "
            f"{100 * stats['InfoNCE']['share_same_class']:.1f}% of the negatives share the "
            "anchor's class. Weights are each anchor's distribution over its negatives (uniform: "
            "ESS 1, same-class mass = same-class share).\n\n")
