@@ -139,11 +139,38 @@ def test_fixture_without_node_features_gets_constant_features(tmp_path):
     ({"node_labels": ["1"] * 6}, "6 lines"),
     ({"edge_labels": ["0"] * 9}, "must match"),
     ({"graph_labels": ["7", "x", "7"]}, "malformed"),
+    # the line an editor shows (numpy's "row 2" skips the blank line and counts from 0)
+    ({"graph_labels": ["7", "", "3", "7.5"]}, r"graph_labels.txt: malformed at line 4 \('7.5'\)"),
+    ({"node_labels": ["0"] * 6 + ["0, 1"]}, r"line 7 \(2 values where the lines before have 1\)"),
 ])
 def test_corrupt_files_raise_clear_errors(tmp_path, edit, message):
     write_tu(tmp_path / "BAD", "BAD", {**BASE, **edit})
     with pytest.raises(ValueError, match=message):
         read_tu_directory(tmp_path / "BAD", "BAD")
+
+
+@pytest.mark.parametrize("bad", ["nan, 1", "1, inf", "1e40, 1"])  # 1e40 overflows float32
+def test_node_attributes_that_are_not_finite_are_refused(tmp_path, bad):
+    # They were read as NaN/inf features: every embedding and loss of that graph became NaN.
+    write_tu(tmp_path / "NAN", "NAN", {**BASE, "node_attributes": ["1, 2"] * 6 + [bad]})
+    with pytest.raises(ValueError, match=r"NAN_node_attributes.txt: node 7 .*use_node_attributes"):
+        read_tu_directory(tmp_path / "NAN", "NAN", use_node_attributes=True)
+    assert read_tu_directory(tmp_path / "NAN", "NAN").feature_kind == "constant"  # unused: fine
+
+
+def test_wide_node_label_range_is_one_hot_encoded_without_a_square_matrix(tmp_path):
+    # Rows of np.eye(100001) needed 37 GiB (MemoryError) for a 7 x 100001 result.
+    write_tu(tmp_path / "WIDE", "WIDE", {**BASE, "node_labels": ["0"] * 6 + ["100000"]})
+    x = np.concatenate([g.node_features for g in read_tu_directory(tmp_path / "WIDE", "WIDE").graphs])
+    assert x.shape == (7, 100001)
+    np.testing.assert_array_equal(x.argmax(1), [0] * 6 + [100000])
+    np.testing.assert_array_equal(x.sum(1), 1.0)
+    # Labels no category id can have (an id or measurement column) get a clear error instead.
+    write_tu(tmp_path / "IDS", "IDS", {**BASE, "node_labels": ["0"] * 6 + ["1000000000000"]})
+    with pytest.raises(ValueError, match=r"IDS_node_labels.txt: column 1 holds node labels "
+                                         r"0..1000000000000.*node_features='constant'"):
+        read_tu_directory(tmp_path / "IDS", "IDS")
+    assert read_tu_directory(tmp_path / "IDS", "IDS", node_features="constant").num_features == 1
 
 
 def test_missing_files_name_the_layout_and_the_command(tmp_path):

@@ -112,27 +112,76 @@ class TUDataset:
 # --------------------------------------------------------------------------------------------
 # Parsing
 # --------------------------------------------------------------------------------------------
-def _read_table(path: pathlib.Path, dtype) -> np.ndarray:
+def _read_table(path: pathlib.Path, dtype, name: str) -> np.ndarray:
     """Reads a comma-separated numeric TU file into (lines, columns); one column gives (lines,)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "empty input file": checked by callers
             values = np.loadtxt(path, delimiter=",", dtype=dtype, ndmin=2)
     except ValueError as e:
+        kind = "integers" if np.issubdtype(dtype, np.integer) else "numbers"
         raise ValueError(
-            f"{path}: malformed ({e}). Every line must hold the same number of comma-separated "
-            f"numbers; the file is ragged, truncated or not numeric. Re-extract the official "
-            f"{path.parent.name} archive.") from e
+            f"{path}: malformed{_first_bad_line(path, dtype)} ({e}). Every line must hold the "
+            f"same number of comma-separated {kind}; the file is ragged, truncated or not "
+            f"numeric. Re-extract the official {name} archive.") from e
     return values[:, 0] if values.shape[1] == 1 else values
 
 
-def _one_hot_columns(labels: np.ndarray) -> np.ndarray:
+def _first_bad_line(path: pathlib.Path, dtype) -> str:
+    """" at line N ('text')" for the first line np.loadtxt cannot read, else "".
+
+    np.loadtxt's own message counts 0-based rows of data (blank and comment lines skipped), not
+    the line an editor shows.
+    """
+    convert = int if np.issubdtype(dtype, np.integer) else float
+    width = None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line_no, line in enumerate(fh, start=1):
+                content = line.split("#")[0].strip()
+                if not content:
+                    continue
+                fields = content.split(",")
+                try:
+                    for field in fields:
+                        convert(field)
+                except ValueError:
+                    text = line.rstrip("\r\n")
+                    return f" at line {line_no} ({text!r})"
+                if width is not None and len(fields) != width:
+                    return (f" at line {line_no} ({len(fields)} values where the lines before "
+                            f"have {width})")
+                width = len(fields)
+    except UnicodeDecodeError:
+        pass
+    return ""
+
+
+# The largest one-hot node-label block (entries; 8 GiB of float32) before we call the column
+# corrupt: node labels are small category ids (40,000 distinct labels over 20,000 nodes, far
+# beyond the paper's datasets, is 0.8e9 entries).
+_MAX_ONE_HOT_ENTRIES = 2 ** 31
+
+
+def _one_hot_columns(labels: np.ndarray, path: pathlib.Path) -> np.ndarray:
     """One-hot per label column over 0..max-min (PyG's read_tu_data), columns concatenated."""
     labels = labels.reshape(labels.shape[0], -1)
+    num_nodes = labels.shape[0]
     blocks = []
-    for column in labels.T:
+    for c, column in enumerate(labels.T):
         shifted = column - column.min()
-        blocks.append(np.eye(int(shifted.max()) + 1, dtype=np.float32)[shifted])
+        width = int(shifted.max()) + 1
+        if num_nodes * width > _MAX_ONE_HOT_ENTRIES:
+            raise ValueError(
+                f"{path}: column {c + 1} holds node labels {column.min()}..{column.max()}, whose "
+                f"one-hot encoding would be {num_nodes} x {width} floats "
+                f"({num_nodes * width * 4 / 2 ** 30:.0f} GiB). Node labels are small category "
+                f"ids; this column looks like ids or measurements. Check the file, or pass "
+                f"node_features='constant' to ignore the node labels.")
+        # Rows picked from np.eye(width) would first build a width x width matrix.
+        block = np.zeros((num_nodes, width), np.float32)
+        block[np.arange(num_nodes), shifted] = 1.0
+        blocks.append(block)
     return np.concatenate(blocks, axis=1)
 
 
@@ -170,9 +219,9 @@ def read_tu_directory(directory: str | os.PathLike, name: str, *,
             f"{name}_graph_labels.txt (+ optional node/edge label files). "
             f"Get them with: {manual_download_command(name, directory.parent)}")
 
-    graph_of_node = _read_table(required["graph_indicator"], np.int64)
-    graph_label_raw = _read_table(required["graph_labels"], np.int64)
-    edges = _read_table(required["A"], np.int64)
+    graph_of_node = _read_table(required["graph_indicator"], np.int64, name)
+    graph_label_raw = _read_table(required["graph_labels"], np.int64, name)
+    edges = _read_table(required["A"], np.int64, name)
     num_nodes, num_graphs = graph_of_node.shape[0], graph_label_raw.shape[0]
     if graph_of_node.ndim != 1 or graph_label_raw.ndim != 1:
         raise ValueError(f"{name}: graph_indicator and graph_labels must have one value per line.")
@@ -237,7 +286,7 @@ def _check_graph_indicator(graph_of_node: np.ndarray, num_graphs: int, name: str
 def _check_edge_labels(directory: pathlib.Path, name: str, num_edge_lines: int) -> None:
     path = _tu_file(directory, name, "edge_labels")
     if path.is_file():
-        count = _read_table(path, np.int64).shape[0]
+        count = _read_table(path, np.int64, name).shape[0]
         if count != num_edge_lines:
             raise ValueError(f"{path} has {count} lines but {name}_A.txt has {num_edge_lines}; "
                              f"they must match line for line.")
@@ -251,19 +300,36 @@ def _node_features(directory, name, num_nodes, use_node_attributes, mode):
     for path, kind in ((attributes_path, "node_attributes"), (labels_path, "node_labels")):
         if not path.is_file():
             continue
-        table = _read_table(path, np.float32 if kind == "node_attributes" else np.int64)
+        table = _read_table(path, np.float32 if kind == "node_attributes" else np.int64, name)
         if table.shape[0] != num_nodes:
             raise ValueError(f"{path} has {table.shape[0]} lines but "
                              f"{name}_graph_indicator.txt has {num_nodes} nodes.")
+        if mode == "constant":
+            continue   # lengths checked; the features are the constant 1.0 anyway
         if kind == "node_attributes" and use_node_attributes:
-            blocks.append(table.reshape(num_nodes, -1).astype(np.float32))
+            blocks.append(_finite_attributes(table.reshape(num_nodes, -1), path))
             kinds.append(kind)
         elif kind == "node_labels":
-            blocks.append(_one_hot_columns(table))
+            blocks.append(_one_hot_columns(table, path))
             kinds.append(kind)
     if mode == "constant" or not blocks:
         return np.ones((num_nodes, 1), np.float32), "constant"
     return np.concatenate(blocks, axis=1), "+".join(kinds)
+
+
+def _finite_attributes(table: np.ndarray, path: pathlib.Path) -> np.ndarray:
+    """The attributes as float32, refusing NaN/inf (written as such, or past float32's range):
+    one such node makes every loss and embedding of its graph NaN."""
+    table = table.astype(np.float32)
+    bad_rows = ~np.isfinite(table).all(axis=1)
+    if bad_rows.any():
+        row = int(np.argmax(bad_rows))
+        raise ValueError(
+            f"{path}: node {row + 1} (line {row + 1} without blank lines) has attributes "
+            f"{table[row].tolist()}; {int(bad_rows.sum())} nodes have NaN or infinite values "
+            f"(or values beyond float32's range). Fix or re-extract the file, or leave "
+            f"use_node_attributes=False.")
+    return table
 
 
 # --------------------------------------------------------------------------------------------
