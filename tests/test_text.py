@@ -151,3 +151,55 @@ def test_sentence_corpus_matches_python_line_reading(tmp_path):
 def test_sentence_corpus_missing_file_says_where_to_get_it(tmp_path):
   with pytest.raises(FileNotFoundError, match="wiki1m_for_simcse.txt"):
     text.SentenceCorpus(str(tmp_path / "wiki1m_for_simcse.txt"))
+
+
+def test_sentence_corpus_reads_a_bom_lone_cr_line_ends_and_unicode_blank_lines(tmp_path):
+  # Before: the BOM began the first sentence (3 junk tokens in RoBERTa), an old-Mac file (\r
+  # only) was one giant sentence, and a line of no-break spaces was a sentence.
+  path = tmp_path / "windows.txt"
+  path.write_bytes("\ufeffFirst one.\r\nSecond.\rThird.\r\u00a0\u3000\rLast".encode("utf-8"))
+  expected = [line for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+  assert expected == ["First one.", "Second.", "Third.", "Last"]
+  corpus = text.SentenceCorpus(str(path))
+  assert corpus.batch(range(len(corpus))) == expected
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "holds no sentences"),
+    (b"\n  \n\t\r\n", "holds no sentences"),       # was a corpus of length 0
+    (b"fine\nalso fine\ncaf\xe9 latin-1\n", r"wiki.txt:3: not UTF-8 .*caf\\xe9.*iconv"),
+    ("utf-16 text\n".encode("utf-16"), r"wiki.txt:1: not UTF-8.*-f utf-16"),
+])
+def test_sentence_corpus_refuses_empty_and_non_utf8_files_when_opened(tmp_path, content, message):
+  # A bad byte used to raise a bare UnicodeDecodeError only when its sentence was drawn, in the
+  # input pipeline's thread, without the file or line.
+  path = tmp_path / "wiki.txt"
+  path.write_bytes(content)
+  with pytest.raises(ValueError, match=message):
+    text.SentenceCorpus(str(path))
+
+
+def test_corrupt_tokenizer_files_are_named(tmp_path, minilm_dir):
+  """The tokenizers library's errors (bare Exception, TypeError) and json's name no file."""
+  def folder(name, files):
+    path = tmp_path / name
+    path.mkdir()
+    for file, content in files.items():
+      (path / file).write_bytes(content)
+    return str(path)
+  tokenizer_json = (minilm_dir / "tokenizer.json").read_bytes()
+  config = (minilm_dir / "tokenizer_config.json").read_bytes()
+  with pytest.raises(ValueError, match=r"truncated/tokenizer.json could not be read.*EOF.*again"):
+    text.SentenceTokenizer(folder("truncated", {"tokenizer.json": tokenizer_json[:1000]}))
+  with pytest.raises(ValueError, match=r"empty_vocab/vocab.txt could not be read"):
+    text.SentenceTokenizer(folder("empty_vocab", {"vocab.txt": b""}))
+  with pytest.raises(ValueError, match=r"bad_config/tokenizer_config.json is not valid UTF-8 JSON"):
+    text.SentenceTokenizer(folder("bad_config", {"tokenizer.json": tokenizer_json,
+                                                 "tokenizer_config.json": config[:-5]}))
+  # A config saved with a BOM is read (json.load refused it).
+  bom_config = b"\xef\xbb\xbf" + config
+  with_bom = text.SentenceTokenizer(folder("bom", {"tokenizer.json": tokenizer_json,
+                                                   "tokenizer_config.json": bom_config}))
+  reference = text.SentenceTokenizer(str(minilm_dir))
+  assert (with_bom.encode_batch(["Hello there"], 8)["input_ids"].tolist()
+          == reference.encode_batch(["Hello there"], 8)["input_ids"].tolist())

@@ -13,6 +13,7 @@ fixed-shape int32 `input_ids` / `attention_mask`.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -37,8 +38,25 @@ WIKI1M_URL = ("https://huggingface.co/datasets/princeton-nlp/datasets-for-simcse
 def _read_json(path: str) -> dict:
   if not os.path.exists(path):
     return {}
-  with open(path) as fh:
-    return json.load(fh)
+  # UTF-8 whatever the locale; utf-8-sig also reads a file a Windows editor saved with a BOM.
+  with open(path, encoding="utf-8-sig") as fh:
+    try:
+      return json.load(fh)
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError: neither names the file
+      raise ValueError(f"{path} is not valid UTF-8 JSON ({err}): the file is truncated or "
+                       "corrupt; download the model folder again.") from err
+
+
+@contextlib.contextmanager
+def _reading_tokenizer_file(path: str):
+  """The tokenizers library fails with a bare Exception that names no file, e.g. "EOF while
+  parsing a string at line 1 column 1000" for a truncated download of tokenizer.json."""
+  try:
+    yield
+  except Exception as err:  # pylint: disable=broad-except
+    raise ValueError(f"{path} could not be read as a tokenizer file ({type(err).__name__}: "
+                     f"{err}): it is truncated or corrupt; download the model folder "
+                     "again.") from err
 
 
 def _token_content(token) -> str | None:
@@ -52,10 +70,12 @@ def _wordpiece_from_vocab(folder: str) -> tokenizers.Tokenizer:
   """BERT WordPiece tokenizer from vocab.txt, lower-casing as tokenizer_config.json says."""
   config = _read_json(os.path.join(folder, "tokenizer_config.json"))
   # HF's BertTokenizer defaults to do_lower_case=True; strip_accents None follows lowercase.
-  impl = _tokenizers().BertWordPieceTokenizer(
-      os.path.join(folder, "vocab.txt"), lowercase=config.get("do_lower_case", True),
-      strip_accents=config.get("strip_accents"),
-      handle_chinese_chars=config.get("tokenize_chinese_chars", True))
+  vocab = os.path.join(folder, "vocab.txt")
+  with _reading_tokenizer_file(vocab):
+    impl = _tokenizers().BertWordPieceTokenizer(
+        vocab, lowercase=config.get("do_lower_case", True),
+        strip_accents=config.get("strip_accents"),
+        handle_chinese_chars=config.get("tokenize_chinese_chars", True))
   return impl._tokenizer  # the plain Tokenizer: the wrapper class adds nothing we use
 
 
@@ -64,9 +84,10 @@ def _byte_level_bpe_from_vocab(folder: str) -> tokenizers.Tokenizer:
   config = _read_json(os.path.join(folder, "tokenizer_config.json"))
   specials = _read_json(os.path.join(folder, "special_tokens_map.json"))
   add_prefix_space = config.get("add_prefix_space", False)
-  impl = _tokenizers().ByteLevelBPETokenizer(
-      os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
-      add_prefix_space=add_prefix_space, trim_offsets=True)
+  with _reading_tokenizer_file(f"{folder}/vocab.json + merges.txt"):
+    impl = _tokenizers().ByteLevelBPETokenizer(
+        os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
+        add_prefix_space=add_prefix_space, trim_offsets=True)
   tok = impl._tokenizer
   names = {key: _token_content(specials.get(key)) or default for key, default in
            (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>"),
@@ -113,7 +134,8 @@ def load_tokenizer(folder: str) -> tokenizers.Tokenizer:
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"Tokenizer folder {folder} does not exist.")
   if os.path.exists(os.path.join(folder, "tokenizer.json")):
-    tok = _tokenizers().Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+    with _reading_tokenizer_file(os.path.join(folder, "tokenizer.json")):
+      tok = _tokenizers().Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
     _apply_bert_normaliser_settings(tok, folder)
   elif os.path.exists(os.path.join(folder, "vocab.txt")):
     tok = _wordpiece_from_vocab(folder)
@@ -207,8 +229,11 @@ class SentenceTokenizer:
 class SentenceCorpus:
   """A text file, one sentence per line (wiki1m format), with random access by index.
 
-  Blank (whitespace-only) lines are skipped. The file is kept as bytes plus line offsets
-  (16 bytes per sentence), decoded on access.
+  Lines end at \\n, \\r\\n or a lone \\r (Python's and Hugging Face datasets' text readers);
+  blank (whitespace-only) lines are skipped and a leading UTF-8 BOM is ignored. The file must be
+  UTF-8: it is checked when opened (a bad byte would otherwise stop training hours in, in the
+  input pipeline's thread). It is kept as bytes plus line offsets (16 bytes per sentence),
+  decoded on access.
   """
 
   def __init__(self, path: str):
@@ -219,12 +244,21 @@ class SentenceCorpus:
           "and pass its path.")
     with open(path, "rb") as fh:
       self._data = fh.read()
-    starts, ends, pos = [], [], 0
-    for line in self._data.split(b"\n"):  # ~1 s for wiki1m; no per-byte arrays in memory
-      if line.strip():
-        starts.append(pos)
-        ends.append(pos + len(line))
+    # A BOM (Windows editors) is not text: it would begin the first sentence (3 tokens in RoBERTa).
+    pos = len(_UTF8_BOM) if self._data.startswith(_UTF8_BOM) else 0
+    starts, ends = [], []
+    for line_no, line in enumerate(self._data[pos:].split(b"\n"), start=1):  # ~1 s for wiki1m
+      piece_pos = pos
+      for piece in line.split(b"\r") if b"\r" in line else (line,):
+        if piece.strip() and _decode_line(piece, path, line_no).strip():
+          starts.append(piece_pos)
+          ends.append(piece_pos + len(piece))
+        piece_pos += len(piece) + 1
       pos += len(line) + 1
+    if not starts:
+      raise ValueError(
+          f"Sentence corpus {path} holds no sentences (empty, or only blank lines). It must be "
+          f"UTF-8 text, one sentence per line, e.g. wiki1m_for_simcse.txt: {WIKI1M_URL}")
     self._starts = np.asarray(starts, np.int64)
     self._ends = np.asarray(ends, np.int64)
     self.path = path
@@ -236,11 +270,26 @@ class SentenceCorpus:
     if not -len(self) <= index < len(self):
       raise IndexError(f"index {index} out of range for a corpus of {len(self)} sentences")
     start, end = self._starts[index], self._ends[index]
-    return self._data[start:end].decode("utf-8").rstrip("\r")
+    return self._data[start:end].decode("utf-8")
 
   def batch(self, indices: Sequence[int]) -> list[str]:
     """The sentences at `indices`, in that order."""
     return [self[int(i)] for i in indices]
+
+
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def _decode_line(line: bytes, path: str, line_no: int) -> str:
+  try:
+    return line.decode("utf-8")
+  except UnicodeDecodeError as err:
+    context = line[max(0, err.start - 20):err.end + 20]
+    raise ValueError(
+        f"{path}:{line_no}: not UTF-8 ({err.reason}: {context!r}). The corpus must be UTF-8 "
+        f"text, one sentence per line: convert it (e.g. `iconv -f "
+        f"latin1 -t utf-8 IN > OUT`, `-f utf-16` for UTF-16) or download it again "
+        f"({WIKI1M_URL}).") from err
 
 
 class SentenceList:
