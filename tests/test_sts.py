@@ -170,6 +170,73 @@ def test_mismatched_gold_file_is_an_error(tmp_path):
     sts.read_sts_subset(str(folder), "FNWN")
 
 
+STSB_LINE = "main-news\tnews\t2015\t{id}\t{score}\tA man plays.\tA woman plays.\n"
+SICK_HEADER = "pair_ID\tsentence_A\tsentence_B\trelatedness_score\tentailment_judgment\n"
+
+
+def _write(path, content):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
+
+
+@pytest.mark.parametrize("gold", ["four", "nan", "inf", "50", "-1", "0_5"])
+def test_a_gold_score_that_is_not_a_number_in_0_to_5_names_the_file_and_line(tmp_path, gold):
+  # float() gave a bare "could not convert string to float" (no file), or took nan (the task's
+  # Spearman became nan), inf, an out-of-range 50 / -1 or "0_5" (= 5.0) silently.
+  folder = tmp_path / "STS" / "STS13-en-test"
+  _write(folder / "STS.input.FNWN.txt", "a b\tc d\ne f\tg h\ni j\tk l\n")
+  _write(folder / "STS.gs.FNWN.txt", f"1.0\n\n{gold}\n")
+  with pytest.raises(ValueError, match=rf"STS.gs.FNWN.txt:3: the gold score '{gold}' is not a "
+                                       r"number in 0..5.*get_transfer_data"):
+    sts.read_sts_subset(str(folder), "FNWN")
+  _write(tmp_path / "STS" / "STSBenchmark" / "sts-test.csv",
+         STSB_LINE.format(id="0001", score="2.5") + STSB_LINE.format(id="0002", score=gold))
+  with pytest.raises(ValueError, match=rf"sts-test.csv:2: the gold score '{gold}'"):
+    sts.read_stsb(str(tmp_path), "test")
+  _write(tmp_path / "SICK" / "SICK_trial.txt",
+         SICK_HEADER + f"1\tA dog.\tA cat.\t{gold}\tNEUTRAL\n")
+  with pytest.raises(ValueError, match=rf"SICK_trial.txt:2: the gold score '{gold}'"):
+    sts.read_sick_r(str(tmp_path), "dev")
+
+
+def test_files_without_a_scored_pair_are_errors_not_nan_scores(tmp_path):
+  folder = tmp_path / "STS" / "STS13-en-test"
+  _write(folder / "STS.input.FNWN.txt", "a\tb\nc\td\n")
+  _write(folder / "STS.gs.FNWN.txt", "\n\n")          # every pair unscored
+  with pytest.raises(ValueError, match="STS.gs.FNWN.txt holds no scored sentence pair"):
+    sts.read_sts_subset(str(folder), "FNWN")
+  _write(tmp_path / "STS" / "STSBenchmark" / "sts-dev.csv", "")
+  with pytest.raises(ValueError, match="sts-dev.csv holds no scored sentence pair"):
+    sts.read_stsb(str(tmp_path), "dev")
+  _write(tmp_path / "SICK" / "SICK_test_annotated.txt", SICK_HEADER)
+  with pytest.raises(ValueError, match="SICK_test_annotated.txt holds no scored sentence pair"):
+    sts.read_sick_r(str(tmp_path), "test")
+
+
+def test_sick_file_without_its_header_is_an_error(tmp_path):
+  # The first line is skipped as the header (SentEval's reading): without one, the first pair
+  # was silently dropped.
+  pairs = "1\tA dog runs.\tA cat runs.\t4.5\tNEUTRAL\n2\tA man.\tA woman.\t3.2\tNEUTRAL\n"
+  _write(tmp_path / "SICK" / "SICK_train.txt", pairs)
+  with pytest.raises(ValueError, match=r"SICK_train.txt:1 is a scored pair, not SICK's header"):
+    sts.read_sick_r(str(tmp_path), "train")
+  # A BOM before the header: still a header.
+  _write(tmp_path / "SICK" / "SICK_train.txt", "\ufeff" + SICK_HEADER + pairs)
+  assert sts.read_sick_r(str(tmp_path), "train").scores.tolist() == [4.5, 3.2]
+
+
+def test_non_utf8_files_name_the_file_and_line(tmp_path):
+  folder = tmp_path / "STS" / "STS13-en-test"
+  _write(folder / "STS.input.FNWN.txt", b"a\tb\ncaf\xe9\td\n")    # latin-1, was a bare
+  _write(folder / "STS.gs.FNWN.txt", "1\n2\n")                     # UnicodeDecodeError
+  with pytest.raises(ValueError, match=r"STS.input.FNWN.txt:2: not UTF-8"):
+    sts.read_sts_subset(str(folder), "FNWN")
+  # A BOM before the first gold score is read (float() refused "\ufeff1").
+  _write(folder / "STS.input.FNWN.txt", "a\tb\nc\td\n")
+  _write(folder / "STS.gs.FNWN.txt", "\ufeff1\n2\n")
+  assert sts.read_sts_subset(str(folder), "FNWN").scores.tolist() == [1.0, 2.0]
+
+
 def test_cosine_and_spearman_against_scipy():
   rng = np.random.default_rng(1)
   a, b = rng.normal(size=(20, 5)), rng.normal(size=(20, 5))

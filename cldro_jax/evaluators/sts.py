@@ -33,6 +33,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import sys
 from typing import Callable, Iterable, Sequence
 
@@ -83,16 +84,56 @@ def _require(path: str, what: str) -> None:
     raise FileNotFoundError(f"Missing {what}: {path}. {GET_DATA_HELP}")
 
 
-def _read_lines(path: str, *, all_line_breaks: bool = False) -> list[str]:
+def _read_lines(path: str, *, all_line_breaks: bool = False, encoding: str = "utf-8"
+                ) -> list[str]:
   """The file's lines. No csv module anywhere: sentences contain stray quotes.
 
   SentEval reads STS12-16 with str.splitlines (which also breaks at \x0b, \x1c, \u2028, ...)
   and STS-B/SICK line by line (\n, \r\n, \r only); `all_line_breaks` picks the former.
   """
-  with open(path, encoding="utf-8") as fh:
-    if all_line_breaks:
-      return fh.read().splitlines()
-    return [line.rstrip("\r\n") for line in fh]
+  try:
+    with open(path, encoding=encoding) as fh:
+      if all_line_breaks:
+        return fh.read().splitlines()
+      return [line.rstrip("\r\n") for line in fh]
+  except UnicodeDecodeError as err:   # names neither the file nor the line
+    line_no = _first_undecodable_line(path)
+    raise ValueError(f"{path}:{line_no}: not UTF-8 ({err.reason}). SentEval's files are UTF-8; "
+                     f"this one is damaged or converted: download it again. "
+                     f"{GET_DATA_HELP}") from err
+
+
+def _first_undecodable_line(path: str) -> int:
+  with open(path, "rb") as fh:
+    for line_no, line in enumerate(fh, start=1):
+      try:
+        line.decode("utf-8")
+      except UnicodeDecodeError:
+        return line_no
+  return 0
+
+
+# A gold score as SentEval's files write it ("4.750", "3", "0.8"). float() alone also takes
+# "nan" (every Spearman of the task becomes nan), "inf" and "4_5" (45.0).
+_SCORE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _gold_score(text: str, path: str, line_no: int) -> float:
+  """The gold similarity on a line: a number in 0..5 (STS12-16 and STS-B: 0..5, SICK: 1..5)."""
+  text = text.strip()
+  if _SCORE.fullmatch(text) and 0.0 <= float(text) <= 5.0:
+    return float(text)
+  raise ValueError(f"{path}:{line_no}: the gold score {text!r} is not a number in 0..5; the file "
+                   "is damaged or not SentEval's (shifted columns?): download it again. "
+                   f"{GET_DATA_HELP}")
+
+
+def _scored_pairs(s1: list[str], s2: list[str], scores: list[float], path: str) -> SentencePairs:
+  # No pair (an empty file, every gold line blank) would be scored as a nan Spearman.
+  if not scores:
+    raise ValueError(f"{path} holds no scored sentence pair: the file is empty or damaged; "
+                     f"download it again. {GET_DATA_HELP}")
+  return SentencePairs(s1, s2, np.asarray(scores, np.float64))
 
 
 def read_sts_subset(task_dir: str, subset: str) -> SentencePairs:
@@ -105,7 +146,8 @@ def read_sts_subset(task_dir: str, subset: str) -> SentencePairs:
   _require(input_path, f"STS input file of subset {subset}")
   _require(gold_path, f"STS gold-score file of subset {subset}")
   pairs = _read_lines(input_path, all_line_breaks=True)
-  gold = _read_lines(gold_path, all_line_breaks=True)
+  # utf-8-sig: a BOM before the first score (float() refuses it; SentEval crashes on it).
+  gold = _read_lines(gold_path, all_line_breaks=True, encoding="utf-8-sig")
   if len(pairs) != len(gold):
     raise ValueError(f"{input_path} has {len(pairs)} lines but {gold_path} has {len(gold)}: "
                      "the files must have one gold line (possibly blank) per pair.")
@@ -116,10 +158,10 @@ def read_sts_subset(task_dir: str, subset: str) -> SentencePairs:
     fields = pair.split("\t")
     if len(fields) < 2:
       raise ValueError(f"{input_path}:{line_no}: expected two tab-separated sentences.")
+    scores.append(_gold_score(score, gold_path, line_no))
     s1.append(_normalise(fields[0]))
     s2.append(_normalise(fields[1]))
-    scores.append(float(score))
-  return SentencePairs(s1, s2, np.asarray(scores, np.float64))
+  return _scored_pairs(s1, s2, scores, gold_path)
 
 
 def read_sts_year(sts_root: str, task: str) -> dict[str, SentencePairs]:
@@ -147,10 +189,10 @@ def read_stsb(sts_root: str, split: str = "test") -> SentencePairs:
     fields = line.split("\t")
     if len(fields) < 7:
       raise ValueError(f"{path}:{line_no}: expected 7 tab-separated fields, got {len(fields)}.")
-    scores.append(float(fields[4]))
+    scores.append(_gold_score(fields[4], path, line_no))
     s1.append(_normalise(fields[5]))
     s2.append(_normalise(fields[6]))
-  return SentencePairs(s1, s2, np.asarray(scores, np.float64))
+  return _scored_pairs(s1, s2, scores, path)
 
 
 def read_sick_r(sts_root: str, split: str = "test") -> SentencePairs:
@@ -159,8 +201,15 @@ def read_sick_r(sts_root: str, split: str = "test") -> SentencePairs:
     raise ValueError(f"SICK-R split must be one of {sorted(SICK_FILES)}, got {split!r}")
   path = os.path.join(sts_root, "SICK", SICK_FILES[split])
   _require(path, f"SICK-R {split} file")
+  lines = _read_lines(path)
+  header = lines[0].split("\t") if lines else []
+  if len(header) >= 4 and _SCORE.fullmatch(header[3].strip()):
+    # The header is skipped unread (as SentEval does): without it, the first pair would be.
+    raise ValueError(f"{path}:1 is a scored pair, not SICK's header line (pair_ID, sentence_A, "
+                     "sentence_B, relatedness_score, ...): put the header back or download the "
+                     f"file again. {GET_DATA_HELP}")
   s1, s2, scores = [], [], []
-  for line_no, line in enumerate(_read_lines(path)[1:], start=2):
+  for line_no, line in enumerate(lines[1:], start=2):
     if not line.strip():
       continue
     fields = line.split("\t")
@@ -168,8 +217,8 @@ def read_sick_r(sts_root: str, split: str = "test") -> SentencePairs:
       raise ValueError(f"{path}:{line_no}: expected at least 4 tab-separated fields.")
     s1.append(_normalise(fields[1]))
     s2.append(_normalise(fields[2]))
-    scores.append(float(fields[3]))
-  return SentencePairs(s1, s2, np.asarray(scores, np.float64))
+    scores.append(_gold_score(fields[3], path, line_no))
+  return _scored_pairs(s1, s2, scores, path)
 
 
 def load_task(sts_root: str, task: str, split: str = "test") -> dict[str, SentencePairs]:
