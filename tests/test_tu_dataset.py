@@ -161,7 +161,8 @@ def test_node_attributes_that_are_not_finite_are_refused(tmp_path, bad):
 def test_wide_node_label_range_is_one_hot_encoded_without_a_square_matrix(tmp_path):
     # Rows of np.eye(100001) needed 37 GiB (MemoryError) for a 7 x 100001 result.
     write_tu(tmp_path / "WIDE", "WIDE", {**BASE, "node_labels": ["0"] * 6 + ["100000"]})
-    x = np.concatenate([g.node_features for g in read_tu_directory(tmp_path / "WIDE", "WIDE").graphs])
+    wide = read_tu_directory(tmp_path / "WIDE", "WIDE")
+    x = np.concatenate([g.node_features for g in wide.graphs])
     assert x.shape == (7, 100001)
     np.testing.assert_array_equal(x.argmax(1), [0] * 6 + [100000])
     np.testing.assert_array_equal(x.sum(1), 1.0)
