@@ -45,8 +45,11 @@ def run_probe(workdir: str, *, protocol: str | None = None, epochs: int | None =
   from cldro_jax.tasks import image  # pylint: disable=import-outside-toplevel
   config = checkpointing.read_saved_config(workdir)
   if config.domain != "image":
-    raise ValueError(f"{workdir} is a {config.domain} run; the linear probe is for images "
-                     "(sentences: python -m cldro_jax.evaluators.sts --workdir=...).")
+    raise ValueError(
+        f"{workdir} is a {config.domain} run; the linear probe is for images (sentences: "
+        "python -m cldro_jax.evaluators.sts --workdir=...; graphs: the SVM scores are in "
+        "results.json, and cldro_jax.load_encoder(workdir).embed(graphs) gives the embeddings "
+        "to score again with cldro_jax.evaluators.svm_cv.svm_cv_accuracy).")
   ev = config.eval
   ev.linear_probe = protocol or (ev.linear_probe if ev.linear_probe != "none" else "reference")
   if epochs is not None:

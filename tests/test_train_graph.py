@@ -105,6 +105,9 @@ def test_runlocal_end_to_end_and_svm_wiring(tmp_path):
   other = dataset.graphs[0]._replace(node_features=np.zeros((17, 3), np.float32))
   with pytest.raises(ValueError, match=r"trained on 7 node features per node; these graphs have"):
     encoder.embed([other])
+  from cldro_jax import probe  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match=r"graphs: the SVM scores are in results.json"):
+    probe.run_probe(str(tmp_path))
   # 128 evaluation graphs over 8 devices: the last batch (60 graphs) leaves 4 devices empty.
   eight = graph_task.GraphTask(mutag_config(**{"eval.batch_size": 128, "mesh.num_devices": 8}),
                                train.make_mesh(8))
