@@ -17,6 +17,7 @@ import functools
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -363,12 +364,26 @@ def steps_for(config, steps_per_epoch: int) -> int:
 # The loop
 
 
+def _check_local_path(workdir: str) -> None:
+  """Refuses a URL workdir before any work: config.json, metrics and TensorBoard are written
+  through the local file system API, which would make a folder named "gs:" on each host's own
+  disk and then fail at the first checkpoint (orbax sees a local path that is not one)."""
+  scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", workdir)
+  if scheme:
+    raise ValueError(
+        f"--workdir={workdir} is a {scheme.group(1)}:// URL; the trainer writes through the local "
+        "file system. Mount the bucket on every host (e.g. Cloud Storage FUSE: gcsfuse "
+        "BUCKET /mnt/gcs) and pass the mounted path, e.g. --workdir=/mnt/gcs/runs/NAME "
+        "(docs/scaling.md, \"Cloud TPU pod slice\").")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Pre-trains with the configured loss, evaluates, writes `results.json`; returns the results.
 
   Rerunning with the same workdir resumes from its last checkpoint.
   """
   config_defaults.validate_config(config)
+  _check_local_path(workdir)
   workdir = os.path.abspath(workdir)
   mesh = make_mesh(config.mesh.num_devices)
   if config.batch_size % mesh.size:

@@ -476,3 +476,12 @@ def test_the_loss_matmuls_run_at_the_configured_precision_and_the_encoder_at_its
   assert convs and not any("HIGHEST" in line for line in convs)
   with pytest.raises(ValueError, match="config.loss.matmul_precision='fp64' is not one of"):
     config_defaults.validate_config(tiny_config(**{"loss.matmul_precision": "fp64"}))
+
+
+def test_a_url_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+  """`--workdir=gs://...` would make a local folder "gs:" on each host and fail at the first
+  checkpoint; it is refused up front with the mount to use instead."""
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(ValueError, match=r"gs://bucket/run is a gs:// URL.*gcsfuse"):
+    train.train_and_evaluate(tiny_config(), "gs://bucket/run")
+  assert os.listdir(tmp_path) == []
