@@ -24,11 +24,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import secrets
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,3 +162,38 @@ def initialize(plan: InitPlan) -> None:
         "(for a single-process run: no --multiprocess, outside the cluster launcher).") from e
   logging.info("Process %d of %d: %d local devices, %d in all.", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def check_workdir_shared(workdir: str, *, wait_s: float = 10.0) -> None:
+  """Refuses a multi-process run whose processes do not share `workdir`.
+
+  Orbax writes one checkpoint from all processes into one folder (each process its own arrays,
+  process 0 the metadata), and process 0 alone writes config.json and the metrics: on a folder
+  local to each host, checkpoints would be incomplete everywhere and a preempted job would lose
+  its work. Process 0 writes a file named by a token all processes agree on; every process must
+  see it (polled for `wait_s` seconds: a network file system may show a new file late).
+  """
+  if jax.process_count() == 1:
+    return
+  token = int(multihost_utils.broadcast_one_to_all(np.int64(secrets.randbits(62))))
+  marker = os.path.join(workdir, f".cldro_jax_shared_check_{token:x}")
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(marker, "w", encoding="utf-8") as f:
+      f.write(str(token))
+  multihost_utils.sync_global_devices("cldro_jax: shared-workdir marker written")
+  deadline = time.monotonic() + wait_s
+  while not (seen := os.path.exists(marker)) and time.monotonic() < deadline:
+    time.sleep(0.5)
+  seen_by = np.asarray(multihost_utils.process_allgather(np.asarray(seen))).reshape(-1)
+  multihost_utils.sync_global_devices("cldro_jax: shared-workdir marker checked")
+  if jax.process_index() == 0:
+    os.remove(marker)
+  blind = [i for i, ok in enumerate(seen_by) if not ok]
+  if blind:
+    raise ValueError(
+        f"--workdir={workdir} is not one folder that every process sees: process(es) {blind} "
+        f"of {len(seen_by)} do not see a file process 0 wrote there. A multi-process run writes "
+        "its checkpoints from every process into one folder: use a shared file system on every "
+        "host (NFS/Filestore, or a bucket mounted with gcsfuse) and pass its path, the same on "
+        "every host (docs/scaling.md).")

@@ -36,6 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cldro_jax import checkpointing
 from cldro_jax import config_defaults
+from cldro_jax import distributed
 from cldro_jax import losses
 from cldro_jax import metrics as metrics_lib
 from cldro_jax import tasks as tasks_lib
@@ -395,6 +396,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if config.batch_size % jax.process_count():
     raise ValueError(f"config.batch_size={config.batch_size} must divide over "
                      f"{jax.process_count()} processes.")
+  distributed.check_workdir_shared(workdir)
   checkpointing.check_or_save_config(workdir, config, save=False)
   task = tasks_lib.build_task(config, mesh, workdir)
   steps_per_epoch = task.steps_per_epoch

@@ -272,3 +272,31 @@ def test_an_error_on_one_process_stops_the_others_quickly(tmp_path):
   assert codes[0] != 0 and codes[1] == 1
   failed = (tmp_path / "1.err").read_text()
   assert "process 1 of 2 failed" in failed and "bad.npz" in failed
+
+
+def test_a_workdir_the_processes_do_not_share_is_refused_before_training(tmp_path):
+  # Two hosts each with a local folder at the same path: simulated by giving the two processes
+  # two folders. Orbax would write half a checkpoint into each; the run must refuse at the start.
+  port = _free_port()
+  env = child_env(2, str(tmp_path / "cache"))
+  procs = []
+  for i in range(2):
+    args = [*TINY, f"--workdir={tmp_path / f'host{i}' / 'run'}",
+            f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"]
+    with open(tmp_path / f"{i}.err", "w", encoding="utf-8") as err:
+      procs.append(subprocess.Popen([sys.executable, "-m", "cldro_jax.main", *args], cwd=REPO,
+                                    env=env, stdout=subprocess.DEVNULL, stderr=err))
+  try:
+    codes = [proc.wait(timeout=150) for proc in procs]
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  assert codes == [1, 1], codes
+  for i in range(2):
+    err = (tmp_path / f"{i}.err").read_text()
+    assert "is not one folder that every process sees: process(es) [1] of 2" in err, _tail(err)
+  # Nothing was trained or saved; process 0's marker is gone again.
+  assert sorted(os.listdir(tmp_path / "host0" / "run")) == []
+  assert not (tmp_path / "host1" / "run").exists()
