@@ -243,6 +243,27 @@ def test_two_processes_equal_one_and_their_checkpoint_restores_in_one(tmp_path):
   assert {k: rerun[k] for k in scores} == {k: results_two[k] for k in scores}
 
 
+def exit_codes_of_two_processes(tmp_path, args_per_process, timeout=150):
+  """Starts `cldro_jax.main` as processes 0 and 1 of one job (stderr to tmp_path/<i>.err) and
+  returns their exit codes; kills what is still running after `timeout` seconds."""
+  port = _free_port()
+  env = child_env(2, str(tmp_path / "cache"))
+  procs = []
+  for i, args in enumerate(args_per_process):
+    args = [*args, f"--coordinator_address=localhost:{port}", "--num_processes=2",
+            f"--process_id={i}"]
+    with open(tmp_path / f"{i}.err", "w", encoding="utf-8") as err:
+      procs.append(subprocess.Popen([sys.executable, "-m", "cldro_jax.main", *args], cwd=REPO,
+                                    env=env, stdout=subprocess.DEVNULL, stderr=err))
+  try:
+    return [proc.wait(timeout=timeout) for proc in procs]
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
 def test_an_error_on_one_process_stops_the_others_quickly(tmp_path):
   # Process 1 reads a damaged data file (its own --config.data.path), process 0 a good one and
   # goes on to its first collective, where it waits for process 1. The failing process prints
@@ -252,23 +273,9 @@ def test_an_error_on_one_process_stops_the_others_quickly(tmp_path):
   good, bad = tmp_path / "good.npz", tmp_path / "bad.npz"
   np.savez(good, **tiny_arrays())
   bad.write_bytes(b"PK\x03\x04 not an npz")
-  port = _free_port()
-  env = child_env(2, str(tmp_path / "cache"))
-  procs = []
-  for i, data in enumerate((good, bad)):
-    args = [*TINY, "--config.data.source=npz", f"--config.data.path={data}",
-            f"--workdir={tmp_path / 'work'}", f"--coordinator_address=localhost:{port}",
-            "--num_processes=2", f"--process_id={i}"]
-    with open(tmp_path / f"{i}.err", "w", encoding="utf-8") as err:
-      procs.append(subprocess.Popen([sys.executable, "-m", "cldro_jax.main", *args], cwd=REPO,
-                                    env=env, stdout=subprocess.DEVNULL, stderr=err))
-  try:
-    codes = [proc.wait(timeout=150) for proc in procs]
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+  codes = exit_codes_of_two_processes(tmp_path, [
+      [*TINY, "--config.data.source=npz", f"--config.data.path={data}",
+       f"--workdir={tmp_path / 'work'}"] for data in (good, bad)])
   assert codes[0] != 0 and codes[1] == 1
   failed = (tmp_path / "1.err").read_text()
   assert "process 1 of 2 failed" in failed and "bad.npz" in failed
@@ -277,22 +284,8 @@ def test_an_error_on_one_process_stops_the_others_quickly(tmp_path):
 def test_a_workdir_the_processes_do_not_share_is_refused_before_training(tmp_path):
   # Two hosts each with a local folder at the same path: simulated by giving the two processes
   # two folders. Orbax would write half a checkpoint into each; the run must refuse at the start.
-  port = _free_port()
-  env = child_env(2, str(tmp_path / "cache"))
-  procs = []
-  for i in range(2):
-    args = [*TINY, f"--workdir={tmp_path / f'host{i}' / 'run'}",
-            f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"]
-    with open(tmp_path / f"{i}.err", "w", encoding="utf-8") as err:
-      procs.append(subprocess.Popen([sys.executable, "-m", "cldro_jax.main", *args], cwd=REPO,
-                                    env=env, stdout=subprocess.DEVNULL, stderr=err))
-  try:
-    codes = [proc.wait(timeout=150) for proc in procs]
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+  codes = exit_codes_of_two_processes(
+      tmp_path, [[*TINY, f"--workdir={tmp_path / f'host{i}' / 'run'}"] for i in range(2)])
   assert codes == [1, 1], codes
   for i in range(2):
     err = (tmp_path / f"{i}.err").read_text()
