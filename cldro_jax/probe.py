@@ -1,15 +1,19 @@
-"""Linear probe of a trained image encoder, on its own, from a workdir's checkpoint.
+"""Evaluation of a trained encoder on its own, from a workdir's checkpoint.
 
   python -m cldro_jax.probe --workdir=DIR [--protocol=reference|features] [--epochs=100]
       [--step=N] [--untrained] [--update_bn] [--data_dir=...]
 
-Uses the run's saved config (dataset, model, augmentation) with the given changes, restores the
-encoder (BatchNorm statistics included; frozen unless --update_bn), trains the linear layer and
-prints the scores. They are also written to DIR/probe_<protocol>_step<N>.json (with
+Image runs: uses the run's saved config (dataset, model, augmentation) with the given changes,
+restores the encoder (BatchNorm statistics included; frozen unless --update_bn), trains the linear
+layer and prints the scores. They are also written to DIR/probe_<protocol>_step<N>.json (with
 `_epochs<E>` / `_update_bn` in the name when those were given, so reruns with other settings do
 not overwrite it). Pre-training is not
 touched, so this can follow a run that used `--config.eval.linear_probe=none`, or compare
 protocols on one checkpoint.
+
+Graph runs: the run's own evaluation (SVM, C by inner CV, outer 10-fold, one shuffle seed per
+`config.eval.svm_seeds`) on the embeddings of the checkpoint at --step (or of the untrained GIN),
+written to DIR/probe_svm_step<N>.json: e.g. how the score moved along training.
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ from absl import app, flags
 from cldro_jax import checkpointing
 from cldro_jax import train
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A cldro_jax image workdir.")
-_PROTOCOL = flags.DEFINE_enum("protocol", None, ["reference", "features"],
-                              "Probe protocol (default: the run's config.eval.linear_probe, or "
-                              "reference if that was none).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "A cldro_jax image or graph workdir.")
+_PROTOCOL = flags.DEFINE_enum("protocol", None, ["reference", "features", "svm"],
+                              "Probe protocol (images, default: the run's "
+                              "config.eval.linear_probe, or reference if that was none; graphs: "
+                              "svm, their only one).")
 _EPOCHS = flags.DEFINE_integer("epochs", None, "Probe epochs (default: the run's).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _UNTRAINED = flags.DEFINE_bool("untrained", False,
@@ -44,12 +49,17 @@ def run_probe(workdir: str, *, protocol: str | None = None, epochs: int | None =
   """Scores of a linear probe on the workdir's encoder (see the module docstring)."""
   from cldro_jax.tasks import image  # pylint: disable=import-outside-toplevel
   config = checkpointing.read_saved_config(workdir)
+  if config.domain == "graph":
+    if protocol not in (None, "svm") or epochs is not None or update_bn is not None:
+      raise ValueError("A graph run is evaluated by its SVM protocol only: drop --protocol "
+                       "(or pass --protocol=svm), --epochs and --update_bn.")
+    return _svm_probe(workdir, config, step=step, untrained=untrained, data_dir=data_dir)
   if config.domain != "image":
-    raise ValueError(
-        f"{workdir} is a {config.domain} run; the linear probe is for images (sentences: "
-        "python -m cldro_jax.evaluators.sts --workdir=...; graphs: the SVM scores are in "
-        "results.json, and cldro_jax.load_encoder(workdir).embed(graphs) gives the embeddings "
-        "to score again with cldro_jax.evaluators.svm_cv.svm_cv_accuracy).")
+    raise ValueError(f"{workdir} is a {config.domain} run; the probe is for image and graph runs "
+                     "(sentences: python -m cldro_jax.evaluators.sts --workdir=...).")
+  if protocol == "svm":
+    raise ValueError("--protocol=svm is the graph runs' evaluation; image runs take reference "
+                     "or features.")
   ev = config.eval
   ev.linear_probe = protocol or (ev.linear_probe if ev.linear_probe != "none" else "reference")
   if epochs is not None:
@@ -74,26 +84,57 @@ def run_probe(workdir: str, *, protocol: str | None = None, epochs: int | None =
     params, model_state = jax.jit(task.init)(train.model_init_key(config.seed))
     used_step = 0
   else:
-    checkpointer = checkpointing.Checkpointer(workdir, read_only=True)
-    try:
-      raw, meta = checkpointer.restore_raw(step=step)
-    finally:
-      checkpointer.close()
-    params, model_state, used_step = raw["params"]["model"], raw["model_state"], int(meta["step"])
+    params, model_state, used_step = _restore_encoder(workdir, step)
   params, model_state = jax.device_put((params, model_state), task.replicated)
   with jax.set_mesh(mesh):
     scores = task.linear_probe_scores(params, model_state, config.seed)
   result = {"protocol": ev.linear_probe, "epochs": ev.linear_probe_epochs, "step": used_step,
             "untrained": untrained, "update_bn": update_bn, "dataset": task.dataset.name,
             "top1": scores["top1"], "top5": scores["top5"]}
+  # Settings that differ from the run's go into the name, so no rerun overwrites another.
+  name = "_".join(["probe", ev.linear_probe]
+                  + ([f"epochs{ev.linear_probe_epochs}"] if epochs is not None else [])
+                  + (["update_bn"] if update_bn else [])
+                  + ["untrained" if untrained else f"step{used_step}"]) + ".json"
+  _write_result(workdir, name, result)
+  return result
+
+
+def _restore_encoder(workdir: str, step: int | None):
+  checkpointer = checkpointing.Checkpointer(workdir, read_only=True)
+  try:
+    raw, meta = checkpointer.restore_raw(step=step)
+  finally:
+    checkpointer.close()
+  return raw["params"]["model"], raw["model_state"], int(meta["step"])
+
+
+def _write_result(workdir: str, name: str, result: dict) -> None:
   if jax.process_index() == 0:
-    # Settings that differ from the run's go into the name, so no rerun overwrites another.
-    name = "_".join(["probe", ev.linear_probe]
-                    + ([f"epochs{ev.linear_probe_epochs}"] if epochs is not None else [])
-                    + (["update_bn"] if update_bn else [])
-                    + ["untrained" if untrained else f"step{used_step}"]) + ".json"
     with open(os.path.join(workdir, name), "w", encoding="utf-8") as f:
       json.dump(result, f, indent=2, sort_keys=True)
+
+
+def _svm_probe(workdir: str, config, *, step: int | None, untrained: bool,
+               data_dir: str | None) -> dict:
+  """The graph run's SVM evaluation on one checkpoint (see the module docstring)."""
+  from cldro_jax.tasks import graph  # pylint: disable=import-outside-toplevel
+  if data_dir is not None:
+    config.data.data_dir = data_dir
+  if config.mesh.num_devices > jax.device_count():
+    config.mesh.num_devices = -1
+  mesh = train.make_mesh(config.mesh.num_devices)
+  task = graph.GraphTask(config, mesh)
+  if untrained:
+    params, model_state = jax.jit(task.init)(train.model_init_key(config.seed))
+    used_step = 0
+  else:
+    params, model_state, used_step = _restore_encoder(workdir, step)
+  scores = task.svm_scores(*task.embeddings(params, model_state), task.cv_seeds())
+  result = {"protocol": "svm", "step": used_step, "untrained": untrained,
+            "dataset": task.dataset.name, **scores}
+  _write_result(workdir, f"probe_svm_{'untrained' if untrained else f'step{used_step}'}.json",
+                result)
   return result
 
 

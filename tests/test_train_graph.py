@@ -105,9 +105,17 @@ def test_runlocal_end_to_end_and_svm_wiring(tmp_path):
   other = dataset.graphs[0]._replace(node_features=np.zeros((17, 3), np.float32))
   with pytest.raises(ValueError, match=r"trained on 7 node features per node; these graphs have"):
     encoder.embed([other])
+  # `python -m cldro_jax.probe` on a graph run: its SVM evaluation at any checkpoint, the last
+  # one scoring what results.json reports; the untrained GIN scoring the baseline.
   from cldro_jax import probe  # pylint: disable=import-outside-toplevel
-  with pytest.raises(ValueError, match=r"graphs: the SVM scores are in results.json"):
-    probe.run_probe(str(tmp_path))
+  again = probe.run_probe(str(tmp_path))
+  assert again["step"] == config.total_steps and again["protocol"] == "svm"
+  assert again["svm_accuracy"] == pytest.approx(saved["svm_accuracy"], abs=1e-9)
+  assert read_json(tmp_path, "probe_svm_step4.json") == json.loads(json.dumps(again))
+  baseline = probe.run_probe(str(tmp_path), untrained=True)
+  assert baseline["svm_accuracy"] == pytest.approx(saved["untrained_svm_accuracy"], abs=1e-9)
+  with pytest.raises(ValueError, match="SVM protocol only: drop --protocol"):
+    probe.run_probe(str(tmp_path), protocol="features")
   # 128 evaluation graphs over 8 devices: the last batch (60 graphs) leaves 4 devices empty.
   eight = graph_task.GraphTask(mutag_config(**{"eval.batch_size": 128, "mesh.num_devices": 8}),
                                train.make_mesh(8))

@@ -409,7 +409,8 @@ class GraphTask:
     return {"svm_accuracy": mean, "svm_accuracy_std": std,
             "svm_fold_std": float(np.mean(fold_std)), "svm_accuracy_per_seed": per_seed}
 
-  def _cv_seeds(self) -> list[int]:
+  def cv_seeds(self) -> list[int]:
+    """The outer-fold shuffle seeds of the final evaluation: config.seed, config.seed + 1, ..."""
     return [self.config.seed + r for r in range(self.config.eval.svm_seeds)]
 
   def monitor(self, state) -> dict[str, float]:
@@ -424,15 +425,15 @@ class GraphTask:
     results: dict[str, Any] = {
         "dataset": self.dataset.name, "num_graphs": len(self.graphs),
         "aug": self.config.data.aug, "aug_mode": self.config.data.aug_mode,
-        "svm_cv_seeds": self._cv_seeds()}
+        "svm_cv_seeds": self.cv_seeds()}
     emb, labels = self.embeddings(state.params["model"], state.model_state)
-    results.update(self.svm_scores(emb, labels, self._cv_seeds(), cache=self._trained_scores,
+    results.update(self.svm_scores(emb, labels, self.cv_seeds(), cache=self._trained_scores,
                                    step=int(jax.device_get(state.step))))
     if self.config.eval.untrained_baseline:
       from cldro_jax import train  # pylint: disable=import-outside-toplevel
       params, model_state = jax.jit(self.init, out_shardings=self.replicated)(
           train.model_init_key(self.config.seed))
-      base = self.svm_scores(*self.embeddings(params, model_state), self._cv_seeds())
+      base = self.svm_scores(*self.embeddings(params, model_state), self.cv_seeds())
       results.update({f"untrained_{k}": v for k, v in base.items()})
     return results
 
