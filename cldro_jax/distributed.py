@@ -23,6 +23,9 @@ from the environment (that needs a metadata-server query); launch them with `--m
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import json
 import os
 import secrets
 import time
@@ -197,3 +200,72 @@ def check_workdir_shared(workdir: str, *, wait_s: float = 10.0) -> None:
         "its checkpoints from every process into one folder: use a shared file system on every "
         "host (NFS/Filestore, or a bucket mounted with gcsfuse) and pass its path, the same on "
         "every host (docs/scaling.md).")
+
+
+# Settings a host may legitimately set its own way: where its copy of the data lives and how it
+# reads it, and whether it draws a progress bar.
+PER_HOST_FIELDS = ("data.data_dir", "data.path", "data.test_dir", "data.sts_root",
+                   "data.read_threads", "data.in_memory", "data.in_memory_max_mb", "progress_bar")
+
+
+def _digest(text: str | bytes) -> int:
+  data = text.encode() if isinstance(text, str) else text
+  return int.from_bytes(hashlib.sha256(data).digest()[:8], "little") >> 1   # fits an int64
+
+
+@functools.cache
+def package_digest() -> int:
+  """A digest of this process's cldro_jax source files (names and contents)."""
+  root = os.path.dirname(os.path.abspath(__file__))
+  h = hashlib.sha256()
+  for folder, dirs, files in sorted(os.walk(root)):
+    dirs.sort()
+    for name in sorted(f for f in files if f.endswith(".py")):
+      path = os.path.join(folder, name)
+      h.update(os.path.relpath(path, root).encode() + b"\0")
+      with open(path, "rb") as f:
+        h.update(f.read() + b"\0")
+  return _digest(h.digest())
+
+
+def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in d.items():
+    if isinstance(value, Mapping):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def check_same_run(config_dict: Mapping[str, Any]) -> None:
+  """Refuses a multi-process run whose processes got different configs or code.
+
+  Every process traces the train step from its own config and code; replicated parameters are
+  then updated differently on different hosts (another learning rate, a stale copy of the code on
+  one host) and drift apart with no error. Per-host data locations may differ (PER_HOST_FIELDS).
+  """
+  if jax.process_count() == 1:
+    return
+  shared = {k: v for k, v in _flat(config_dict).items()
+            if not any(k == f or k.startswith(f + ".") for f in PER_HOST_FIELDS)}
+  mine = np.asarray([_digest(json.dumps(shared, sort_keys=True)), package_digest()], np.int64)
+  problem = disagreement(np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 2))
+  if problem:
+    raise ValueError(problem)
+
+
+def disagreement(digests: np.ndarray) -> str | None:
+  """What differs between processes, from their (config, code) digests, one row per process;
+  None when they all agree with process 0."""
+  other_config = [i for i, d in enumerate(digests[:, 0]) if d != digests[0, 0]]
+  other_code = [i for i, d in enumerate(digests[:, 1]) if d != digests[0, 1]]
+  if not (other_config or other_code):
+    return None
+  what = "; ".join(
+      ([f"process(es) {other_config} got another config than process 0 (the same command and "
+        "config file on every host; only data locations may differ)"] if other_config else [])
+      + ([f"process(es) {other_code} run other cldro_jax code than process 0 (install the "
+          "same revision on every host)"] if other_code else []))
+  return (f"The processes of this run disagree: {what}. Their parameters would drift apart "
+          "silently.")

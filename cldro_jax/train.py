@@ -396,6 +396,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if config.batch_size % jax.process_count():
     raise ValueError(f"config.batch_size={config.batch_size} must divide over "
                      f"{jax.process_count()} processes.")
+  distributed.check_same_run(checkpointing.config_to_dict(config))
   distributed.check_workdir_shared(workdir)
   checkpointing.check_or_save_config(workdir, config, save=False)
   task = tasks_lib.build_task(config, mesh, workdir)

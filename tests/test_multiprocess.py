@@ -293,3 +293,28 @@ def test_a_workdir_the_processes_do_not_share_is_refused_before_training(tmp_pat
   # Nothing was trained or saved; process 0's marker is gone again.
   assert sorted(os.listdir(tmp_path / "host0" / "run")) == []
   assert not (tmp_path / "host1" / "run").exists()
+
+
+def test_processes_with_different_configs_are_refused_before_training(tmp_path):
+  # Another learning rate on one host would update the "replicated" parameters differently on
+  # each process, silently. A data location may differ per host; here it is the same.
+  work = f"--workdir={tmp_path / 'run'}"
+  codes = exit_codes_of_two_processes(
+      tmp_path, [[*TINY, work], [*TINY, work, "--config.optim.lr=0.002"]])
+  assert codes == [1, 1], codes
+  for i in range(2):
+    err = (tmp_path / f"{i}.err").read_text()
+    assert "process(es) [1] got another config than process 0" in err, _tail(err)
+    assert "other cldro_jax code" not in err
+
+
+def test_a_process_with_other_code_is_named():
+  # Process 1 of 3 has another copy of the package (its code digest differs), same config.
+  # (The two-process test above covers the gathering; this one the verdict.)
+  mine = [distributed._digest("config"), distributed.package_digest()]  # pylint: disable=protected-access
+  other = [mine[0], mine[1] + 1]
+  problem = distributed.disagreement(np.asarray([mine, other, mine]))
+  assert "process(es) [1] run other cldro_jax code than process 0 (install the same" in problem
+  assert "another config" not in problem
+  assert distributed.disagreement(np.asarray([mine, mine])) is None
+  assert distributed.package_digest() > 0
