@@ -62,12 +62,13 @@ class CheckpointCorruptError(ValueError):
   """A checkpoint whose files are unreadable or whose arrays fail their saved checksums."""
 
 
-def _flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+def flatten_fields(config: dict, prefix: str = "") -> dict[str, Any]:
+  """A nested config dict as {"dotted.field": value}."""
   flat = {}
   for key, value in config.items():
     name = f"{prefix}{key}"
     if isinstance(value, dict):
-      flat.update(_flatten(value, name + "."))
+      flat.update(flatten_fields(value, name + "."))
     else:
       flat[name] = value
   return flat
@@ -204,7 +205,7 @@ def check_or_save_config(workdir: str, config: ml_collections.ConfigDict, *,
     raise CheckpointMismatchError(
         f"The workdir {workdir} holds a run of the {saved.get('domain')!r} domain; this config "
         f"is for the {current.get('domain')!r} domain. Nothing was changed. Use a new --workdir.")
-  saved_flat, current_flat = _flatten(saved), _flatten(current)
+  saved_flat, current_flat = flatten_fields(saved), flatten_fields(current)
   differences = []
   for name in sorted(set(saved_flat) | set(current_flat)):
     if _may_change(name):

@@ -228,16 +228,6 @@ def package_digest() -> int:
   return _digest(h.digest())
 
 
-def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key, value in d.items():
-    if isinstance(value, Mapping):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
 def check_same_run(config_dict: Mapping[str, Any]) -> None:
   """Refuses a multi-process run whose processes got different configs or code.
 
@@ -247,7 +237,8 @@ def check_same_run(config_dict: Mapping[str, Any]) -> None:
   """
   if jax.process_count() == 1:
     return
-  shared = {k: v for k, v in _flat(config_dict).items()
+  from cldro_jax import checkpointing  # pylint: disable=import-outside-toplevel
+  shared = {k: v for k, v in checkpointing.flatten_fields(config_dict).items()
             if not any(k == f or k.startswith(f + ".") for f in PER_HOST_FIELDS)}
   mine = np.asarray([_digest(json.dumps(shared, sort_keys=True)), package_digest()], np.int64)
   problem = disagreement(np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 2))

@@ -71,20 +71,9 @@ def run_probe(workdir: str, *, protocol: str | None = None, epochs: int | None =
     raise ValueError("--update_bn applies to the reference protocol only (the features protocol "
                      "probes cached features of the frozen encoder); add --protocol=reference or "
                      "--noupdate_bn.")
-  if data_dir is not None:
-    config.data.data_dir = data_dir
   config.progress_bar = True
-  if config.mesh.num_devices > jax.device_count():
-    # Trained on more devices than this machine has: the probe runs on what is here.
-    config.mesh.num_devices = -1
-
-  mesh = train.make_mesh(config.mesh.num_devices)
-  task = image.ImageTask(config, mesh)
-  if untrained:
-    params, model_state = jax.jit(task.init)(train.model_init_key(config.seed))
-    used_step = 0
-  else:
-    params, model_state, used_step = _restore_encoder(workdir, step)
+  mesh, task, params, model_state, used_step = _task_and_encoder(
+      workdir, config, image.ImageTask, step=step, untrained=untrained, data_dir=data_dir)
   params, model_state = jax.device_put((params, model_state), task.replicated)
   with jax.set_mesh(mesh):
     scores = task.linear_probe_scores(params, model_state, config.seed)
@@ -100,13 +89,26 @@ def run_probe(workdir: str, *, protocol: str | None = None, epochs: int | None =
   return result
 
 
-def _restore_encoder(workdir: str, step: int | None):
+def _task_and_encoder(workdir: str, config, task_class, *, step: int | None, untrained: bool,
+                      data_dir: str | None):
+  """(mesh, task, params, model_state, step) of the run's encoder at `step` (the latest when
+  None), or at its initialisation (step 0) with `untrained`."""
+  if data_dir is not None:
+    config.data.data_dir = data_dir
+  if config.mesh.num_devices > jax.device_count():
+    # Trained on more devices than this machine has: the probe runs on what is here.
+    config.mesh.num_devices = -1
+  mesh = train.make_mesh(config.mesh.num_devices)
+  task = task_class(config, mesh)
+  if untrained:
+    params, model_state = jax.jit(task.init)(train.model_init_key(config.seed))
+    return mesh, task, params, model_state, 0
   checkpointer = checkpointing.Checkpointer(workdir, read_only=True)
   try:
     raw, meta = checkpointer.restore_raw(step=step)
   finally:
     checkpointer.close()
-  return raw["params"]["model"], raw["model_state"], int(meta["step"])
+  return mesh, task, raw["params"]["model"], raw["model_state"], int(meta["step"])
 
 
 def _write_result(workdir: str, name: str, result: dict) -> None:
@@ -119,17 +121,8 @@ def _svm_probe(workdir: str, config, *, step: int | None, untrained: bool,
                data_dir: str | None) -> dict:
   """The graph run's SVM evaluation on one checkpoint (see the module docstring)."""
   from cldro_jax.tasks import graph  # pylint: disable=import-outside-toplevel
-  if data_dir is not None:
-    config.data.data_dir = data_dir
-  if config.mesh.num_devices > jax.device_count():
-    config.mesh.num_devices = -1
-  mesh = train.make_mesh(config.mesh.num_devices)
-  task = graph.GraphTask(config, mesh)
-  if untrained:
-    params, model_state = jax.jit(task.init)(train.model_init_key(config.seed))
-    used_step = 0
-  else:
-    params, model_state, used_step = _restore_encoder(workdir, step)
+  _, task, params, model_state, used_step = _task_and_encoder(
+      workdir, config, graph.GraphTask, step=step, untrained=untrained, data_dir=data_dir)
   scores = task.svm_scores(*task.embeddings(params, model_state), task.cv_seeds())
   result = {"protocol": "svm", "step": used_step, "untrained": untrained,
             "dataset": task.dataset.name, **scores}

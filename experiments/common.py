@@ -284,20 +284,11 @@ NOT_HASHED = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "
 CODE_VERSION_FILE = "experiment_code_version.json"
 
 
-def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key, value in d.items():
-    if isinstance(value, Mapping):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
 @functools.cache
 def _schema_defaults(domain: str) -> str:
   from cldro_jax import checkpointing, config_defaults
-  return json.dumps(_flat(checkpointing.config_to_dict(config_defaults.base_config(domain))))
+  return json.dumps(checkpointing.flatten_fields(
+      checkpointing.config_to_dict(config_defaults.base_config(domain))))
 
 
 def _hashed_fields(config_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -308,7 +299,8 @@ def _hashed_fields(config_dict: Mapping[str, Any]) -> dict[str, Any]:
   """
   defaults = json.loads(_schema_defaults(config_dict.get("domain", "image")))
   missing = object()
-  return {k: v for k, v in _flat(config_dict).items()
+  from cldro_jax import checkpointing  # pylint: disable=import-outside-toplevel
+  return {k: v for k, v in checkpointing.flatten_fields(config_dict).items()
           if not any(k == f or k.startswith(f + ".") for f in NOT_HASHED)
           and defaults.get(k, missing) != v}
 
