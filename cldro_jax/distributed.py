@@ -178,7 +178,7 @@ def check_workdir_shared(workdir: str, *, wait_s: float = 10.0) -> None:
   """
   if jax.process_count() == 1:
     return
-  token = int(multihost_utils.broadcast_one_to_all(np.int64(secrets.randbits(62))))
+  token = int(multihost_utils.broadcast_one_to_all(np.int32(secrets.randbits(31))))
   marker = os.path.join(workdir, f".cldro_jax_shared_check_{token:x}")
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
@@ -209,8 +209,9 @@ PER_HOST_FIELDS = ("data.data_dir", "data.path", "data.test_dir", "data.sts_root
 
 
 def _digest(text: str | bytes) -> int:
+  """31 bits of SHA-256: an int32 that JAX's collectives carry without x64."""
   data = text.encode() if isinstance(text, str) else text
-  return int.from_bytes(hashlib.sha256(data).digest()[:8], "little") >> 1   # fits an int64
+  return int.from_bytes(hashlib.sha256(data).digest()[:4], "little") >> 1
 
 
 @functools.cache
@@ -240,7 +241,7 @@ def check_same_run(config_dict: Mapping[str, Any]) -> None:
   from cldro_jax import checkpointing  # pylint: disable=import-outside-toplevel
   shared = {k: v for k, v in checkpointing.flatten_fields(config_dict).items()
             if not any(k == f or k.startswith(f + ".") for f in PER_HOST_FIELDS)}
-  mine = np.asarray([_digest(json.dumps(shared, sort_keys=True)), package_digest()], np.int64)
+  mine = np.asarray([_digest(json.dumps(shared, sort_keys=True)), package_digest()], np.int32)
   problem = disagreement(np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 2))
   if problem:
     raise ValueError(problem)
