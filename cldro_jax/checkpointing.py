@@ -491,3 +491,14 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def read_checkpoint(workdir: str, *, step: int | None = None
+                    ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """`Checkpointer.restore_raw` of `workdir`'s checkpoint at `step` (the latest when None),
+  opened read-only: safe beside a live run (its unfinished save is left alone)."""
+  checkpointer = Checkpointer(workdir, read_only=True)
+  try:
+    return checkpointer.restore_raw(step=step)
+  finally:
+    checkpointer.close()

@@ -174,11 +174,7 @@ def load_encoder(workdir: str, *, step: int | None = None
     from cldro_jax.tasks import sentence  # pylint: disable=import-outside-toplevel
     trained = sentence.load_trained_encoder(workdir, "auto" if step is None else str(int(step)))
     return SentenceEncoder(trained=trained, pooler=sentence.eval_pooler(config))
-  checkpointer = checkpointing.Checkpointer(workdir, read_only=True)
-  try:
-    raw, meta = checkpointer.restore_raw(step=step)
-  finally:
-    checkpointer.close()
+  raw, meta = checkpointing.read_checkpoint(workdir, step=step)
   params = jax.tree.map(jnp.asarray, raw["params"]["model"])
   model_state = jax.tree.map(jnp.asarray, raw["model_state"])
   if config.domain == "graph":

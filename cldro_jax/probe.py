@@ -1,6 +1,6 @@
 """Evaluation of a trained encoder on its own, from a workdir's checkpoint.
 
-  python -m cldro_jax.probe --workdir=DIR [--protocol=reference|features] [--epochs=100]
+  python -m cldro_jax.probe --workdir=DIR [--protocol=reference|features|svm] [--epochs=100]
       [--step=N] [--untrained] [--update_bn] [--data_dir=...]
 
 Image runs: uses the run's saved config (dataset, model, augmentation) with the given changes,
@@ -46,7 +46,8 @@ flags.mark_flags_as_required(["workdir"])
 def run_probe(workdir: str, *, protocol: str | None = None, epochs: int | None = None,
               step: int | None = None, untrained: bool = False, update_bn: bool | None = None,
               data_dir: str | None = None) -> dict:
-  """Scores of a linear probe on the workdir's encoder (see the module docstring)."""
+  """Scores of the workdir's encoder: a linear probe (images) or the SVM (graphs); see the
+  module docstring."""
   from cldro_jax.tasks import image  # pylint: disable=import-outside-toplevel
   config = checkpointing.read_saved_config(workdir)
   if config.domain == "graph":
@@ -103,11 +104,7 @@ def _task_and_encoder(workdir: str, config, task_class, *, step: int | None, unt
   if untrained:
     params, model_state = jax.jit(task.init)(train.model_init_key(config.seed))
     return mesh, task, params, model_state, 0
-  checkpointer = checkpointing.Checkpointer(workdir, read_only=True)
-  try:
-    raw, meta = checkpointer.restore_raw(step=step)
-  finally:
-    checkpointer.close()
+  raw, meta = checkpointing.read_checkpoint(workdir, step=step)
   return mesh, task, raw["params"]["model"], raw["model_state"], int(meta["step"])
 
 

@@ -650,12 +650,8 @@ def load_trained_encoder(workdir: str, checkpoint: str = "auto") -> TrainedEncod
                           f"{record['score']:.2f}")
   if checkpoint != "latest" and not str(checkpoint).isdigit():
     raise ValueError(f"checkpoint must be auto, best, latest or a step number, got {checkpoint!r}")
-  checkpointer = checkpointing.Checkpointer(workdir, read_only=True)
-  try:
-    step = None if checkpoint == "latest" else int(checkpoint)
-    state, meta = checkpointer.restore_raw(step=step)
-  finally:
-    checkpointer.close()
+  state, meta = checkpointing.read_checkpoint(
+      workdir, step=None if checkpoint == "latest" else int(checkpoint))
   folder = _architecture_folder(workdir, config)
   encoder_config = bert.read_config(folder)
   params = jax.tree.map(np.asarray, state["params"]["model"])
