@@ -479,19 +479,20 @@ def test_folder_grayscale_and_stratified_split(tmp_path):
 
 def test_folder_16_bit_grayscale_is_rescaled_and_32_bit_refused(tmp_path):
     # PIL's convert("L") would clip every pixel above 255 to white.
-    (tmp_path / "a").mkdir()
+    (tmp_path / "tr" / "a").mkdir(parents=True)
+    (tmp_path / "te" / "a").mkdir(parents=True)
     deep = (np.arange(20, dtype=np.uint16).reshape(4, 5) * 3449)   # 0 .. 65531
-    Image.fromarray(deep).save(tmp_path / "a" / "deep.png")
-    assert Image.open(tmp_path / "a" / "deep.png").mode == "I;16"
-    ds = images.load_image_dataset(cfg(source="folder", data_dir=str(tmp_path),
-                                       test_dir=str(tmp_path)))
+    Image.fromarray(deep).save(tmp_path / "tr" / "a" / "deep.png")
+    Image.fromarray(deep).save(tmp_path / "te" / "a" / "deep.png")
+    assert Image.open(tmp_path / "tr" / "a" / "deep.png").mode == "I;16"
+    folders = dict(data_dir=str(tmp_path / "tr"), test_dir=str(tmp_path / "te"))
+    ds = images.load_image_dataset(cfg(source="folder", **folders))
     assert ds.image_shape == (4, 5, 1)
     np.testing.assert_array_equal(ds.probe_train.images[0, ..., 0],
                                   np.round(deep / 65535.0 * 255.0).astype(np.uint8))
-    Image.fromarray(deep.astype(np.float32)).save(tmp_path / "a" / "float.tif")
+    Image.fromarray(deep.astype(np.float32)).save(tmp_path / "tr" / "a" / "float.tif")
     with pytest.raises(ValueError, match=r"float.tif has 32-bit float pixels.*8- or 16-bit"):
-        images.load_image_dataset(cfg(source="folder", data_dir=str(tmp_path),
-                                      test_dir=str(tmp_path)))
+        images.load_image_dataset(cfg(source="folder", **folders))
 
 
 def test_folder_skips_hidden_entries_and_decodes_one_image_at_a_time(tmp_path):
@@ -568,8 +569,9 @@ def test_npz_source(tmp_path):
 
 
 def test_npz_errors(tmp_path):
-    ok = dict(x_train=np.zeros((4, 3, 3), np.uint8), y_train=np.zeros(4, int),
-              x_test=np.zeros((2, 3, 3), np.uint8), y_test=np.zeros(2, int))
+    # Pixels of 128: all-0/1 uint8 images are refused (test_images_inputs.py).
+    ok = dict(x_train=np.full((4, 3, 3), 128, np.uint8), y_train=np.zeros(4, int),
+              x_test=np.full((2, 3, 3), 128, np.uint8), y_test=np.zeros(2, int))
 
     def load(**changes):
         arrays = {**ok, **changes}

@@ -22,8 +22,10 @@ name               tfds dataset name (``cifar10``, ``cifar100``, ``stl10``; any 
 data_dir           ``tfds``: the tfds data_dir (None: tfds's default, ``$TFDS_DATA_DIR`` or
                    ``~/tensorflow_datasets``). ``fashion_mnist``: folder of the four IDX files
                    (None: ``/usr/share/datasets/fashion-mnist``). ``folder``: the train root, one
-                   sub-folder per class.
-test_dir           ``folder``: optional test root with the same class sub-folders.
+                   sub-folder per class with the images directly inside (images in deeper
+                   folders are refused, not skipped).
+test_dir           ``folder``: optional test root with the same class sub-folders (a subset is
+                   fine; it may not share image files with the train root).
 path               ``npz``: the ``.npz`` file. ``folder``/``fashion_mnist``: used when
                    ``data_dir`` is unset.
 pretrain_split,    ``tfds`` split names; ``+`` joins splits. None: per-dataset defaults, CIFAR
@@ -35,7 +37,8 @@ download           ``tfds``: allow tfds to download and prepare a missing datase
 in_memory          ``tfds``: None (auto: load a split into RAM when it is at most
                    ``in_memory_max_mb``), True, or False (lazy random access, decoded on demand
                    with ``read_threads`` threads; what STL10's 100k unlabelled images get).
-image_size         ``folder``: (H, W) to resize every image to; None requires equal sizes.
+image_size         ``folder``: (H, W) to resize every train and test image to (bilinear,
+                   stretched: no crop keeps the aspect ratio); None requires equal sizes.
 channels           ``folder``: 1 or 3; None picks 1 when every image is stored as grayscale
                    (modes 1, L, LA, 16-bit), else 3 (palette images count as colour).
 test_fraction      ``folder`` without ``test_dir`` and ``digits``: stratified test fraction.
@@ -44,7 +47,8 @@ train_per_class    keep only the first n train images of each class (in stored o
                    shipped subset is stored shuffled, so the first n are a random n). In-memory
                    sources only. None: all.
 test_per_class     the same for the test split.
-num_classes        ``npz``: number of classes (None: max label + 1).
+num_classes        ``npz``: number of classes (None: max label + 1, and every class 0..C-1 must
+                   occur in y_train; set it to keep classes without images on purpose).
 classes_per_batch  0 (default): batches in uniformly shuffled epoch order. k > 0: each training
                    batch holds batch_size / k examples of each of k random classes
                    (``pipeline.class_batch_indices``; the sampling-bias experiment).
@@ -54,9 +58,10 @@ Unset optional fields may also be written as ``""`` or ``0``; ``image_size`` may
 square); unknown fields are refused.
 
 Formats: ``npz`` holds ``x_train, y_train, x_test, y_test`` (``train_images, train_labels,
-test_images, test_labels`` also accepted), images uint8 ``(N, H, W)`` or ``(N, H, W, C)`` with C in
-{1, 3}, labels integer ``(N,)`` >= 0; an optional ``x_unlabeled`` (uint8, same image shape) is added
-to pre-training with label -1. Fashion-MNIST is read from IDX files (gzip or raw), see
+test_images, test_labels`` also accepted), images uint8 0..255 ``(N, H, W)`` or ``(N, H, W, C)``
+with C in {1, 3}, labels integer ``(N,)`` class indices 0..C-1 (every test class also a train
+class); an optional ``x_unlabeled`` (uint8, same image shape) is added to pre-training with label
+-1. Fashion-MNIST is read from IDX files (gzip or raw), see
 ``read_idx``.
 """
 
@@ -106,8 +111,12 @@ _TFDS_SPLIT_ALIASES = {
     "stl10": {"unlabeled": "unlabelled"},
 }
 
+# Files with other suffixes (notes, CSVs) are skipped, as torchvision's ImageFolder does. Photos
+# saved as .jfif/.jpe (Windows, browsers) or .heic/.heif/.avif (phones) are listed so that they
+# are read, or refused by name when PIL cannot decode them, rather than skipped without a word.
 _IMAGE_SUFFIXES = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+    {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
+     ".pgm", ".pbm", ".pnm", ".heic", ".heif", ".avif"}
 )
 
 # IDX element type codes (http://yann.lecun.com/exdb/mnist/, "THE IDX FILE FORMAT"); multi-byte
@@ -361,8 +370,14 @@ def _with_channel_axis(images: np.ndarray, what: str) -> np.ndarray:
         return images[..., None]
     if images.ndim == 4 and images.shape[-1] in (1, 3):
         return images
+    fix = ""
+    if images.ndim == 4 and images.shape[1] in (1, 3):
+        fix = " (channels first? np.transpose(x, (0, 2, 3, 1)) makes it (N, H, W, C))"
+    elif images.ndim == 4 and images.shape[-1] == 4:
+        fix = " (RGBA? drop the alpha channel: x[..., :3])"
     raise ValueError(
-        f"{what} must be (N, H, W) or (N, H, W, C) with C in {{1, 3}}, got shape {images.shape}"
+        f"{what} must be (N, H, W) or (N, H, W, C) with C in {{1, 3}}, got shape "
+        f"{images.shape}{fix}"
     )
 
 
@@ -619,6 +634,41 @@ _NPZ_KEYS = {
 }
 
 
+def _uint8_fix(x: np.ndarray) -> str:
+    """How to turn ``x`` into uint8 0..255 images, judged from its values (one fix does not fit
+    all: ``x * 255`` overflows images already in 0..255)."""
+    if x.dtype.kind not in "biuf" or x.size == 0:
+        return "save the pixels as one numeric array, 0..255"
+    if x.dtype.kind == "b":
+        return "x.astype(np.uint8) * 255 (binary images)"
+    lo, hi = float(np.nanmin(x)), float(np.nanmax(x))
+    if lo < 0:
+        return (f"its values go down to {lo:g}: they look normalised (mean/std); save the "
+                "original 0..255 pixels instead")
+    if x.dtype.kind in "biu" and hi <= 255:
+        return "x.astype(np.uint8) (its values already lie in 0..255)"
+    if x.dtype.kind == "f" and hi <= 1:
+        return "np.round(x * 255).astype(np.uint8) (its values lie in [0, 1])"
+    if x.dtype.kind == "f" and hi <= 255:
+        return "np.round(x).astype(np.uint8) (its values lie in [0, 255])"
+    return (f"its values reach {hi:g}: rescale to 0..255, e.g. np.round(x * 255 / MAX)"
+            ".astype(np.uint8) with MAX the largest value of the format (65535 for 16-bit)")
+
+
+def _label_fix(y: np.ndarray) -> str:
+    """How to turn ``y`` into a 1-D integer array of class indices, judged from what it is."""
+    if y.ndim == 2 and y.shape[1] == 1:
+        return "y.reshape(-1)"
+    if y.ndim == 2:
+        return "one-hot or score rows? y.argmax(1)"
+    if y.ndim == 1 and y.dtype.kind in "bf":
+        return "y.astype(np.int64) (whole-number labels)"
+    if y.ndim == 1 and y.dtype.kind in "USO":
+        return ("class names? map them to 0..C-1 with one mapping for both splits: names = "
+                "np.unique(np.concatenate([y_train, y_test])); y = np.searchsorted(names, y)")
+    return "one class index 0..C-1 per image"
+
+
 def load_npz_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Reads and validates an image-classification ``.npz`` (keys in the module docstring)."""
     path = os.fspath(path)
@@ -627,11 +677,27 @@ def load_npz_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
             f"npz file not found: {path}. Set --config.data.path to a .npz with arrays "
             "x_train, y_train, x_test, y_test"
         )
+    stored, object_keys = {}, []
     try:
         with np.load(path, allow_pickle=False) as npz:
-            stored = {key: npz[key] for key in npz.files}
+            for key in npz.files:
+                try:
+                    stored[key] = npz[key]
+                except ValueError as err:
+                    # Object arrays (a list of differently sized images, say) need pickle,
+                    # which reading a data file must not run; say which array and why.
+                    if "allow_pickle" not in str(err):
+                        raise
+                    object_keys.append(key)
     except (ValueError, OSError, zlib.error, EOFError, zipfile.BadZipFile) as err:
         raise ValueError(f"{path}: not a readable .npz file ({err})") from err
+    if object_keys:
+        raise ValueError(
+            f"{path}: {object_keys} are object arrays (e.g. a list of images of different "
+            "sizes, or of Python objects), which are not loaded (they would need pickle). Save "
+            "images as one uint8 array, e.g. np.stack(images) after resizing them to one size, "
+            "and labels as one integer array"
+        )
     arrays = {}
     for key, aliases in _NPZ_KEYS.items():
         found = [a for a in aliases if a in stored]
@@ -640,6 +706,8 @@ def load_npz_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 f"{path}: missing array {key!r} (also accepted: {aliases[1:]}); it holds "
                 f"{sorted(stored)}"
             )
+        if len(found) > 1:   # which one was meant cannot be known
+            raise ValueError(f"{path} holds both {' and '.join(found)}: keep one")
         arrays[key] = stored[found[0]]
     spellings = [key for key in ("x_unlabeled", "x_unlabelled") if key in stored]
     if len(spellings) > 1:
@@ -648,18 +716,28 @@ def load_npz_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if spellings:
         arrays["x_unlabeled"] = stored[spellings[0]]
     for key in ("x_train", "x_test", "x_unlabeled"):
-        if key in arrays and arrays[key].dtype != np.uint8:
+        if key not in arrays:
+            continue
+        if arrays[key].dtype != np.uint8:
             raise ValueError(
-                f"{path}: {key} must be uint8 0..255, got {arrays[key].dtype}. Convert first, "
-                "e.g. np.round(x * 255).astype(np.uint8) for floats in [0, 1]"
+                f"{path}: {key} must be uint8 0..255, got {arrays[key].dtype}. Convert first: "
+                f"{_uint8_fix(arrays[key])}"
             )
-        if key in arrays:
-            _with_channel_axis(arrays[key], f"{path}: {key}")
+        _with_channel_axis(arrays[key], f"{path}: {key}")
+        # [0, 1] floats cast with .astype(np.uint8) keep only 0 and 1: the images would train
+        # as nearly black without a word.
+        if arrays[key].size and arrays[key].max() <= 1:
+            raise ValueError(
+                f"{path}: {key} is uint8 but every pixel is 0 or 1: images in [0, 1] cast to "
+                "uint8 without scaling. Save np.round(x * 255).astype(np.uint8) from the [0, 1] "
+                "values (binary images: x * 255)"
+            )
     for x_key, y_key in (("x_train", "y_train"), ("x_test", "y_test")):
         labels = arrays[y_key]
         if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
             raise ValueError(
                 f"{path}: {y_key} must be a 1-D integer array, got {labels.dtype} {labels.shape}"
+                f". Fix: {_label_fix(labels)}"
             )
         if labels.shape[0] != arrays[x_key].shape[0]:
             raise ValueError(
@@ -680,7 +758,26 @@ def _load_npz(cfg: Any) -> ImageDataset:
         raise ValueError("source=npz needs --config.data.path=/path/to/data.npz")
     arrays = load_npz_arrays(path)
     name = os.path.splitext(os.path.basename(path))[0]
-    return _labelled_dataset(name, **arrays, cfg=cfg, num_classes=_get(cfg, "num_classes"))
+    dataset = _labelled_dataset(name, **arrays, cfg=cfg, num_classes=_get(cfg, "num_classes"))
+    # Labels not 0..C-1 trained without a word: 1-based labels made an extra class no image has,
+    # and test labels in another encoding than train's counted as errors no probe could avoid.
+    train_classes = np.unique(arrays["y_train"])
+    unseen = np.setdiff1d(np.unique(arrays["y_test"]), train_classes)
+    if unseen.size:
+        raise ValueError(
+            f"{path}: y_test holds classes {unseen[:10].tolist()} that y_train never has, so no "
+            "classifier fitted on the train split can predict them. Check that both splits use "
+            "one label encoding (each class the same index 0..C-1 in y_train and y_test)"
+        )
+    missing = np.setdiff1d(np.arange(dataset.num_classes), train_classes)
+    if missing.size and _get(cfg, "num_classes") is None:
+        raise ValueError(
+            f"{path}: labels go up to {dataset.num_classes - 1} but classes "
+            f"{missing[:10].tolist()} never occur in y_train: labels must be 0..C-1 (1-based "
+            "labels? save y - 1). To keep empty classes on purpose, set "
+            f"--config.data.num_classes={dataset.num_classes}"
+        )
+    return dataset
 
 
 def _scan_class_folders(
@@ -692,14 +789,22 @@ def _scan_class_folders(
     absent; without (the train folder), every class folder must hold images.
     """
     is_train = class_names is None
+
+    def hidden(name: str) -> bool:
+        # .ipynb_checkpoints, macOS ._ files, and the __MACOSX folder a macOS zip unpacks to.
+        return name.startswith(".") or name == "__MACOSX"
+
+    def is_image(name: str) -> bool:
+        return not hidden(name) and os.path.splitext(name)[1].lower() in _IMAGE_SUFFIXES
+
     if not os.path.isdir(root):
         raise FileNotFoundError(
             f"image folder not found: {root}. Point --config.data.data_dir (train) / "
             "--config.data.test_dir (test) at a folder with one sub-folder per class"
         )
-    # Hidden entries (.ipynb_checkpoints, macOS ._ files) are never classes or images.
+    # Hidden entries are never classes or images.
     found = tuple(sorted(d for d in os.listdir(root)
-                         if not d.startswith(".") and os.path.isdir(os.path.join(root, d))))
+                         if not hidden(d) and os.path.isdir(os.path.join(root, d))))
     if not found:
         raise ValueError(f"{root}: no class sub-folders (expected {root}/<class>/<image>.png)")
     if class_names is None:
@@ -712,10 +817,24 @@ def _scan_class_folders(
         cls_dir = os.path.join(root, cls)
         if not os.path.isdir(cls_dir):
             continue
-        files = sorted(
-            f for f in os.listdir(cls_dir)
-            if not f.startswith(".") and os.path.splitext(f)[1].lower() in _IMAGE_SUFFIXES
-        )
+        entries = sorted(os.listdir(cls_dir))
+        files = [f for f in entries if is_image(f)]
+        # Only images directly inside a class folder are read. Images further down (class/2019/
+        # x.jpg, or a dataset root holding train/ and test/) were skipped without a word.
+        for sub in entries:
+            sub_dir = os.path.join(cls_dir, sub)
+            if hidden(sub) or not os.path.isdir(sub_dir):
+                continue
+            for walk_dir, dirs, names in os.walk(sub_dir):
+                dirs[:] = [d for d in dirs if not hidden(d)]
+                if any(is_image(n) for n in names):
+                    raise ValueError(
+                        f"{walk_dir} holds images, but only images directly inside a class "
+                        f"folder are read ({root}/<class>/<image>). Move them into {cls_dir}; "
+                        f"or, if {root} holds split folders (train/, test/), point "
+                        "--config.data.data_dir at the train folder and --config.data.test_dir "
+                        "at the test folder"
+                    )
         if not files and is_train:
             raise ValueError(f"{cls_dir}: class folder holds no images ({sorted(_IMAGE_SUFFIXES)})")
         paths += [os.path.join(cls_dir, f) for f in files]
@@ -800,7 +919,14 @@ def _decode_images(
 
 
 def _load_folder(cfg: Any) -> ImageDataset:
-    root = _get(cfg, "data_dir") or _get(cfg, "path")
+    data_dir, path = _get(cfg, "data_dir"), _get(cfg, "path")
+    if data_dir and path and os.path.realpath(data_dir) != os.path.realpath(path):
+        # Both name the train folder; silently preferring one trained on the other's images.
+        raise ValueError(
+            f"source=folder got two train folders, --config.data.data_dir={data_dir} and "
+            f"--config.data.path={path}: give one"
+        )
+    root = data_dir or path
     if not root:
         raise ValueError(
             "source=folder needs --config.data.data_dir=/path/to/train (one sub-folder per class)"
@@ -811,6 +937,17 @@ def _load_folder(cfg: Any) -> ImageDataset:
     test_dir = _get(cfg, "test_dir")
     if test_dir:
         test_paths, test_labels, _ = _scan_class_folders(test_dir, class_names)
+        # The train folder (or a link into it) as the test folder measured test accuracy on
+        # training images.
+        train_files = {os.path.realpath(p) for p in paths}
+        shared = [p for p in test_paths if os.path.realpath(p) in train_files]
+        if shared:
+            raise ValueError(
+                f"{test_dir}: {len(shared)} test images are also train images in {root} (e.g. "
+                f"{shared[0]}), so the test accuracy would be measured on training data. Give a "
+                "test folder disjoint from the train folder, or drop --config.data.test_dir to "
+                "test on a stratified --config.data.test_fraction of the train folder"
+            )
         # Decode both together so that one size / channel decision covers both splits.
         images = _decode_images(paths + test_paths, image_size, channels)
         x_train, x_test = images[: len(paths)], images[len(paths) :]
