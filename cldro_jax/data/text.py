@@ -124,12 +124,24 @@ def _apply_bert_normaliser_settings(tok: tokenizers.Tokenizer, folder: str) -> N
   tok.normalizer = _tokenizers().normalizers.BertNormalizer(**fields)
 
 
+def _apply_sentence_transformers_lowercasing(tok: tokenizers.Tokenizer, folder: str) -> None:
+  """sentence-transformers lower-cases the text itself (`str.lower`) before its tokenizer runs
+  when sentence_bert_config.json says `do_lower_case: true`, whatever the tokenizer's own
+  settings; without this a cased tokenizer (RoBERTa's BPE) would see other ids than it does."""
+  if not _read_json(os.path.join(folder, "sentence_bert_config.json")).get("do_lower_case"):
+    return
+  normalizers = _tokenizers().normalizers
+  tok.normalizer = normalizers.Sequence(
+      [normalizers.Lowercase()] + ([tok.normalizer] if tok.normalizer is not None else []))
+
+
 def load_tokenizer(folder: str) -> tokenizers.Tokenizer:
   """A `tokenizers.Tokenizer` from a HF model folder, with padding and truncation switched off.
 
   Uses `tokenizer.json` when present (with tokenizer_config.json's lower-casing, accent and
   Chinese-character settings, as transformers applies them); otherwise builds WordPiece from
-  `vocab.txt` (BERT) or byte-level BPE from `vocab.json` + `merges.txt` (RoBERTa).
+  `vocab.txt` (BERT) or byte-level BPE from `vocab.json` + `merges.txt` (RoBERTa). Lower-cases
+  the text first where sentence_bert_config.json says so, as sentence-transformers does.
   """
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"Tokenizer folder {folder} does not exist.")
@@ -145,6 +157,7 @@ def load_tokenizer(folder: str) -> tokenizers.Tokenizer:
     raise FileNotFoundError(
         f"No tokenizer files in {folder}: expected tokenizer.json, vocab.txt (BERT WordPiece) "
         "or vocab.json + merges.txt (RoBERTa byte-level BPE).")
+  _apply_sentence_transformers_lowercasing(tok, folder)
   # Presets in tokenizer.json (e.g. MiniLM's pad/truncate to 128) must not leak into our shapes.
   tok.no_padding()
   tok.no_truncation()
@@ -161,6 +174,28 @@ def _pad_token(tok: tokenizers.Tokenizer, folder: str) -> tuple[str, int]:
   raise ValueError(f"The tokenizer in {folder} has no padding token (tried {candidates}).")
 
 
+def _check_ids_fit_the_model(tok: tokenizers.Tokenizer, folder: str) -> None:
+  """Refuses a tokenizer with ids past the word-embedding rows of the folder's config.json.
+
+  Such an id (a token added to the tokenizer without `resize_token_embeddings`) makes an
+  out-of-range gather: NaN in JAX for every row of the batch (PyTorch raises IndexError).
+  Tokenizer folders without config.json (a tokenizer saved on its own) are not checked.
+  """
+  config_path = os.path.join(folder, "config.json")
+  vocab_size = _read_json(config_path).get("vocab_size")
+  if not isinstance(vocab_size, int):
+    return
+  beyond = sorted((i, t) for t, i in tok.get_vocab(with_added_tokens=True).items()
+                  if i >= vocab_size)
+  if beyond:
+    raise ValueError(
+        f"The tokenizer in {folder} has {len(beyond)} token ids beyond the {vocab_size} word "
+        f"embeddings of {config_path} (vocab_size), e.g. {beyond[0][1]!r} = {beyond[0][0]}: "
+        "resize the model to its tokenizer (transformers: `model.resize_token_embeddings("
+        "len(tokenizer))`, then `save_pretrained`), or use the tokenizer files it was "
+        "trained with.")
+
+
 class SentenceTokenizer:
   """Text -> fixed-shape int32 `input_ids` / `attention_mask` for the encoders.
 
@@ -173,6 +208,7 @@ class SentenceTokenizer:
   def __init__(self, folder: str):
     self.folder = folder
     self.tokenizer = load_tokenizer(folder)
+    _check_ids_fit_the_model(self.tokenizer, folder)
     self.pad_token, self.pad_id = _pad_token(self.tokenizer, folder)
     self._by_setting: dict[tuple, tokenizers.Tokenizer] = {}
 

@@ -88,6 +88,15 @@ class Embeddings(nn.Module):
   @nn.compact
   def __call__(self, input_ids: Array, token_type_ids: Array, *, train: bool) -> Array:
     cfg = self.config
+    # An out-of-range gather is NaN in JAX (PyTorch raises IndexError): positions past the
+    # table would turn every embedding of the batch to NaN. The length is static: checked once.
+    if input_ids.shape[-1] > cfg.max_tokens:
+      raise ValueError(
+          f"Inputs of {input_ids.shape[-1]} tokens are longer than the {cfg.max_tokens} "
+          f"positions of this {cfg.model_type} model (config.json max_position_embeddings="
+          f"{cfg.max_position_embeddings}"
+          + (f", RoBERTa positions start at {cfg.position_offset}" if cfg.position_offset else "")
+          + f"): tokenise with max_length <= {cfg.max_tokens}.")
     # Looked up and summed in float32 (a gather, no arithmetic to save), as under autocast.
     embed = functools.partial(nn.Embed, features=cfg.hidden_size, dtype=jnp.float32,
                               param_dtype=jnp.float32,

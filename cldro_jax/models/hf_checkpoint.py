@@ -105,6 +105,10 @@ class EncoderConfig:
     # Fields a config.json may omit take transformers' defaults for ITS model type: RoBERTa's
     # pad id is 1 (its position ids start after it), not BERT's 0.
     fields = {**_MODEL_TYPE_DEFAULTS.get(model_type, {}), **hf}
+    required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+    missing = [name for name in required if name not in fields]
+    if missing:  # else a TypeError about __init__'s positional arguments
+      raise ValueError(f"config.json lacks {missing}: add the model's values.")
     return cls(**{k: v for k, v in fields.items() if k in names})
 
   def to_hf_dict(self) -> dict[str, Any]:
@@ -185,6 +189,13 @@ def _normalise_names(tensors: dict[str, np.ndarray], model_type: str) -> dict[st
   return out
 
 
+# Weight files of other formats -> the from_pretrained argument that reads them.
+_OTHER_WEIGHT_FILES = (
+    ("pytorch_model.bin", ""), ("pytorch_model.bin.index.json", ""),
+    ("tf_model.h5", ", from_tf=True"), ("flax_model.msgpack", ", from_flax=True"),
+)
+
+
 def _read_safetensors(folder: str) -> dict[str, np.ndarray]:
   """Reads `model.safetensors`, or every shard listed by `model.safetensors.index.json`."""
   from safetensors.numpy import load_file  # local: keeps import of this module cheap
@@ -198,9 +209,14 @@ def _read_safetensors(folder: str) -> dict[str, np.ndarray]:
       files = [os.path.join(folder, f) for f in sorted(set(json.load(fh)["weight_map"].values()))]
   else:
     hint = ""
-    if os.path.exists(os.path.join(folder, "pytorch_model.bin")):
-      hint = (" It has pytorch_model.bin: convert it once with transformers, e.g. "
-              "`AutoModel.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)`.")
+    # Weights in another format (a sharded PyTorch checkpoint, TF or Flax exports): say which
+    # and how transformers converts it, instead of "no model.safetensors" alone.
+    for name, load_flag in _OTHER_WEIGHT_FILES:
+      if os.path.exists(os.path.join(folder, name)):
+        hint = (f" It has {name}: convert it once with transformers, e.g. `AutoModel."
+                f"from_pretrained(folder{load_flag}).save_pretrained(folder, "
+                "safe_serialization=True)`.")
+        break
     raise FileNotFoundError(f"No model.safetensors in {folder}.{hint}")
   tensors = {}
   for path in files:
@@ -222,8 +238,16 @@ def read_config(folder: str) -> EncoderConfig:
         "(config.json, model.safetensors, tokenizer files).")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} is missing: a Hugging Face model folder needs config.json.")
-  with open(path) as fh:
-    return EncoderConfig.from_hf_dict(json.load(fh))
+  with open(path, encoding="utf-8") as fh:
+    try:
+      hf = json.load(fh)
+    except ValueError as err:  # JSONDecodeError names no file
+      raise ValueError(f"{path} is not valid JSON ({err}): the file is truncated or corrupt; "
+                       "download the model folder again.") from err
+  try:
+    return EncoderConfig.from_hf_dict(hf)
+  except ValueError as err:  # the messages say what is wrong, not in which file
+    raise ValueError(f"{path}: {err}") from err
 
 
 def hf_tensors_to_params(tensors: Mapping[str, np.ndarray], config: EncoderConfig) -> Params:
