@@ -99,6 +99,8 @@ def _knn_scores(bank_features, bank_labels, query_features, temperature, *, num_
     bank_labels = bank_labels.astype(jnp.int32)
     num_queries = queries.shape[0]
     k = min(k, bank.shape[0])  # k > bank size: every bank item votes.
+    if num_queries == 0:  # e.g. an empty process-local shard; the chunking below divides by 0
+        return jnp.zeros((0, num_classes), jnp.float32)
 
     # Queries are processed chunk by chunk (lax.map runs them sequentially), so the live
     # similarity matrix is (chunk_size, bank size): ~100 MB for 256 x 100k in float32.
