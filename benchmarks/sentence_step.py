@@ -46,6 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cldro_jax import train  # noqa: E402
 from cldro_jax.tasks import sentence  # noqa: E402
 from configs import sts_bert  # noqa: E402
+import op_profile  # noqa: E402  (benchmarks/op_profile.py, beside this script)
 import record  # noqa: E402  (benchmarks/record.py, beside this script)
 
 SEQ_LEN = 32
@@ -69,6 +70,10 @@ def parse_args(argv):
                       help="device peak for MFU (0: measure a dense matmul in each dtype)")
   parser.add_argument("--json", default="", help="also write the rows to this file "
                       "(for benchmarks/plot.py)")
+  parser.add_argument("--profile", default="", metavar="DIR",
+                      help="also trace 3 steps of the project program into DIR and print its "
+                      "device time per phase (encoder forward/backward, loss, optimizer) and the "
+                      "heaviest operations (benchmarks/op_profile.py)")
   return parser.parse_args(argv)
 
 
@@ -127,6 +132,21 @@ def time_steps(step, state, batch, warmup: int, repeats: int):
   return statistics.median(times), (time.perf_counter() - start) / repeats, state
 
 
+def profile_text(step, state, batch, trace_dir: str, seconds: float) -> str:
+  """The device time of 3 traced steps by phase (benchmarks/op_profile.py), as markdown. A
+  profiler that fails (no CUPTI, say) costs this text only, never the measured rows."""
+  holder = {"state": state}
+
+  def run_once():
+    holder["state"] = step(holder["state"], batch)
+    return holder["state"]
+  try:
+    profile = op_profile.profile_compiled(run_once, step.hlo_text, trace_dir)
+    return op_profile.format_tables(profile, seconds * 1e3)
+  except Exception as error:   # pylint: disable=broad-except
+    return f"(profile failed: {type(error).__name__}: {error})"
+
+
 def _rate(per_second: float) -> str:
   return f"{per_second:,.0f}" if per_second >= 100 else f"{per_second:.3g}"
 
@@ -158,6 +178,7 @@ def project_program(arch, batch: int, dtype: str, mesh):
     return new_state
   # XLA counts one device's partitioned program: the step is that on every device of the mesh
   # (replicated work such as the optimizer update is then counted once per device, as it runs).
+  run.hlo_text = compiled.as_text()   # names what a profile of the step times
   return run, state, global_batch, xla_flops(compiled) * mesh.size
 
 
@@ -231,8 +252,11 @@ def main(argv=None) -> None:
           step, state, data, counted = plain_program(arch, batch, dtype)
         else:
           raise ValueError(f"unknown program {program!r}: project or plain")
-        seconds[program], back_to_back, _ = time_steps(step, state, data, args.warmup,
-                                                       args.repeats)
+        seconds[program], back_to_back, state = time_steps(step, state, data, args.warmup,
+                                                           args.repeats)
+        profile = (profile_text(step, state, data, f"{args.profile}/{program}_{dtype}_{batch}",
+                                seconds[program])
+                   if args.profile and program == "project" else "")
         del state
         achieved = flops_sentence * batch / seconds[program] / 1e12
         out.add(program=program, dtype=dtype, batch=batch, ms=seconds[program] * 1e3,
@@ -246,6 +270,11 @@ def main(argv=None) -> None:
               f"{achieved:.3g} | "
               f"{achieved / peaks[dtype]:.1%} | {counted / (flops_sentence * batch):.2f} | "
               f"{ratio} |", flush=True)
+        if profile:
+          print(f"\n# {program}, {dtype}, batch {batch}: where the step's device time goes\n"
+                f"{profile}\n\n| program | dtype | batch | ms/step | sentences/s | sentences/s, "
+                "steps back to back | TFLOP/s | MFU | XLA/analytic FLOPs | project / plain time |"
+                "\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from cldro_jax.data import images as images_lib
 from cldro_jax.data import pipeline
 from cldro_jax.models import resnet
 from cldro_jax.tasks import image as image_task
+import op_profile  # benchmarks/op_profile.py, beside this script
 import record  # benchmarks/record.py, beside this script
 
 H200_BF16_FLOPS = 790e12   # measured bf16 matmul rate, docs/benchmarks.md
@@ -125,6 +126,7 @@ def bench_model(name: str, args) -> dict:
         jax.random.PRNGKey(0))
     step = jax.jit(train.make_train_step(task, config, tx, schedule, mesh), donate_argnums=0)
     batch = task.to_global(dataset.pretrain[np.arange(args.batch)])
+    step = step.lower(state, batch).compile()   # compiled once; its text names what the profile times
     holder = {"state": state}
 
     def run_step(batch):
@@ -140,6 +142,8 @@ def bench_model(name: str, args) -> dict:
     aug_fn = jax.jit(lambda key, x: augment_lib.two_views(key, x, aug))
     key = jax.random.PRNGKey(1)
     t_aug = median_time(aug_fn, lambda: (key, batch["image"]), args.warmup, args.iters)
+    if args.profile:
+      profile_step(name, lambda: run_step(batch), step.as_text(), args, t_step)
 
   flops = resnet.contrastive_step_flops_per_image(name, image_size=32, stem="cifar",
                                                   width=args.width)
@@ -167,6 +171,17 @@ def bench_model(name: str, args) -> dict:
 
   t_plain = median_time(run_plain, lambda: (images,), args.warmup, args.iters)
   return {**row, "plain_images_per_s": args.batch / t_plain, "ratio_vs_plain": t_plain / t_step}
+
+
+def profile_step(name: str, run, compiled_text: str, args, t_step: float) -> None:
+  """Prints the step's device time by phase (benchmarks/op_profile.py). A profiler that fails
+  (no CUPTI, say) costs this table only, never the measured rows."""
+  try:
+    profile = op_profile.profile_compiled(run, compiled_text, f"{args.profile}/{name}")
+    print(f"\n# {name}: where the step's device time goes\n"
+          + op_profile.format_tables(profile, t_step * 1e3) + "\n", flush=True)
+  except Exception as error:   # pylint: disable=broad-except
+    print(f"# {name}: profile failed: {type(error).__name__}: {error}", flush=True)
 
 
 def bench_host_pipeline(batch: int, steps: int = 50) -> float:
@@ -198,6 +213,10 @@ def main():
                       help="do not time the plain baseline step (saves its compilation)")
   parser.add_argument("--json", default="", help="also write the rows to this file "
                       "(for benchmarks/plot.py)")
+  parser.add_argument("--profile", default="", metavar="DIR",
+                      help="also trace 3 steps into DIR and print the device time per phase "
+                      "(augmentation, encoder forward/backward, loss, optimizer) and the heaviest "
+                      "operations (benchmarks/op_profile.py)")
   args = parser.parse_args()
   device = jax.devices()[0]
   print(f"# {datetime.date.today()}  {device.device_kind} x{jax.device_count()} "

@@ -230,17 +230,20 @@ def _global_loss_and_diagnostics(loss_cfg, variant, mesh, z1, z2, valid, labels)
   def local_at_precision(z1, z2, valid, labels):
     lab = labels if loss_cfg.use_labels else None
     mu, sigma = loss_cfg.mu, loss_cfg.sigma
-    if adaptive:   # adaptive ADNCE: this step's mu/sigma from its negatives (stop-gradient)
-      mu, sigma = losses.adaptive_mu_sigma(
-          z1, z2, mu=mu, sigma=sigma, mu_rule=loss_cfg.mu_rule, mu_quantile=loss_cfg.mu_quantile,
-          sigma_rule=loss_cfg.sigma_rule, sigma_scale=loss_cfg.sigma_scale, variant=variant,
-          valid=valid, labels=lab, axis_name=AXIS)
-    loss = loss_fn(z1, z2, valid, lab, AXIS, **({"mu": mu, "sigma": sigma} if adaptive else {}))
-    diag = losses.diagnostics(
-        jax.lax.stop_gradient(z1), jax.lax.stop_gradient(z2),
-        temperature=loss_cfg.temperature, mu=mu if adnce else None,
-        sigma=sigma if adnce else None, variant=variant, valid=valid, labels=lab,
-        axis_name=AXIS)
+    with jax.named_scope("loss"):
+      if adaptive:   # adaptive ADNCE: this step's mu/sigma from its negatives (stop-gradient)
+        mu, sigma = losses.adaptive_mu_sigma(
+            z1, z2, mu=mu, sigma=sigma, mu_rule=loss_cfg.mu_rule,
+            mu_quantile=loss_cfg.mu_quantile, sigma_rule=loss_cfg.sigma_rule,
+            sigma_scale=loss_cfg.sigma_scale, variant=variant, valid=valid, labels=lab,
+            axis_name=AXIS)
+      loss = loss_fn(z1, z2, valid, lab, AXIS, **({"mu": mu, "sigma": sigma} if adaptive else {}))
+    with jax.named_scope("diagnostics"):
+      diag = losses.diagnostics(
+          jax.lax.stop_gradient(z1), jax.lax.stop_gradient(z2),
+          temperature=loss_cfg.temperature, mu=mu if adnce else None,
+          sigma=sigma if adnce else None, variant=variant, valid=valid, labels=lab,
+          axis_name=AXIS)
     if adaptive:
       diag = dict(diag, adnce_mu=mu, adnce_sigma=sigma)
     return loss, diag
@@ -275,22 +278,28 @@ def make_train_step(task: "tasks_lib.Task", config: ml_collections.ConfigDict, t
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     step_rng = jax.random.fold_in(state.rng, state.step)
 
+    # The named scopes label the compiled step's operations by phase (model, its "augment"
+    # part, loss, diagnostics, online_probe, optimizer): benchmarks/op_profile.py reads them to
+    # split a profiled step's device time. They change no computation.
     def objective(params):
-      out = task.forward(params["model"], state.model_state, batch, step_rng, train=True)
+      with jax.named_scope("model"):
+        out = task.forward(params["model"], state.model_state, batch, step_rng, train=True)
       loss, diag = _global_loss_and_diagnostics(
           loss_cfg, variant, mesh, out.z1, out.z2, out.valid, out.labels)
       total = loss
       aux = {"diag": diag}
       if "probe" in params:
-        probe_loss, probe_acc = _online_probe_loss(params["probe"], out.probe_features,
-                                                   out.probe_labels)
+        with jax.named_scope("online_probe"):
+          probe_loss, probe_acc = _online_probe_loss(params["probe"], out.probe_features,
+                                                     out.probe_labels)
         total = total + probe_loss   # the probe sees stop-gradient features: no encoder gradient
         aux.update(probe_loss=probe_loss, probe_acc=probe_acc)
       return total, (loss, out.model_state, aux)
 
     grads, (loss, model_state, aux) = jax.grad(objective, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    with jax.named_scope("optimizer"):
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads["model"])
     # A NaN can reach the parameters through the gradient while the loss still looks finite, or
     # through the update itself while the gradient is finite (an overflowing learning rate or

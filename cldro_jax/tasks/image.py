@@ -119,7 +119,8 @@ class ImageTask:
 
   def forward(self, params, model_state, batch, rng, *, train: bool) -> ForwardOutput:
     images = batch["image"]
-    view1, view2 = augment_lib.two_views(rng, images, self.augment)
+    with jax.named_scope("augment"):
+      view1, view2 = augment_lib.two_views(rng, images, self.augment)
     model_cfg = self.config.model
     if model_cfg.bn_over_views or model_cfg.views_in_one_pass:
       # Both views in ONE forward pass, rows interleaved (2i = view 1, 2i+1 = view 2 of example

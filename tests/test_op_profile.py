@@ -1,0 +1,125 @@
+"""benchmarks/op_profile.py: a profiled step's device time split by the trainer's named scopes.
+
+Checked on real profiler traces of this machine's CPU backend (the GPU's kernels carry the same
+`hlo_op`/`hlo_module` tags): the phase of an op_name, every instruction of the real image train
+step attributed to a phase, and a traced function whose phases' work differs ~30-fold, where the
+split must follow the work."""
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+import op_profile  # noqa: E402  pylint: disable=wrong-import-position
+
+
+@pytest.mark.parametrize("op_name, phase", [
+    ("jit(train_step)/jvp(model)/augment/vmap(jit(_uniform))/add", "augmentation"),
+    ("jit(train_step)/jvp(model)/ContrastiveModel/encoder/layer1_0/conv1/conv_general_dilated",
+     "encoder forward"),
+    ("jit(train_step)/transpose(jvp(model))/ContrastiveModel/encoder/bn1/mul", "encoder backward"),
+    ("jit(train_step)/jvp()/loss/reduce_max", "loss forward"),
+    ("jit(train_step)/transpose(jvp())/loss/add_any", "loss backward"),
+    ("jit(train_step)/jvp()/diagnostics/reduce_sum", "diagnostics"),
+    ("jit(train_step)/transpose(jvp(online_probe))/dot_general", "online probe backward"),
+    ("jit(train_step)/optimizer/mul", "optimizer"),
+    ("jit(train_step)/add", op_profile.OTHER),
+    ("jit(train_step)/jvp(ContrastiveModel)/encoder/lossy_layer/add", op_profile.OTHER),
+    ("state.params['model']['encoder']['bn1']['scale']", None),
+])
+def test_phase_of_an_op_name(op_name, phase):
+  assert op_profile.phase_of(op_name) == phase
+
+
+def _compiled(fn, *args):
+  compiled = jax.jit(fn).lower(*args).compile()
+  return compiled, compiled.as_text()
+
+
+def _two_phase_step(x, w):
+  """Forward and backward of a heavy "model" (8 matmuls of 256x256 on 256 rows) feeding a light
+  "loss" (one pass over 256x256 numbers): the model does ~30x the loss's work, and the
+  "optimizer" a single tiny update."""
+  def objective(w):
+    with jax.named_scope("model"):
+      h = x
+      for _ in range(8):
+        h = jnp.tanh(h @ w)
+    with jax.named_scope("loss"):
+      return jnp.mean(h * h)
+  g = jax.grad(objective)(w)
+  with jax.named_scope("optimizer"):
+    return w - 0.1 * g
+
+
+def test_the_split_follows_the_work(tmp_path):
+  x = jax.random.normal(jax.random.PRNGKey(0), (256, 256))
+  w = jax.random.normal(jax.random.PRNGKey(1), (256, 256)) / 16
+  compiled, text = _compiled(_two_phase_step, x, w)
+  profile = op_profile.profile_compiled(lambda: compiled(x, w), text, str(tmp_path), steps=4)
+  assert pathlib.Path(profile.trace_file).is_file() and profile.events >= 4
+  assert op_profile.UNATTRIBUTED not in profile.phase_ns   # every timed operation is known
+  total = sum(profile.phase_ns.values())
+  model = profile.phase_ns["encoder forward"] + profile.phase_ns["encoder backward"]
+  assert model / total > 0.8, profile.phase_ns
+  assert profile.phase_ns["encoder backward"] > profile.phase_ns["encoder forward"]  # 2x matmuls
+  assert profile.phase_ns.get("optimizer", 0.0) < 0.1 * total
+  table = op_profile.format_tables(profile, step_wall_ms=1.0)
+  assert "| encoder backward |" in table and "heaviest" in table
+  # Per-instruction and per-phase sums are the same time.
+  assert sum(profile.op_ns.values()) == pytest.approx(total)
+
+
+def test_a_module_traced_beside_others_counts_only_its_own_kernels(tmp_path):
+  x = jnp.ones((128, 128))
+  w = jnp.ones((128, 128)) / 128
+  compiled, text = _compiled(_two_phase_step, x, w)
+  other = jax.jit(lambda a: jnp.sin(a @ a @ a))
+
+  def run_both():
+    jax.block_until_ready(other(x))   # another program's kernels in the same trace
+    return compiled(x, w)
+
+  alone = op_profile.profile_compiled(lambda: compiled(x, w), text, str(tmp_path / "a"), steps=2)
+  both = op_profile.profile_compiled(run_both, text, str(tmp_path / "b"), steps=2)
+  assert both.events == alone.events   # same kernels, none of the other module's
+  assert op_profile.UNATTRIBUTED not in both.phase_ns
+
+
+def test_every_instruction_of_the_image_train_step_has_its_phase():
+  """The real trainer step (tiny ResNet-18, augmentation, ADNCE in shard_map, online probe,
+  Adam): its named scopes reach the compiled module, so the split needs no guessing."""
+  from cldro_jax import config_defaults, train   # pylint: disable=import-outside-toplevel
+  from cldro_jax.data import images as images_lib   # pylint: disable=import-outside-toplevel
+  from cldro_jax.tasks import image as image_task   # pylint: disable=import-outside-toplevel
+
+  config = config_defaults.base_config("image")
+  config.model.name, config.model.width = "resnet18", 4
+  config.batch_size, config.mesh.num_devices = 8, 1
+  config.eval.online_probe = True
+  rng = np.random.default_rng(0)
+  source = images_lib.InMemorySource(rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8),
+                                     rng.integers(0, 10, 16).astype(np.int32))
+  dataset = images_lib.ImageDataset(name="synthetic", pretrain=source, probe_train=source,
+                                    test=source, num_classes=10, image_shape=(16, 16, 3))
+  mesh = train.make_mesh(1)
+  task = image_task.ImageTask(config, mesh, dataset=dataset)
+  schedule = train.make_schedule(config.optim, 10, task.steps_per_epoch)
+  tx = train.make_full_optimizer(config, schedule)
+  with jax.set_mesh(mesh):
+    state = jax.jit(lambda k: train.create_train_state(task, config, tx, k))(
+        jax.random.PRNGKey(0))
+    batch = task.to_global(dataset.pretrain[np.arange(8)])
+    text = jax.jit(train.make_train_step(task, config, tx, schedule, mesh)).lower(
+        state, batch).compile().as_text()
+  instructions = op_profile.parse_hlo(text)
+  phases = {ins.phase for ins in instructions.values()}
+  assert {"augmentation", "encoder forward", "encoder backward", "loss forward",
+          "loss backward", "diagnostics", "online probe forward", "online probe backward",
+          "optimizer"} <= phases
+  convolutions = [ins for ins in instructions.values() if ins.kind == "convolution"]
+  assert convolutions and all(ins.phase.startswith("encoder ") for ins in convolutions)
+  assert op_profile.module_name(text) == "jit_train_step"
