@@ -123,3 +123,59 @@ def test_every_instruction_of_the_image_train_step_has_its_phase():
   convolutions = [ins for ins in instructions.values() if ins.kind == "convolution"]
   assert convolutions and all(ins.phase.startswith("encoder ") for ins in convolutions)
   assert op_profile.module_name(text) == "jit_train_step"
+
+
+class _Event:
+  def __init__(self, name, duration_ns, **stats):
+    self.name, self.duration_ns, self.stats = name, duration_ns, list(stats.items())
+
+
+class _Line:
+  def __init__(self, name, events):
+    self.name, self.events = name, events
+
+
+class _Plane:
+  def __init__(self, name, lines):
+    self.name, self.lines = name, lines
+
+
+class _Trace:
+  def __init__(self, planes):
+    self.planes = planes
+
+
+def test_a_gpu_shaped_trace_counts_each_stream_kernel_once():
+  """The GPU layout of a trace (CUPTI kernels on "Stream" lines of a /device:GPU plane, tagged
+  with hlo_op/hlo_module by XLA's annotations; derived "XLA Ops" lines repeating them), which
+  this machine cannot record: each kernel is counted once, by its instruction's phase; a kernel
+  known only by name (fusion_3 for fusion.3) is matched too; other modules are left out;
+  anything else (a memcpy) is reported as unattributed."""
+  x = jnp.ones((64, 64))
+  _, text = _compiled(_two_phase_step, x, x)
+  instructions = op_profile.parse_hlo(text)
+  module = op_profile.module_name(text)
+  by_phase = {}
+  for ins in instructions.values():
+    if ins.name[-1].isdigit() and "." in ins.name:
+      by_phase.setdefault(ins.phase, ins.name)
+  forward, backward = by_phase["encoder forward"], by_phase["encoder backward"]
+  optimizer = by_phase["optimizer"]
+  kernels = [
+      _Event("sm90_xmma_gemm", 3000, hlo_op=forward, hlo_module=module),
+      _Event("sm90_xmma_gemm", 5000, hlo_op=backward, hlo_module=module),
+      _Event(optimizer.replace(".", "_"), 700),             # no annotation: named after it
+      _Event("other_kernel", 9000, hlo_op=forward, hlo_module="jit_something_else"),
+      _Event("MemcpyD2D", 300),
+  ]
+  trace = _Trace([
+      _Plane("/host:CPU", [_Line("python", [_Event("step", 10**6, hlo_op=forward)])]),
+      _Plane("/device:GPU:0", [_Line("Stream #13(compute)", kernels[:3]),
+                               _Line("Stream #14(copy)", kernels[3:]),
+                               _Line("XLA Ops", kernels)]),
+  ])
+  profile = op_profile.split_trace(trace, text, steps=2)
+  assert profile.phase_ns == {"encoder forward": 3000.0, "encoder backward": 5000.0,
+                              "optimizer": 700.0, op_profile.UNATTRIBUTED: 300.0}
+  assert profile.events == 4 and profile.unmatched_examples == ["MemcpyD2D"]
+  assert profile.device_ms_per_step == pytest.approx(9000 / 2 / 1e6)
