@@ -43,10 +43,10 @@ import optax
 # runs as a script (`python benchmarks/sentence_step.py`).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from cldro_jax import profiling as op_profile  # noqa: E402
 from cldro_jax import train  # noqa: E402
 from cldro_jax.tasks import sentence  # noqa: E402
 from configs import sts_bert  # noqa: E402
-import op_profile  # noqa: E402  (benchmarks/op_profile.py, beside this script)
 import record  # noqa: E402  (benchmarks/record.py, beside this script)
 
 SEQ_LEN = 32
@@ -73,7 +73,7 @@ def parse_args(argv):
   parser.add_argument("--profile", default="", metavar="DIR",
                       help="also trace 3 steps of the project program into DIR and print its "
                       "device time per phase (encoder forward/backward, loss, optimizer) and the "
-                      "heaviest operations (benchmarks/op_profile.py)")
+                      "heaviest operations (cldro_jax/profiling.py)")
   return parser.parse_args(argv)
 
 
@@ -133,7 +133,7 @@ def time_steps(step, state, batch, warmup: int, repeats: int):
 
 
 def profile_text(step, state, batch, trace_dir: str, seconds: float) -> str:
-  """The device time of 3 traced steps by phase (benchmarks/op_profile.py), as markdown. A
+  """The device time of 3 traced steps by phase (cldro_jax/profiling.py), as markdown. A
   profiler that fails (no CUPTI, say) costs this text only, never the measured rows."""
   holder = {"state": state}
 

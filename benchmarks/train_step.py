@@ -35,13 +35,13 @@ import numpy as np
 import optax
 
 from cldro_jax import config_defaults
+from cldro_jax import profiling as op_profile
 from cldro_jax import train
 from cldro_jax.data import augment as augment_lib
 from cldro_jax.data import images as images_lib
 from cldro_jax.data import pipeline
 from cldro_jax.models import resnet
 from cldro_jax.tasks import image as image_task
-import op_profile  # benchmarks/op_profile.py, beside this script
 import record  # benchmarks/record.py, beside this script
 
 H200_BF16_FLOPS = 790e12   # measured bf16 matmul rate, docs/benchmarks.md
@@ -174,7 +174,7 @@ def bench_model(name: str, args) -> dict:
 
 
 def profile_step(name: str, run, compiled_text: str, args, t_step: float) -> None:
-  """Prints the step's device time by phase (benchmarks/op_profile.py). A profiler that fails
+  """Prints the step's device time by phase (cldro_jax/profiling.py). A profiler that fails
   (no CUPTI, say) costs this table only, never the measured rows."""
   try:
     profile = op_profile.profile_compiled(run, compiled_text, f"{args.profile}/{name}")
@@ -216,7 +216,7 @@ def main():
   parser.add_argument("--profile", default="", metavar="DIR",
                       help="also trace 3 steps into DIR and print the device time per phase "
                       "(augmentation, encoder forward/backward, loss, optimizer) and the heaviest "
-                      "operations (benchmarks/op_profile.py)")
+                      "operations (cldro_jax/profiling.py)")
   args = parser.parse_args()
   device = jax.devices()[0]
   print(f"# {datetime.date.today()}  {device.device_kind} x{jax.device_count()} "

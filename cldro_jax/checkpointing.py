@@ -40,15 +40,15 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 # Fields that may legitimately change when a run is resumed: how long it runs, how often it logs,
-# evaluates or saves, where data lives, and how the same computation is laid out (devices, both
-# views in one pass or two). Anything else (model, loss, optimiser, batch, seed,
+# evaluates, saves or profiles, where data lives, and how the same computation is laid out
+# (devices, both views in one pass or two). Anything else (model, loss, optimiser, batch, seed,
 # augmentation) must match the saved config, or the resumed run would silently be another
 # experiment.
 RESUMABLE_FIELDS = (
     "total_epochs", "total_steps", "log_every_steps", "checkpoint_every_steps",
     "keep_checkpoints", "eval", "data.data_dir", "data.path", "data.test_dir", "data.sts_root",
     "data.read_threads", "data.in_memory", "data.in_memory_max_mb",
-    "progress_bar", "mesh", "model.views_in_one_pass", "loss.matmul_precision",
+    "progress_bar", "mesh", "model.views_in_one_pass", "loss.matmul_precision", "profile_steps",
 )
 # Exceptions inside a resumable group: the online probe's parameters are part of the train state.
 FIXED_FIELDS = ("eval.online_probe",)

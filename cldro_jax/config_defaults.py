@@ -156,6 +156,10 @@ def base_config(domain: str = "image") -> ml_collections.ConfigDict:
   # optimizer, the online probe and the step start afresh. Used on a first start only (a resume
   # continues from this workdir's own checkpoint). "" = initialise as usual.
   config.init_from = ""
+  # Trace this many train steps (after 3 warm-up steps of each start) with jax.profiler into
+  # WORKDIR/profile/ and print the step's device time by phase (augmentation, encoder forward and
+  # backward, loss, optimizer) with its heaviest operations (cldro_jax/profiling.py). 0 = off.
+  config.profile_steps = 0
   config.loss = _loss_defaults()
   config.optim = _optim_defaults()
   config.mesh = ml_collections.ConfigDict(dict(num_devices=-1))   # -1 = all devices
@@ -235,6 +239,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
          f"config.optim.schedule={config.optim.schedule!r} is not one of constant, warmup_cosine,"
          " linear_decay", problems)
   _check(config.optim.lr > 0, "config.optim.lr must be > 0", problems)
+  _check(config.profile_steps >= 0,
+         f"config.profile_steps must be >= 0 (0: no profile), got {config.profile_steps}",
+         problems)
   for field in ("log_every_steps", "checkpoint_every_steps"):
     _check(config[field] >= 1, f"config.{field} must be >= 1, got {config[field]}", problems)
   # 0 would make orbax delete every checkpoint, the earlier ones included.

@@ -39,6 +39,7 @@ from cldro_jax import config_defaults
 from cldro_jax import distributed
 from cldro_jax import losses
 from cldro_jax import metrics as metrics_lib
+from cldro_jax import profiling
 from cldro_jax import tasks as tasks_lib
 
 AXIS = "data"
@@ -50,6 +51,69 @@ class NonFiniteLossError(FloatingPointError):
 
 class PreemptedError(RuntimeError):
   """The run was asked to stop (SIGTERM, a preemption notice) and saved a checkpoint first."""
+
+
+class _ProfileWindow:
+  """`config.profile_steps`: traces that many steps of this start with jax.profiler (after a few
+  warm-up steps, so that the compilation stays out) into WORKDIR/profile/, then prints where the
+  step's device time went by phase (cldro_jax/profiling.py) and writes it beside the trace. A
+  profiler that fails costs the table, never the run."""
+
+  WARMUP_STEPS = 3   # the compiling first step and two more
+
+  def __init__(self, config, workdir: str, start_step: int, total_steps: int):
+    requested = int(config.get("profile_steps", 0))
+    self.first = start_step + self.WARMUP_STEPS
+    self.last = self.first + requested
+    self.enabled = requested > 0
+    if self.enabled and self.last > total_steps:
+      message = (f"config.profile_steps={requested}: this start has "
+                 f"{total_steps - start_step} steps, fewer than {self.WARMUP_STEPS} warm-up steps "
+                 "and the traced ones; nothing is profiled")
+      logging.warning(message)
+      if jax.process_index() == 0:
+        print(f"WARNING: {message}", file=sys.stderr, flush=True)
+      self.enabled = False
+    self.dir = os.path.join(workdir, "profile",
+                            f"steps{self.first + 1}-{self.last}-process{jax.process_index()}")
+    self.active = False
+    self._before: set = set()
+    self._start = 0.0
+
+  def before_step(self, step: int, state) -> None:
+    if self.enabled and step == self.first:
+      jax.block_until_ready(state)   # the steps before stay out of the trace
+      os.makedirs(self.dir, exist_ok=True)
+      self._before = profiling.traces_in(self.dir)
+      jax.profiler.start_trace(self.dir)
+      self.active, self._start = True, time.perf_counter()
+
+  def after_step(self, done: int, state, train_step, batch, bar) -> None:
+    if not (self.active and done == self.last):
+      return
+    jax.block_until_ready(state)
+    steps = self.last - self.first
+    wall_ms = (time.perf_counter() - self._start) / steps * 1e3
+    self.stop()
+    try:
+      # The executable that ran (lowering again finds it in the compilation cache): its text
+      # names the instructions the trace timed.
+      text = train_step.lower(state, batch).compile().as_text()
+      table = profiling.format_tables(
+          profiling.read_trace(self.dir, self._before, text, steps), wall_ms)
+    except Exception as error:   # pylint: disable=broad-except
+      table = f"(profile failed: {type(error).__name__}: {error})"
+    report = (f"Steps {self.first + 1}-{self.last}: where the train step's device time goes\n\n"
+              f"{table}\n")
+    with open(os.path.join(self.dir, "phases.md"), "w", encoding="utf-8") as f:
+      f.write(report)
+    if jax.process_index() == 0:
+      (bar.write if bar is not None else functools.partial(print, file=sys.stderr))(report)
+
+  def stop(self) -> None:
+    if self.active:
+      self.active = False
+      jax.profiler.stop_trace()
 
 
 class _PreemptionWatch:
@@ -279,7 +343,7 @@ def make_train_step(task: "tasks_lib.Task", config: ml_collections.ConfigDict, t
     step_rng = jax.random.fold_in(state.rng, state.step)
 
     # The named scopes label the compiled step's operations by phase (model, its "augment"
-    # part, loss, diagnostics, online_probe, optimizer): benchmarks/op_profile.py reads them to
+    # part, loss, diagnostics, online_probe, optimizer): cldro_jax/profiling.py reads them to
     # split a profiled step's device time. They change no computation.
     def objective(params):
       with jax.named_scope("model"):
@@ -690,8 +754,10 @@ def _loop(config, task, state, train_step, checkpointer, writer, mesh, start_ste
     # curves would lack that epoch.
     _monitor(task, state, writer, start_step, show=config.progress_bar)
   preemption = _PreemptionWatch()
+  profile = _ProfileWindow(config, workdir, start_step, total_steps)
   try:
     for step in range(start_step, total_steps):
+      profile.before_step(step, state)
       batch = task.to_global(next(batches))
       state, step_metrics = train_step(state, batch)
       pending.append(step_metrics)
@@ -708,6 +774,7 @@ def _loop(config, task, state, train_step, checkpointer, writer, mesh, start_ste
           last_log_time, last_log_step = time.time(), done
       elif bar is not None:
         bar.update(config.batch_size)
+      profile.after_step(done, state, train_step, batch, bar)
       if done % config.log_every_steps == 0 or done == total_steps:
         fetched = jax.device_get(pending)
         summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
@@ -765,6 +832,7 @@ def _loop(config, task, state, train_step, checkpointer, writer, mesh, start_ste
     # evaluation (the rerun evaluates).
     stop_requested = preemption.requested and start_step < total_steps
     preemption.close()
+    profile.stop()
     if bar is not None:
       bar.close()
     close = getattr(batches, "close", None)

@@ -280,7 +280,7 @@ class RunRecord:
 # for folder and .npz sources the path is what names the dataset, and a reused run's results
 # are returned without the trainer (and its data check) ever seeing the new path.
 NOT_HASHED = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "progress_bar",
-              "mesh", "trace", "data.read_threads", "data.in_memory", "data.in_memory_max_mb")
+              "mesh", "trace", "profile_steps", "data.read_threads", "data.in_memory", "data.in_memory_max_mb")
 CODE_VERSION_FILE = "experiment_code_version.json"
 
 

@@ -1,5 +1,6 @@
 """Where a compiled train step's device time goes: a profiler trace split by phase.
 
+    python -m cldro_jax.main --config=... --workdir=DIR --config.profile_steps=10
     python benchmarks/train_step.py --models resnet18 --profile DIR   # (sentence_step.py too)
 
 The trainer labels its step with named scopes (`cldro_jax/train.py`: model, its augment part,
@@ -8,7 +9,7 @@ loss, diagnostics, online_probe, optimizer). XLA keeps those names in each instr
 and module (`hlo_module`) that launched it. So a trace of a few steps plus the compiled module's
 text give the device time per phase, forward and backward apart, and the heaviest operations:
 what to optimise first when a GPU figure misses its target. TensorBoard's profile plugin shows the
-same trace; this table needs no plugin and prints in the benchmark's own output. The raw trace
+same trace; this table needs no plugin and prints in the run's own output. The raw trace
 (`*.xplane.pb`) stays in DIR for a closer look: `jax.profiler.ProfileData.from_file(PATH)` reads
 it on any machine.
 
@@ -201,21 +202,31 @@ def _timed_events(profile_data, module: str):
       yield candidates, float(event.duration_ns)
 
 
-def profile_compiled(run: Callable[[], object], compiled_text: str, trace_dir: str,
-                     steps: int = 3) -> Profile:
-  """Runs `run()` (one step, blocking) `steps` times under the profiler; splits its time."""
-  trace_root = pathlib.Path(trace_dir)
-  trace_root.mkdir(parents=True, exist_ok=True)
-  before = set(trace_root.rglob("*.xplane.pb"))
-  with jax.profiler.trace(str(trace_root)):
-    for _ in range(steps):
-      jax.block_until_ready(run())
-  written = sorted(set(trace_root.rglob("*.xplane.pb")) - before)
+def traces_in(trace_dir: str) -> set[pathlib.Path]:
+  """The trace files (`*.xplane.pb`) jax.profiler has written under `trace_dir`."""
+  return set(pathlib.Path(trace_dir).rglob("*.xplane.pb"))
+
+
+def read_trace(trace_dir: str, before: set[pathlib.Path], compiled_text: str,
+               steps: int) -> Profile:
+  """Splits the trace written under `trace_dir` since `before` (`traces_in` before tracing)."""
+  written = sorted(traces_in(trace_dir) - before)
   if not written:
-    raise RuntimeError(f"jax.profiler wrote no *.xplane.pb under {trace_root}")
+    raise RuntimeError(f"jax.profiler wrote no *.xplane.pb under {trace_dir}")
   trace_file = str(written[-1])
   return split_trace(jax.profiler.ProfileData.from_file(trace_file), compiled_text, steps,
                      trace_file)
+
+
+def profile_compiled(run: Callable[[], object], compiled_text: str, trace_dir: str,
+                     steps: int = 3) -> Profile:
+  """Runs `run()` (one step, blocking) `steps` times under the profiler; splits its time."""
+  pathlib.Path(trace_dir).mkdir(parents=True, exist_ok=True)
+  before = traces_in(trace_dir)
+  with jax.profiler.trace(trace_dir):
+    for _ in range(steps):
+      jax.block_until_ready(run())
+  return read_trace(trace_dir, before, compiled_text, steps)
 
 
 def split_trace(profile_data, compiled_text: str, steps: int, trace_file: str = "") -> Profile:

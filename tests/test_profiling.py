@@ -1,19 +1,17 @@
-"""benchmarks/op_profile.py: a profiled step's device time split by the trainer's named scopes.
+"""cldro_jax.profiling: a profiled step's device time split by the trainer's named scopes.
 
 Checked on real profiler traces of this machine's CPU backend (the GPU's kernels carry the same
 `hlo_op`/`hlo_module` tags): the phase of an op_name, every instruction of the real image train
 step attributed to a phase, and a traced function whose phases' work differs ~30-fold, where the
 split must follow the work."""
 import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
-import op_profile  # noqa: E402  pylint: disable=wrong-import-position
+from cldro_jax import profiling as op_profile
 
 
 @pytest.mark.parametrize("op_name, phase", [
@@ -179,3 +177,25 @@ def test_a_gpu_shaped_trace_counts_each_stream_kernel_once():
                               "optimizer": 700.0, op_profile.UNATTRIBUTED: 300.0}
   assert profile.events == 4 and profile.unmatched_examples == ["MemcpyD2D"]
   assert profile.device_ms_per_step == pytest.approx(9000 / 2 / 1e6)
+
+
+def test_the_trainer_profiles_its_own_steps_without_changing_them(tmp_path):
+  """`--config.profile_steps=2`: steps 4-5 of the tiny quick-start run are traced into
+  WORKDIR/profile, their phases written beside the trace, and the run's parameters are bitwise
+  those of the same run unprofiled."""
+  # pylint: disable=import-outside-toplevel
+  from cldro_jax import train
+  from helpers import assert_trees_close, saved_arrays, tiny_image_config
+
+  plain, profiled = tmp_path / "plain", tmp_path / "profiled"
+  train.train_and_evaluate(tiny_image_config(total_steps=6), str(plain))
+  train.train_and_evaluate(tiny_image_config(total_steps=6, profile_steps=2), str(profiled))
+  assert_trees_close(saved_arrays(str(plain))[0], saved_arrays(str(profiled))[0], rtol=0, atol=0)
+  (folder,) = (profiled / "profile").iterdir()
+  assert folder.name == "steps4-5-process0" and list(folder.rglob("*.xplane.pb"))
+  report = (folder / "phases.md").read_text()
+  assert report.startswith("Steps 4-5: where the train step's device time goes")
+  for phase in ("augmentation", "encoder forward", "encoder backward", "loss forward",
+                "optimizer"):
+    assert f"| {phase} |" in report
+  assert op_profile.UNATTRIBUTED not in report and "profile failed" not in report
