@@ -90,27 +90,19 @@ def test_a_module_traced_beside_others_counts_only_its_own_kernels(tmp_path):
 def test_every_instruction_of_the_image_train_step_has_its_phase():
   """The real trainer step (tiny ResNet-18, augmentation, ADNCE in shard_map, online probe,
   Adam): its named scopes reach the compiled module, so the split needs no guessing."""
-  from cldro_jax import config_defaults, train   # pylint: disable=import-outside-toplevel
-  from cldro_jax.data import images as images_lib   # pylint: disable=import-outside-toplevel
-  from cldro_jax.tasks import image as image_task   # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from cldro_jax import train
+  from cldro_jax.tasks import image as image_task
+  from helpers import tiny_image_config
 
-  config = config_defaults.base_config("image")
-  config.model.name, config.model.width = "resnet18", 4
-  config.batch_size, config.mesh.num_devices = 8, 1
-  config.eval.online_probe = True
-  rng = np.random.default_rng(0)
-  source = images_lib.InMemorySource(rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8),
-                                     rng.integers(0, 10, 16).astype(np.int32))
-  dataset = images_lib.ImageDataset(name="synthetic", pretrain=source, probe_train=source,
-                                    test=source, num_classes=10, image_shape=(16, 16, 3))
+  config = tiny_image_config(**{"eval.online_probe": True})
   mesh = train.make_mesh(1)
-  task = image_task.ImageTask(config, mesh, dataset=dataset)
-  schedule = train.make_schedule(config.optim, 10, task.steps_per_epoch)
+  task = image_task.ImageTask(config, mesh)
+  schedule = train.make_schedule(config.optim, config.total_steps, task.steps_per_epoch)
   tx = train.make_full_optimizer(config, schedule)
   with jax.set_mesh(mesh):
-    state = jax.jit(lambda k: train.create_train_state(task, config, tx, k))(
-        jax.random.PRNGKey(0))
-    batch = task.to_global(dataset.pretrain[np.arange(8)])
+    state = train.initial_state(task, config, tx, mesh)
+    batch = task.to_global(next(task.train_batches(start_step=0, num_steps=1)))
     text = jax.jit(train.make_train_step(task, config, tx, schedule, mesh)).lower(
         state, batch).compile().as_text()
   instructions = op_profile.parse_hlo(text)
