@@ -85,7 +85,14 @@ class _ProfileWindow:
       jax.block_until_ready(state)   # the steps before stay out of the trace
       os.makedirs(self.dir, exist_ok=True)
       self._before = profiling.traces_in(self.dir)
-      jax.profiler.start_trace(self.dir)
+      try:
+        jax.profiler.start_trace(self.dir)
+      except Exception as error:   # pylint: disable=broad-except
+        # No tracer on this machine (a GPU without CUPTI, say): the run goes on unprofiled.
+        logging.warning("config.profile_steps: the profiler did not start (%s: %s); "
+                        "training goes on without a profile", type(error).__name__, error)
+        self.enabled = False
+        return
       self.active, self._start = True, time.perf_counter()
 
   def after_step(self, done: int, state, train_step, batch, bar) -> None:
@@ -113,7 +120,11 @@ class _ProfileWindow:
   def stop(self) -> None:
     if self.active:
       self.active = False
-      jax.profiler.stop_trace()
+      try:
+        jax.profiler.stop_trace()
+      except Exception as error:   # pylint: disable=broad-except
+        logging.warning("config.profile_steps: stopping the profiler failed (%s: %s)",
+                        type(error).__name__, error)
 
 
 class _PreemptionWatch:

@@ -8,7 +8,6 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from cldro_jax import profiling as op_profile
@@ -191,3 +190,17 @@ def test_the_trainer_profiles_its_own_steps_without_changing_them(tmp_path):
                 "optimizer"):
     assert f"| {phase} |" in report
   assert op_profile.UNATTRIBUTED not in report and "profile failed" not in report
+
+
+def test_a_profiler_that_cannot_start_costs_the_profile_not_the_run(tmp_path, monkeypatch):
+  # pylint: disable=import-outside-toplevel
+  from cldro_jax import train
+  from helpers import tiny_image_config
+
+  def no_tracer(*args, **kwargs):
+    raise RuntimeError("no CUPTI on this machine (stand-in)")
+  monkeypatch.setattr(jax.profiler, "start_trace", no_tracer)
+  results = train.train_and_evaluate(tiny_image_config(total_steps=4, profile_steps=1),
+                                     str(tmp_path))
+  assert results["step"] == 4
+  assert not list((tmp_path / "profile").rglob("phases.md"))
