@@ -68,8 +68,9 @@ def from_one_checkpoint(root):
   workdirs = step_two_from_one_checkpoint(
       lambda **overrides: tiny_config(**EVERY_STEP, **overrides), root, list(LAYOUTS.values()))
   start = model_arrays(workdirs[0], 1)
-  updates = {name: [after - before for before, after in zip(start, model_arrays(workdir, 2))]
-             for name, workdir in zip(LAYOUTS, workdirs)}
+  updates = {name: [after - before
+                     for before, after in zip(start, model_arrays(workdir, 2), strict=True)]
+             for name, workdir in zip(LAYOUTS, workdirs, strict=True)}
   return workdirs[0], updates
 
 
@@ -105,7 +106,7 @@ def main():
     one_device, eight_devices = (module_outputs_of_step_two(first, n) for n in (1, 8))
 
   ref_step1, ref_step2 = independent[reference]
-  ref_grad2 = [(a - b) / lr for a, b in zip(ref_step1, ref_step2)]
+  ref_grad2 = [(a - b) / lr for a, b in zip(ref_step1, ref_step2, strict=True)]
   print(f"# jax {jax.__version__}; reference: {reference}\n")
   print("1. Two steps each, from the initial parameters")
   print("| layout | step 1 params: max diff / (lr \\|g\\|) | step 2 gradient: max relative diff |")
@@ -113,10 +114,10 @@ def main():
   for name in list(LAYOUTS)[1:]:
     step1, step2 = independent[name]
     params_diff = max(np.linalg.norm(a - b) / (lr * np.linalg.norm(g))
-                      for a, b, g in zip(ref_step1, step1, ref_grad2))
-    grad2 = [(a - b) / lr for a, b in zip(step1, step2)]
+                      for a, b, g in zip(ref_step1, step1, ref_grad2, strict=True))
+    grad2 = [(a - b) / lr for a, b in zip(step1, step2, strict=True)]
     print(f"| {name} | {params_diff:.1e} | "
-          f"{max(relative(g, h) for g, h in zip(ref_grad2, grad2)):.1e} |")
+          f"{max(relative(g, h) for g, h in zip(ref_grad2, grad2, strict=True)):.1e} |")
 
   print("\n2. Step 2 from one step-1 checkpoint")
   print("| layout | whole update: relative diff | worst array: relative diff |")
@@ -125,14 +126,14 @@ def main():
   for name in list(LAYOUTS)[1:]:
     whole = relative(np.concatenate([u.ravel() for u in ref_update]),
                      np.concatenate([u.ravel() for u in updates[name]]))
-    worst = max(relative(u, v) for u, v in zip(ref_update, updates[name]))
+    worst = max(relative(u, v) for u, v in zip(ref_update, updates[name], strict=True))
     print(f"| {name} | {whole:.1e} | {worst:.1e} |")
 
   print("\n3. Module outputs of step 2 whose sign differs between 1 and 8 devices "
         "(pass per view)")
   flips = 0
-  for view, (ones, eights) in enumerate(zip(one_device, eight_devices), start=1):
-    for (path, x), (_, y) in zip(ones, eights):
+  for view, (ones, eights) in enumerate(zip(one_device, eight_devices, strict=True), start=1):
+    for (path, x), (_, y) in zip(ones, eights, strict=True):
       changed = (np.asarray(x) > 0) != (np.asarray(y) > 0)
       if changed.any():
         k = int(np.argmax(changed))

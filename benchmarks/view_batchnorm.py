@@ -36,7 +36,7 @@ def median_ms(fns, args, warmup: int, iters: int) -> list[float]:
       jax.block_until_ready(fn(*args))
   times = [[] for _ in fns]
   for _ in range(iters):
-    for fn, fn_times in zip(fns, times):
+    for fn, fn_times in zip(fns, times, strict=True):
       start = time.perf_counter()
       jax.block_until_ready(fn(*args))
       fn_times.append(time.perf_counter() - start)

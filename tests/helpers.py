@@ -60,7 +60,7 @@ def assert_trees_close(a, b, rtol, atol):
   """Leaf-by-leaf allclose, naming the first leaf that differs (rtol=atol=0: bitwise)."""
   flat_a, flat_b = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)
   assert len(flat_a) == len(flat_b)
-  for (path, x), y in zip(flat_a, flat_b):
+  for (path, x), y in zip(flat_a, flat_b, strict=True):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol,
                                err_msg=jax.tree_util.keystr(path))
 
@@ -112,7 +112,7 @@ def assert_updates_close(workdir_a, workdir_b, step_from, step_to, *, rel, rel_p
   squared_difference = squared_norm = 0.0
   worst, worst_path = 0.0, None
   for (path, x), y, z in zip(jax.tree_util.tree_flatten_with_path(start_a)[0],
-                             jax.tree.leaves(after_a), jax.tree.leaves(after_b)):
+                             jax.tree.leaves(after_a), jax.tree.leaves(after_b), strict=True):
     x64 = np.asarray(x, np.float64)
     update_a, update_b = np.asarray(y, np.float64) - x64, np.asarray(z, np.float64) - x64
     squared_difference += np.sum((update_a - update_b) ** 2)

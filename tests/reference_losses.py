@@ -81,7 +81,7 @@ def weighted_nce(z1, z2, *, t, variant, mu=None, sigma=None, valid=None, labels=
   rows = anchors(z1, z2, variant, valid, labels, include_positive=in_set)
   weight_rows = rows if weights_from is None else anchors(
       *weights_from, variant, valid, labels, include_positive=in_set)
-  for (s_pos, cands), (_, weight_cands) in zip(rows, weight_rows):
+  for (s_pos, cands), (_, weight_cands) in zip(rows, weight_rows, strict=True):
     n_negatives = len(cands) - (1 if in_set else 0)
     if n_negatives == 0:
       continue

@@ -51,7 +51,7 @@ def test_table_and_json_rows_agree(tmp_path):
   printed = re.findall(r"^\| (MUTAG|PROTEINS-sized) \| random3 \| (\w+) \| 32 \| ([\d.]+) \|",
                        done.stdout, flags=re.M)
   assert len(printed) == len(result["rows"]) == 4
-  for (dataset, mode, ms), row in zip(printed, result["rows"]):
+  for (dataset, mode, ms), row in zip(printed, result["rows"], strict=True):
     assert (dataset, mode) == (row["dataset"], row["mode"])
     assert float(ms) == pytest.approx(row["ms"], abs=0.051)
     assert row["graphs_per_s"] == pytest.approx(32e3 / row["ms"])

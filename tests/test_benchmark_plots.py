@@ -38,7 +38,7 @@ def test_losses_json_holds_the_printed_table(losses_run):
   printed = re.findall(r"^\| (\d+) \| (\w+)[^|]* \| ([\d.]+) \| [^|]* \| ([\d.]+) \|",
                        stdout, flags=re.M)
   assert len(printed) == len(result["rows"]) == 6
-  for (batch, impl, ms, mib), row in zip(printed, result["rows"]):
+  for (batch, impl, ms, mib), row in zip(printed, result["rows"], strict=True):
     assert (int(batch), impl) == (row["batch"], row["implementation"])
     assert float(ms) == pytest.approx(row["ms"], abs=0.006)
     assert float(mib) == pytest.approx(row["temp_mib"], abs=0.06)
@@ -75,7 +75,7 @@ def _train_step_result(device_kind, batch, one_pass, rows):
 def _bars(ax):
   """{y tick label: bar length} of one horizontal-bar panel (top to bottom)."""
   labels = [t.get_text() for t in ax.get_yticklabels()]
-  return {label: patch.get_width() for label, patch in zip(labels, ax.patches)}
+  return {label: patch.get_width() for label, patch in zip(labels, ax.patches, strict=True)}
 
 
 def test_train_step_figure_merges_files_and_adds_anchors_only_on_h200():

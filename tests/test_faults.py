@@ -510,7 +510,8 @@ def test_truncated_fashion_mnist_idx_is_refused_with_the_fix(tmp_path):
 def test_truncated_image_in_a_class_folder_is_refused_by_name(tmp_path):
   arrays = tiny_arrays()
   root = tmp_path / "images"
-  for i, (image, label) in enumerate(zip(arrays["x_train"][:12], arrays["y_train"][:12])):
+  pairs = zip(arrays["x_train"][:12], arrays["y_train"][:12], strict=True)
+  for i, (image, label) in enumerate(pairs):
     (root / f"class_{label}").mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).save(root / f"class_{label}" / f"{i}.png")
   victim = min((root / f"class_{arrays['y_train'][0]}").iterdir())

@@ -37,7 +37,7 @@ def numpy_gin(variables, graphs, *, train, num_layers=3):
         conv = p["encoder"][f"GINConv_{layer}"]
         bn, bn_stats = p["encoder"][f"MaskedBatchNorm_{layer}"], stats["encoder"][f"MaskedBatchNorm_{layer}"]
         outs = []
-        for g, x in zip(graphs, h):
+        for g, x in zip(graphs, h, strict=True):
             agg = np.zeros_like(x)
             for s, r in g.edge_index.T:  # message from sender s to receiver r
                 agg[r] += x[s]

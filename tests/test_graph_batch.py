@@ -99,8 +99,8 @@ def test_view_batches_are_aligned_reproducible_and_batch_independent(mutag, mode
         np.testing.assert_array_equal(view2.node_features[:len(rows)][rows], expected.node_features)
     again = make_view_batches(mutag.graphs, indices, seed=11, aug="random4", mode=mode,
                               budget=budget)
-    for a, b in zip((view1, view2), again):
-        for x, y in zip(a, b):
+    for a, b in zip((view1, view2), again, strict=True):
+        for x, y in zip(a, b, strict=True):
             np.testing.assert_array_equal(x, y)
     # The same graph gets the same views in another batch composition.
     alone = make_view_batches(mutag.graphs, [150], seed=11, aug="random4", mode=mode,

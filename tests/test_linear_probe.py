@@ -138,7 +138,7 @@ def test_fit_matches_numpy_transcription_of_the_reference_loop():
         indices, mask = jax.device_get(
             lp.epoch_batches(jax.random.fold_in(rngs.shuffle, epoch), 50, batch))
         loss_sum = 0.0
-        for idx, valid in zip(indices, mask):
+        for idx, valid in zip(indices, mask, strict=True):
             rows = idx[valid]  # the reference's last batch simply has fewer rows
             loss, grad_k, grad_b = cross_entropy_grads(kernel, bias, x[rows].astype(np.float64),
                                                        y[rows])
@@ -203,7 +203,7 @@ def test_image_protocol_with_identity_encoder_follows_the_fast_probe():
     slow = lp.train_linear_probe_on_images(flatten, identity_augment, images, y_train,
                                            progress=False, **DIGITS_RECIPE)
     # Same init and batch order: the two trajectories agree up to float32 rounding.
-    for a, b in zip(jax.tree.leaves(fast.params), jax.tree.leaves(slow.params)):
+    for a, b in zip(jax.tree.leaves(fast.params), jax.tree.leaves(slow.params), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-3)
     np.testing.assert_allclose(np.asarray(slow.train_loss), np.asarray(fast.train_loss),
                                rtol=1e-3, atol=1e-4)

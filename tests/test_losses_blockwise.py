@@ -71,7 +71,7 @@ def test_blockwise_equals_dense(family):
     for (value, grads), block_size in zip(blockwise, block_sizes(family), strict=True):
       np.testing.assert_allclose(float(value), float(dense_value), rtol=2e-6,
                                  err_msg=f"block_size={block_size}")
-      for g, e in zip(grads, dense_grads):
+      for g, e in zip(grads, dense_grads, strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=2e-5, atol=2e-6,
                                    err_msg=f"block_size={block_size}")
     if family == "adnce-image":  # dense itself is checked against the reference elsewhere
@@ -94,7 +94,7 @@ def test_blockwise_under_vmap_and_low_temperature():
   (dense, dense_grads), (block, block_grads) = jax.jit(jax.vmap(both))(z1, z2)
   assert np.all(np.isfinite(np.asarray(block)))
   np.testing.assert_allclose(np.asarray(block), np.asarray(dense), rtol=1e-5)
-  for g, e in zip(block_grads, dense_grads):
+  for g, e in zip(block_grads, dense_grads, strict=True):
     np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=1e-4)
 
 

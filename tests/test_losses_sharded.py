@@ -94,7 +94,7 @@ def check_case(case, block_size, seed):
   # inside the body each device gets its rows of the full-batch gradient, with no rescaling;
   # outside, the gradient of the shard_mapped loss is the full-batch gradient
   for got in (inner_grads, outer_grads):
-    for g, e in zip(got, grads):
+    for g, e in zip(got, grads, strict=True):
       np.testing.assert_allclose(np.asarray(g), np.asarray(e), atol=1e-6, rtol=1e-5)
   assert np.abs(np.asarray(grads[0])).max() > 1e-3  # the comparison is not between zeros
   return z1, z2, valid, labels, float(value)

@@ -159,7 +159,7 @@ def run_processes(runs, log_dir, timeout=300):
   for out_path, err_path in paths:
     with open(out_path, encoding="utf-8") as out, open(err_path, encoding="utf-8") as err:
       outputs.append((out.read(), err.read()))
-  for i, (proc, (_, err)) in enumerate(zip(procs, outputs)):
+  for i, (proc, (_, err)) in enumerate(zip(procs, outputs, strict=True)):
     assert proc.returncode == 0, f"process {i} exited with {proc.returncode}:\n{_tail(err)}"
   return outputs
 

@@ -42,10 +42,10 @@ def sts_data(tmp_path_factory):
       blank = rng.random(len(pairs)) < 0.2  # pairs without a gold score: skipped by readers
       # Doubled spaces and a tab-free stray quote, as in the real files.
       inputs = [f"{a.replace(' ', '  ', 1)}\t{b}" for a, b, _ in pairs]
-      gold = ["" if skip else f"{s}" for (_, _, s), skip in zip(pairs, blank)]
+      gold = ["" if skip else f"{s}" for (_, _, s), skip in zip(pairs, blank, strict=True)]
       (folder / f"STS.input.{subset}.txt").write_text("\n".join(inputs) + "\n", encoding="utf-8")
       (folder / f"STS.gs.{subset}.txt").write_text("\n".join(gold) + "\n", encoding="utf-8")
-      truth[year][subset] = [p for p, skip in zip(pairs, blank) if not skip]
+      truth[year][subset] = [p for p, skip in zip(pairs, blank, strict=True) if not skip]
   stsb = root / "STS" / "STSBenchmark"
   stsb.mkdir(parents=True)
   sick = root / "SICK"
@@ -241,7 +241,8 @@ def test_cosine_and_spearman_against_scipy():
   rng = np.random.default_rng(1)
   a, b = rng.normal(size=(20, 5)), rng.normal(size=(20, 5))
   b[3] = 0.0  # zero vector: similarity 0, not nan (SentEval's nan_to_num)
-  expected = [0.0 if not v.any() else 1 - scipy.spatial.distance.cosine(u, v) for u, v in zip(a, b)]
+  expected = [0.0 if not v.any() else 1 - scipy.spatial.distance.cosine(u, v)
+              for u, v in zip(a, b, strict=True)]
   np.testing.assert_allclose(sts.cosine_similarities(a, b), expected, atol=1e-12)
   gold = rng.uniform(0, 5, 20)
   assert sts.spearman_x100(expected, gold) == pytest.approx(
@@ -259,7 +260,7 @@ def test_make_embed_fn_restores_order_and_pads_batches():
   sentences = ["a much longer sentence with many words in it", "short", "mid size text", "x y"]
   embed_fn = sts.make_embed_fn(encode_fn, tok, max_length=64, batch_size=3)
   got = embed_fn(sentences)
-  for sentence, row in zip(sentences, got):
+  for sentence, row in zip(sentences, got, strict=True):
     one = tok.encode_batch([sentence], 64, pad_to_multiple_of=16)
     np.testing.assert_array_equal(row, encode_fn(one["input_ids"], one["attention_mask"])[0])
   assert all(s[0] == 3 and s[1] % 16 == 0 for s in shapes[:2])

@@ -41,7 +41,7 @@ def test_minilm_preset_of_128_is_overridden(minilm_dir, sentences):
   assert ids.shape == mask.shape == (len(sentences), 32)
   assert ids.dtype == mask.dtype == np.int32
   full_lengths = tok.lengths(sentences)
-  for row, n in zip(range(len(sentences)), full_lengths):
+  for row, n in zip(range(len(sentences)), full_lengths, strict=True):
     if n >= 32:  # truncated: all 32 positions real, [SEP] kept last
       assert mask[row].sum() == 32 and ids[row, -1] == 102
     else:  # padded with [PAD]=0 after [SEP], mask 1 exactly on the real tokens

@@ -381,7 +381,8 @@ def test_reference_probe_freezes_batchnorm_unless_asked(update_bn):
   assert 0.0 <= scores["top1"] <= 100.0
   before = jax.tree.leaves(model_state)
   after = jax.tree.leaves(seen["state"])
-  changed = any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(before, after))
+  changed = any(not np.array_equal(np.asarray(a), np.asarray(b))
+                for a, b in zip(before, after, strict=True))
   assert changed == update_bn
 
 
@@ -450,7 +451,6 @@ def test_the_loss_matmuls_run_at_the_configured_precision_and_the_encoder_at_its
   """`config.loss.matmul_precision` ("highest" unless set) reaches every matmul of the loss,
   its gradient and the diagnostics (the 2B x 2B cosine matrix and its transposes: true float32
   on GPUs and TPUs too), and none of the encoder's convolutions."""
-  import re  # pylint: disable=import-outside-toplevel
   from cldro_jax.tasks import image as image_task  # pylint: disable=import-outside-toplevel
   config = tiny_config(**({"loss.matmul_precision": precision} if precision else {}),
                        **{"loss.block_size": block_size})

@@ -165,11 +165,12 @@ def test_eight_devices_equal_one_device(tmp_path):
   b, _ = saved_arrays(eight)
   _, initial = bert.load_pretrained(str(ROBERTA_DIR))
   moved = max(np.abs(np.asarray(x) - y).max() for x, y in zip(
-      jax.tree.leaves(a["params"]["model"]["encoder"]), jax.tree.leaves(initial["encoder"])))
+      jax.tree.leaves(a["params"]["model"]["encoder"]), jax.tree.leaves(initial["encoder"]),
+      strict=True))
   assert moved > 1e-3   # the steps did change the encoder
   # Same batches, same dropout masks (partitionable threefry), negatives gathered across the 8
   # devices: the same function; only floating-point reduction orders differ.
-  for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"])):
+  for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"]), strict=True):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
   lines_one = metrics_lib.read_metrics(one, "train")
   lines_eight = metrics_lib.read_metrics(eight, "train")
@@ -225,7 +226,7 @@ def test_dev_selection_final_sts_and_workdir_evaluation(tmp_path):
 
   # The export is the evaluated (best) model.
   _, exported = bert.load_pretrained(results["hf_export"])
-  for x, y in zip(jax.tree.leaves(exported), jax.tree.leaves(best_params)):
+  for x, y in zip(jax.tree.leaves(exported), jax.tree.leaves(best_params), strict=True):
     np.testing.assert_array_equal(x, y)
 
   # A resumed run's task finds the kept model on disk (best score, step and weights).

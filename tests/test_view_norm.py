@@ -103,7 +103,8 @@ def test_one_pass_over_both_views_equals_one_pass_per_view(name):
     (loss_ref, aux_ref), grad_ref = jax.jit(jax.value_and_grad(two_passes, has_aux=True))(params)
     (loss, aux), grad = jax.jit(jax.value_and_grad(one_pass, has_aux=True))(params)
     np.testing.assert_allclose(loss, loss_ref, rtol=1e-10)
-    for got, want in zip(jax.tree.leaves((aux, grad)), jax.tree.leaves((aux_ref, grad_ref))):
+    for got, want in zip(jax.tree.leaves((aux, grad)), jax.tree.leaves((aux_ref, grad_ref)),
+                         strict=True):
       # Equal up to round-off (reductions run in another order): running statistics are stored
       # in float32 (as Flax's), everything else is float64.
       rtol = 1e-6 if got.dtype == jnp.float32 else 1e-7
