@@ -398,6 +398,27 @@ def test_jit_and_vmap_match_reference():
                                                 jnp.asarray(z2, jnp.float32))), expected, rtol=1e-5)
 
 
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_traced_tau_plus_has_its_gradient_at_zero(beta):
+  """d/dtau_plus at a traced tau_plus = 0 (the edge of [0, 1) where the debiasing switches on)
+  against the float64 reference's one-sided difference; it was NaN (0 * inf through
+  log(tau_plus)). The other gradients there equal the undebiased loss's."""
+  z1, z2 = make_views("random", seed=23)
+  h = 1e-7
+  expected = (ref.hcl(z1, z2, t=0.5, tau_plus=h, beta=beta)
+              - ref.hcl(z1, z2, t=0.5, tau_plus=0.0, beta=beta)) / h
+  with jax.enable_x64(True):
+    def loss(z1, z2, tau):
+      return losses.hcl(z1, z2, temperature=0.5, tau_plus=tau, beta=beta)
+    grads = jax.grad(loss, argnums=(0, 1, 2))(jnp.asarray(z1), jnp.asarray(z2),
+                                               jnp.asarray(0.0))
+    undebiased = jax.grad(functools.partial(loss, tau=0.0), argnums=(0, 1))(
+        jnp.asarray(z1), jnp.asarray(z2))
+  np.testing.assert_allclose(float(grads[2]), expected, rtol=1e-5)
+  for got, want in zip(grads[:2], undebiased, strict=True):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-12, atol=1e-14)
+
+
 def test_array_hyperparameters_do_not_recompile():
   z1, z2 = (jnp.asarray(z, jnp.float32) for z in make_views("random", seed=16))
 

@@ -15,6 +15,8 @@ with w = 1 for InfoNCE and, for ADNCE, ``w_ij = sg(g_ij / mean_{k in set(i)} g_i
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -133,12 +135,23 @@ def adnce(z1, z2, *, temperature, mu, sigma, variant="image", valid=None, labels
   return _nce_from_log_sum(layout, params, log_sum, count, variant, axis_name)
 
 
-def _log1mexp(x):
-  """log(1 - exp(x)) for x < 0, accurate on both sides of -log 2 (Maechler 2012)."""
-  near_zero = x > -jnp.log(2.0)
-  safe_near = jnp.where(near_zero, x, -1.0)
-  safe_far = jnp.where(near_zero, -1.0, x)
-  return jnp.where(near_zero, jnp.log(-jnp.expm1(safe_near)), jnp.log1p(-jnp.exp(safe_far)))
+def _log1m_scaled_exp(tau, c):
+  """(log(1 - tau e^c), log(tau e^c)) for tau >= 0; the first is meaningful where tau e^c < 1.
+
+  log1mexp of x = log tau + c, accurate on both sides of x = -log 2 (Maechler 2012), and
+  differentiable at tau = 0: there the log-domain form's gradient is 0 * inf (exp(x) times
+  d log(tau) / d tau) = NaN, while d/dtau log(1 - tau e^c) is simply -e^c. So for x <= -log 2
+  the product tau e^c is formed directly (log1p), its exponent capped below float overflow
+  (reached only where tau is subnormal); for -log 2 < x < 0, log(-expm1(x)).
+  """
+  positive = tau > 0
+  x = jnp.where(positive, jnp.log(jnp.where(positive, tau, 1.0)) + c, -jnp.inf)
+  near = (x > -jnp.log(2.0)) & (x < 0)
+  far = x <= -jnp.log(2.0)
+  near_value = jnp.log(-jnp.expm1(jnp.where(near, x, -1.0)))
+  cap = math.log(float(jnp.finfo(c.dtype).max)) - 1.0
+  far_value = jnp.log1p(-tau * jnp.exp(jnp.minimum(jnp.where(far, c, -jnp.inf), cap)))
+  return jnp.where(near, near_value, far_value), x
 
 
 def hcl(z1, z2, *, temperature, tau_plus, beta, valid=None, labels=None, axis_name=None,
@@ -176,12 +189,9 @@ def hcl(z1, z2, *, temperature, tau_plus, beta, valid=None, labels=None, axis_na
     log_debiased = log_r  # no debiasing (and no log(0) = -inf on the way)
   else:
     tau_plus = _layout.as_param(tau_plus, dtype)
-    # Debiased estimate (R - tau N pos) / (1 - tau), where positive; x = log(tau N pos / R).
-    x = jnp.log(tau_plus) + log_count + pos_logit - log_r
-    debiasable = x < 0
-    log_debiased = jnp.where(
-        debiasable, log_r + _log1mexp(jnp.where(debiasable, x, -1.0)) - jnp.log1p(-tau_plus),
-        _common.NEG_FILL)
+    # Debiased estimate (R - tau N pos) / (1 - tau), where positive: x = log(tau N pos / R) < 0.
+    log1m, x = _log1m_scaled_exp(tau_plus, log_count + pos_logit - log_r)
+    log_debiased = jnp.where(x < 0, log_r + log1m - jnp.log1p(-tau_plus), _common.NEG_FILL)
   log_ng = jnp.maximum(log_debiased, log_count - params["inv_t"])  # the clamp N e^{-1/t}
   per_anchor = jax.nn.softplus(log_ng - pos_logit)
   weight = _layout.anchor_weight(layout, count)
