@@ -278,17 +278,33 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   default. Unknown names raise, like unknown config keys.
   """
   values = dict(defaults)
+  usage = ",".join(k if isinstance(v, bool) else f"{k}={v}" for k, v in sorted(defaults.items()))
   for item in filter(None, (arg or "").split(",")):
     key, _, value = item.partition("=")
     if key not in values:
-      raise ValueError(f"Unknown config argument {key!r}; known: {sorted(values)}")
+      close = difflib.get_close_matches(key, list(values), n=1)
+      hint = f"did you mean {close[0]!r}? " if close else ""
+      raise ValueError(f"Unknown config argument {key!r}; {hint}this config takes "
+                       f"`:{usage}` (any subset, comma-separated)")
     default = values[key]
+    if not value and not isinstance(default, bool):
+      # `seed` alone would otherwise set seed=True, i.e. 1.
+      raise ValueError(f"Config argument {key!r} needs a value, e.g. `{key}={default}`")
     if not value:
       values[key] = True
     elif isinstance(default, bool):
+      # A typo such as `runlocal=flase` must not quietly mean False.
+      if value.lower() not in ("1", "true", "yes", "0", "false", "no"):
+        raise ValueError(f"Config argument {key}={value!r} is not a boolean; write `{key}` "
+                         f"(true) or `{key}=false`")
       values[key] = value.lower() in ("1", "true", "yes")
     else:
-      values[key] = type(default)(value)
+      try:
+        values[key] = type(default)(value)
+      except ValueError:
+        kind = "an integer" if isinstance(default, int) else "a number"
+        raise ValueError(f"Config argument {key}={value!r} is not {kind} "
+                         f"(e.g. `{key}={default}`)") from None
   return ml_collections.ConfigDict(values)
 
 

@@ -12,6 +12,8 @@ JAX detects the rest), with explicit `--coordinator_address --num_processes --pr
 when the environment says so (see `cldro_jax/distributed.py` and docs/scaling.md).
 """
 
+import difflib
+import glob
 import json
 import os
 import re
@@ -22,7 +24,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from cldro_jax import checkpointing, distributed, train
+from cldro_jax import checkpointing, config_defaults, distributed, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -42,10 +44,35 @@ _LOCAL_DEVICE_IDS = flags.DEFINE_string(
     "(default: all; JAX picks one GPU per process under SLURM / Open MPI).")
 flags.mark_flags_as_required(["config", "workdir"])
 
+# Errors whose message is the whole story (it names the fix): shown as one message, not a
+# traceback. Anything else is a bug and keeps its traceback.
+_USER_ERRORS = (checkpointing.CheckpointMismatchError, checkpointing.CheckpointCorruptError,
+                train.NonFiniteLossError, FileNotFoundError)
+
+
+def _usage_error(message: str) -> None:
+  sys.stderr.write(f"cldro_jax: {message}\n")
+  sys.exit(2)
+
+
+def _check_inputs(config, workdir: str) -> None:
+  """Rejects a bad config or workdir before any device or data work, in a few lines.
+
+  train_and_evaluate validates too, but its ValueError would come under a traceback.
+  """
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    _usage_error(f"--workdir={workdir} is a file, not a directory: pass a new directory (it is "
+                 "created) or the workdir of the run to resume.")
+  try:
+    config_defaults.validate_config(config)
+  except ValueError as err:
+    _usage_error(f"{err}\nFix the --config.FIELD=VALUE override (or the config file).")
+
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  _check_inputs(_CONFIG.value, _WORKDIR.value)
   checkpointing.quiet_orbax_info()
   plan = distributed.plan_initialization(
       multiprocess=_MULTIPROCESS.value, coordinator_address=_COORDINATOR.value,
@@ -60,8 +87,11 @@ def main(argv):
     # same command (or a requeued job) resumes from the checkpoint just written.
     print(f"cldro_jax: {stop}", file=sys.stderr)
     sys.exit(143)
-  except BaseException:  # pylint: disable=broad-except
+  except BaseException as err:  # pylint: disable=broad-except
     if jax.process_count() == 1:
+      if isinstance(err, _USER_ERRORS):   # the name too: docs and scripts refer to it
+        print(f"cldro_jax: {type(err).__name__}: {err}", file=sys.stderr)
+        sys.exit(1)
       raise
     # An error on one process of several (bad data in its slice, a full disk): the others wait
     # in a collective for it. A normal exit would first wait at jax.distributed's shutdown
@@ -86,8 +116,19 @@ def _parse_flags(argv: list[str]) -> list[str]:
   holds the "did you mean"), which absl would show as three chained tracebacks.
   """
   try:
-    return flags.FLAGS(argv)
-  except flags.Error as err:   # absl's own parsing errors, reported as absl does
+    remaining = flags.FLAGS(argv)
+    # ml_collections defers a missing config file's error to the config's first use (deep in
+    # train, under two chained tracebacks); ask for it now.
+    _CONFIG.value.get("domain")
+    return remaining
+  except OSError as err:
+    _missing_config_file(argv, err)
+  except flags.Error as err:
+    if "Error whilst parsing config file" in str(err):
+      # get_config's own error (a bad `:arg`): ml_collections puts the traceback in the message.
+      lines = [line for line in str(err).splitlines() if line.strip()]
+      _usage_error(f"--config={_config_arg(argv)}: {lines[-1].split(': ', 1)[-1]}")
+    # absl's own parsing errors, reported as absl does.
     sys.stderr.write(f"FATAL Flags parsing error: {err}\n"
                      "Pass --helpshort or --helpfull to see help on flags.\n")
     sys.exit(1)
@@ -104,6 +145,31 @@ def _parse_flags(argv: list[str]) -> list[str]:
         f"no field {message}\nThe fields are those of the config file and "
         "cldro_jax/config_defaults.py; `--config.FIELD=VALUE` can only change existing ones.\n")
     sys.exit(2)
+
+
+def _config_arg(argv: list[str]) -> str:
+  """The value given to --config (the last one, as absl takes it)."""
+  value = ""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      value = arg[len("--config="):]
+    elif arg == "--config" and i + 1 < len(argv):
+      value = argv[i + 1]
+  return value
+
+
+def _missing_config_file(argv: list[str], err: OSError) -> None:
+  path = _config_arg(argv).split(":", 1)[0]
+  if path and os.path.exists(path):   # it exists but cannot be read: say why
+    cause = " ".join(str(err).split()).split("earlier failure to load: ")[-1]
+    _usage_error(f"--config={path} cannot be loaded ({cause}); pass a config file with a "
+                 "get_config(), e.g. --config=configs/quickstart.py")
+  folder = os.path.dirname(path) or "configs"
+  shipped = sorted(glob.glob(os.path.join(folder, "*.py"))) or sorted(glob.glob("configs/*.py"))
+  close = difflib.get_close_matches(path, shipped, n=1, cutoff=0.6)
+  hint = f"did you mean --config={close[0]}? " if close else ""
+  _usage_error(f"config file {path!r} not found (paths are relative to {os.getcwd()}); {hint}"
+               f"the configs: {', '.join(shipped) or 'configs/*.py in the repository'}.")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import jax
 from absl import app, flags
@@ -104,7 +105,13 @@ def _task_and_encoder(workdir: str, config, task_class, *, step: int | None, unt
   if untrained:
     params, model_state = jax.jit(task.init)(train.model_init_key(config.seed))
     return mesh, task, params, model_state, 0
-  raw, meta = checkpointing.read_checkpoint(workdir, step=step)
+  try:
+    raw, meta = checkpointing.read_checkpoint(workdir, step=step)
+  except FileNotFoundError as err:
+    fix = ("pass one of them with --step, or leave --step out for the latest" if step is not None
+           else "the run has not saved one yet (it does every config.checkpoint_every_steps "
+           "steps): wait for it, or probe the untrained encoder with --untrained")
+    raise FileNotFoundError(f"{err} {fix[0].upper()}{fix[1:]}.") from err
   return mesh, task, raw["params"]["model"], raw["model_state"], int(meta["step"])
 
 
@@ -132,9 +139,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   checkpointing.quiet_orbax_info()
-  result = run_probe(_WORKDIR.value, protocol=_PROTOCOL.value, epochs=_EPOCHS.value,
-                     step=_STEP.value, untrained=_UNTRAINED.value, update_bn=_UPDATE_BN.value,
-                     data_dir=_DATA_DIR.value)
+  try:
+    result = run_probe(_WORKDIR.value, protocol=_PROTOCOL.value, epochs=_EPOCHS.value,
+                       step=_STEP.value, untrained=_UNTRAINED.value, update_bn=_UPDATE_BN.value,
+                       data_dir=_DATA_DIR.value)
+  except (FileNotFoundError, ValueError) as err:
+    # A wrong workdir, step or flag: the message names the fix; a traceback would bury it.
+    print(f"cldro_jax.probe: {err}", file=sys.stderr)
+    sys.exit(2)
   if jax.process_index() == 0:
     print(json.dumps(result, indent=2, sort_keys=True))
 

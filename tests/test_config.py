@@ -214,3 +214,16 @@ def test_cl_dro_trainer_loss_follows_the_domain_variant(variant, name, block_siz
               "mean_variance": lambda: ref.mean_variance(z1, z2, t=0.25, variant=variant,
                                                          valid=valid)}[name]()
   np.testing.assert_allclose(got, expected, rtol=2e-5)
+
+
+def test_parse_arg_rejects_values_it_would_otherwise_misread():
+  # `runlocal=flase` used to mean False and `seed` alone seed=True (1), both silently.
+  with pytest.raises(ValueError, match=r"runlocal='flase' is not a boolean; write `runlocal`"):
+    config_defaults.parse_arg("runlocal=flase", runlocal=False)
+  with pytest.raises(ValueError, match=r"'seed' needs a value, e.g. `seed=0`"):
+    config_defaults.parse_arg("seed", seed=0)
+  with pytest.raises(ValueError, match=r"seed='abc' is not an integer \(e.g. `seed=0`\)"):
+    config_defaults.parse_arg("seed=abc", seed=0)
+  with pytest.raises(ValueError, match=r"did you mean 'runlocal'\? this config takes "
+                     r"`:runlocal,seed=0`"):
+    config_defaults.parse_arg("run_local", runlocal=False, seed=0)

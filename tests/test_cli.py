@@ -1,0 +1,95 @@
+"""The command lines' answers to a new user's mistakes: one clear message naming the fix, a
+non-zero exit status, no traceback. Every case here fails before any training starts."""
+
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
+
+from cldro_jax import checkpointing
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run(args, timeout=120):
+  return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                        timeout=timeout, check=False)
+
+
+def _main(*args):
+  return _run(["-m", "cldro_jax.main", *args])
+
+
+def _assert_clean_failure(run, status, *fragments):
+  assert run.returncode == status, run.stderr[-2000:]
+  assert "Traceback" not in run.stderr, run.stderr[-2000:]
+  for fragment in fragments:
+    assert fragment in run.stderr, run.stderr[-2000:]
+
+
+def test_a_config_path_that_does_not_exist_names_the_closest_config(tmp_path):
+  # ml_collections deferred this error to the config's first use: two chained tracebacks.
+  run = _main("--config=configs/cifar.py", "--config.batch_size=8",
+              f"--workdir={tmp_path / 'run'}")
+  _assert_clean_failure(run, 2, "config file 'configs/cifar.py' not found",
+                        "did you mean --config=configs/cifar10.py?")
+
+
+def test_a_misspelled_config_argument_gets_one_line_with_a_suggestion(tmp_path):
+  run = _main("--config=configs/quickstart.py:run_local", f"--workdir={tmp_path / 'run'}")
+  _assert_clean_failure(
+      run, 2, "cldro_jax: --config=configs/quickstart.py:run_local: Unknown config argument "
+      "'run_local'; did you mean 'runlocal'?")
+
+
+def test_an_override_with_an_impossible_value_is_reported_without_a_traceback(tmp_path):
+  run = _main("--config=configs/quickstart.py:runlocal", "--config.loss.temperature=-1",
+              f"--workdir={tmp_path / 'run'}")
+  _assert_clean_failure(run, 2, "config.loss.temperature must be > 0, got -1.0")
+  assert not (tmp_path / "run").exists()
+
+
+def test_a_workdir_that_is_a_file_is_named(tmp_path):
+  afile = tmp_path / "afile"
+  afile.write_text("")
+  run = _main("--config=configs/quickstart.py:runlocal", f"--workdir={afile}")
+  _assert_clean_failure(run, 2, f"--workdir={afile} is a file, not a directory")
+
+
+_RAISE_MISMATCH = """
+import sys
+from absl import app
+from cldro_jax import checkpointing, main, train
+
+def refuse(config, workdir):
+  raise checkpointing.CheckpointMismatchError("holds a run started with a different config")
+
+train.train_and_evaluate = refuse
+app.run(main.main, flags_parser=main._parse_flags)
+"""
+
+
+def test_a_resume_refused_by_the_checkpoint_check_is_one_message(tmp_path):
+  # The trainer's own user-facing errors (config differs from the saved run's, a damaged
+  # checkpoint, missing data) came under a 20-80 line traceback.
+  run = _run(["-c", _RAISE_MISMATCH, "--config=configs/quickstart.py:runlocal",
+              f"--workdir={tmp_path}"])
+  _assert_clean_failure(run, 1, "cldro_jax: CheckpointMismatchError: holds a run started with a "
+                        "different config")
+
+
+def test_the_probe_on_a_directory_that_is_no_workdir_says_how_to_make_one(tmp_path):
+  run = _run(["-m", "cldro_jax.probe", f"--workdir={tmp_path / 'nothing'}"])
+  _assert_clean_failure(run, 2, "is not a cldro_jax workdir",
+                        "python -m cldro_jax.main --config=configs/quickstart.py")
+
+
+def test_the_probe_before_the_first_checkpoint_suggests_waiting_or_untrained(tmp_path):
+  spec = importlib.util.spec_from_file_location("quickstart", REPO_ROOT / "configs/quickstart.py")
+  quickstart = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(quickstart)
+  (tmp_path / "config.json").write_text(
+      json.dumps(checkpointing.config_to_dict(quickstart.get_config("runlocal"))))
+  run = _run(["-m", "cldro_jax.probe", f"--workdir={tmp_path}"])
+  _assert_clean_failure(run, 2, "No checkpoint in", "--untrained")
