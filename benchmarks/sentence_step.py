@@ -141,7 +141,7 @@ def profile_text(step, state, batch, trace_dir: str, seconds: float) -> str:
     holder["state"] = step(holder["state"], batch)
     return holder["state"]
   try:
-    profile = op_profile.profile_compiled(run_once, step.hlo_text, trace_dir)
+    profile = op_profile.profile_compiled(run_once, step.compiled.as_text(), trace_dir)
     return op_profile.format_tables(profile, seconds * 1e3)
   except Exception as error:   # pylint: disable=broad-except
     return f"(profile failed: {type(error).__name__}: {error})"
@@ -178,7 +178,7 @@ def project_program(arch, batch: int, dtype: str, mesh):
     return new_state
   # XLA counts one device's partitioned program: the step is that on every device of the mesh
   # (replicated work such as the optimizer update is then counted once per device, as it runs).
-  run.hlo_text = compiled.as_text()   # names what a profile of the step times
+  run.compiled = compiled   # its text (as_text) names what a profile of the step times
   return run, state, global_batch, xla_flops(compiled) * mesh.size
 
 
