@@ -24,7 +24,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from cldro_jax import checkpointing, config_defaults, distributed, train
+from cldro_jax import checkpointing, config_defaults, distributed, metrics, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -106,7 +106,10 @@ def main(argv):
     sys.stdout.flush()
     os._exit(1)  # pylint: disable=protected-access
   if jax.process_index() == 0:
-    print(json.dumps(results, indent=2, sort_keys=True))
+    # stdout: the results as JSON for scripts; the person at the terminal reads the summary
+    # (stderr, with the progress bar), the last thing the run prints.
+    print(json.dumps(results, indent=2, sort_keys=True), flush=True)
+    print("\n" + metrics.format_summary(results, _WORKDIR.value), file=sys.stderr)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

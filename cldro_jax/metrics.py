@@ -148,3 +148,66 @@ def progress_bar(total: int, *, initial: int = 0, unit: str = "img", desc: str =
   return tqdm(total=total * unit_scale, initial=initial * unit_scale, unit=unit, desc=desc,
               unit_scale=True, dynamic_ncols=True, file=sys.stderr,
               disable=jax.process_index() != 0, smoothing=0.1)
+
+
+
+def _paired(results: Mapping[str, Any], key: str, baseline_key: str,
+            with_std: bool = False) -> str:
+  """`trained X   untrained Y   (gain +Z)`; the untrained part only when it was measured;
+  with_std: each score followed by `+- <key>_std` (the spread over seeds)."""
+  def score(score_key: str) -> str:
+    std = f" +- {results[score_key + '_std']:.2f}" if with_std else ""
+    return f"{results[score_key]:.2f}{std}"
+  text = f"trained {score(key)}"
+  if baseline_key in results:
+    gain = results[key] - results[baseline_key]
+    text += f"   untrained {score(baseline_key)}   (gain {gain:+.2f})"
+  return text
+
+
+def format_summary(results: Mapping[str, Any], workdir: str) -> str:
+  """The few lines a person reads at the end of a run: the scores, trained next to untrained.
+
+  `results` is what `train.train_and_evaluate` returns (and writes to results.json); scores a
+  domain does not produce are left out.
+  """
+  evaluated = results.get("evaluated_with", {}).get("eval", {})
+  rows: list[tuple[str, str]] = []   # (what, score)
+  if "linear_probe_top1" in results:
+    protocol = results.get("linear_probe_protocol", "")
+    for k in ("top1", "top5"):
+      rows.append((f"linear probe {k[:3]}-{k[3:]} ({protocol})",
+                   _paired(results, f"linear_probe_{k}", f"untrained_linear_probe_{k}")))
+  if "final_knn_top1" in results:
+    knn_k = evaluated.get("knn_k")
+    rows.append((f"kNN top-1 (k={knn_k})" if knn_k else "kNN top-1",
+                 f"{results['final_knn_top1']:.2f}"))
+  if "final_online_probe_top1" in results:
+    rows.append(("online probe top-1", f"{results['final_online_probe_top1']:.2f}"))
+  if "svm_accuracy" in results:
+    seeds = len(results.get("svm_cv_seeds", [])) or 1
+    folds = evaluated.get("folds")
+    label = f"{folds}-fold CV" if folds else "CV"
+    label += f", mean +- std of {seeds} seeds" if seeds > 1 else ""
+    rows.append((f"SVM accuracy ({label})", _paired(
+        results, "svm_accuracy", "untrained_svm_accuracy", with_std=seeds > 1)))
+  if "sts_avg" in results:
+    rows.append(("STS avg. Spearman x100", f"{results['sts_avg']:.2f}   "
+                 f"({results.get('sts_model', '')}; pooler {results.get('sts_pooler', '')})"))
+  elif "sts_skipped" in results:
+    rows.append(("STS", results["sts_skipped"]))
+  if "hf_export" in results:
+    rows.append(("Hugging Face export", results["hf_export"]))
+
+  header = (f"Results after {results['step']} steps ({results['epochs']:.4g} epochs) with the "
+            f"{results['loss']} loss")
+  if "dataset" in results:
+    header += f" on {results['dataset']}"
+  lines = [header + ":"]
+  if "collapsed_at_step" in results:
+    lines.append(f"  WARNING: the representation collapsed at step {results['collapsed_at_step']}"
+                 " (see the message during training); these are a collapsed encoder's scores.")
+  width = max((len(what) for what, _ in rows), default=0)
+  lines += [f"  {what:<{width}}   {score}" for what, score in rows]
+  lines.append(f"All results: {os.path.join(workdir, 'results.json')}")
+  return "\n".join(lines)

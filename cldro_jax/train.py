@@ -211,21 +211,26 @@ def make_mesh(num_devices: int = -1) -> jax.sharding.Mesh:
 
 def make_schedule(optim: ml_collections.ConfigDict, total_steps: int,
                   steps_per_epoch: int) -> optax.Schedule:
-  warmup = int(round(optim.warmup_epochs * steps_per_epoch))
+  warmup = max(int(round(optim.warmup_epochs * steps_per_epoch)), 0)
+  decay_steps = max(total_steps - warmup, 1)
   if optim.schedule == "constant":
-    if warmup == 0:
-      return optax.constant_schedule(optim.lr)
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, optim.lr, warmup), optax.constant_schedule(optim.lr)], [warmup])
-  if optim.schedule == "warmup_cosine":
-    return optax.warmup_cosine_decay_schedule(
-        0.0, optim.lr, warmup_steps=max(warmup, 0), decay_steps=max(total_steps, warmup + 1),
-        end_value=optim.lr * optim.min_lr_ratio)
-  if optim.schedule == "linear_decay":   # SimCSE / transformers' default: lr -> 0 linearly
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, optim.lr, warmup),
-         optax.linear_schedule(optim.lr, 0.0, max(total_steps - warmup, 1))], [warmup])
-  raise ValueError(f"Unknown schedule {optim.schedule!r}")
+    after_warmup = optax.constant_schedule(optim.lr)
+  elif optim.schedule == "warmup_cosine":
+    if warmup:
+      return optax.warmup_cosine_decay_schedule(
+          0.0, optim.lr, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
+          end_value=optim.lr * optim.min_lr_ratio)
+    # optax's alpha, computed as warmup_cosine_decay_schedule computes it
+    alpha = optim.lr * optim.min_lr_ratio / optim.lr if optim.lr else 0.0
+    after_warmup = optax.cosine_decay_schedule(optim.lr, decay_steps, alpha=alpha)
+  elif optim.schedule == "linear_decay":   # SimCSE / transformers' default: lr -> 0 linearly
+    after_warmup = optax.linear_schedule(optim.lr, 0.0, decay_steps)
+  else:
+    raise ValueError(f"Unknown schedule {optim.schedule!r}")
+  if warmup == 0:   # no zero-step warm-up segment: optax warns about one (same values)
+    return after_warmup
+  return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), after_warmup],
+                              [warmup])
 
 
 def make_optimizer(optim: ml_collections.ConfigDict,

@@ -86,3 +86,26 @@ def test_command_lines_hide_orbax_info_but_not_its_warnings():
     assert handler.filter(record(py_logging.INFO, "/work/cldro_jax/train.py"))
   finally:
     handler.filters[:] = before
+
+
+def test_the_end_of_run_summary_of_graph_and_sentence_runs():
+  graph = {"step": 200, "epochs": 20.0, "loss": "adnce", "dataset": "MUTAG",
+           "svm_cv_seeds": [0, 1, 2], "svm_accuracy": 88.5, "svm_accuracy_std": 1.25,
+           "untrained_svm_accuracy": 85.0, "untrained_svm_accuracy_std": 0.5,
+           "evaluated_with": {"eval": {"folds": 10}}}
+  assert metrics.format_summary(graph, "wd").splitlines() == [
+      "Results after 200 steps (20 epochs) with the adnce loss on MUTAG:",
+      "  SVM accuracy (10-fold CV, mean +- std of 3 seeds)   trained 88.50 +- 1.25   "
+      "untrained 85.00 +- 0.50   (gain +3.50)",
+      "All results: wd/results.json"]
+  sentence = {"step": 125, "epochs": 0.5, "loss": "infonce", "collapsed_at_step": 100,
+              "sts_avg": 76.254, "sts_model": "final model: step 125",
+              "sts_pooler": "cls (without the training MLP)", "hf_export": "wd/hf_export"}
+  assert metrics.format_summary(sentence, "wd").splitlines() == [
+      "Results after 125 steps (0.5 epochs) with the infonce loss:",
+      "  WARNING: the representation collapsed at step 100 (see the message during training); "
+      "these are a collapsed encoder's scores.",
+      "  STS avg. Spearman x100   76.25   (final model: step 125; pooler cls (without the "
+      "training MLP))",
+      "  Hugging Face export      wd/hf_export",
+      "All results: wd/results.json"]

@@ -28,6 +28,29 @@ def test_warmup_cosine_schedule_follows_its_formula():
     assert float(schedule(step)) == pytest.approx(expected, rel=1e-5)
 
 
+def test_schedules_without_warmup_follow_their_formulas_and_do_not_warn(caplog):
+  # optax logs a notice for a zero-step warm-up segment (every run without warm-up printed it)
+  total = 40
+  with caplog.at_level("INFO"):
+    cosine = train.make_schedule(
+        optim_config(schedule="warmup_cosine", lr=0.4, min_lr_ratio=0.1), total, 10)
+    decay = train.make_schedule(optim_config(schedule="linear_decay", lr=3e-5), total, 10)
+    values = [(float(cosine(s)), float(decay(s))) for s in (0, 13, 39)]
+  assert not [r for r in caplog.records if "transition_steps" in r.getMessage()]
+  for (cos_value, decay_value), step in zip(values, (0, 13, 39), strict=True):
+    expected = 0.04 + (0.4 - 0.04) * 0.5 * (1 + math.cos(math.pi * step / total))
+    assert cos_value == pytest.approx(expected, rel=1e-5)
+    assert decay_value == pytest.approx(3e-5 * (1 - step / total), rel=1e-5)
+
+
+def test_linear_decay_after_warmup():
+  # 1 epoch of 4 steps up from 0, then down to 0 over the remaining 16 steps
+  schedule = train.make_schedule(
+      optim_config(schedule="linear_decay", lr=1e-3, warmup_epochs=1.0), 20, 4)
+  np.testing.assert_allclose([float(schedule(s)) for s in (0, 2, 4, 12, 19)],
+                             [0.0, 5e-4, 1e-3, 5e-4, 1e-3 / 16], rtol=1e-6)
+
+
 def test_constant_and_linear_decay_schedules():
   assert float(train.make_schedule(optim_config(lr=1e-3), 50, 5)(37)) == pytest.approx(1e-3)
   decay = train.make_schedule(optim_config(schedule="linear_decay", lr=3e-5), 4, 4)

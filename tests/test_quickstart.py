@@ -5,6 +5,9 @@ encoder by at least 2 points on average (the issue's acceptance check).
 """
 
 import json
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 
@@ -35,3 +38,26 @@ def test_quickstart_config_is_the_documented_one():
   assert config.data.source == "fashion_mnist_subset"       # shipped: no download
   assert config.eval.untrained_baseline and config.eval.linear_probe == "features"
   assert config.loss.name == "adnce"
+
+
+def test_the_command_prints_results_json_and_ends_with_the_summary(tmp_path):
+  """stdout is the results as JSON (for scripts); the last lines on the terminal are the summary
+  with the trained encoder's probe next to the untrained one's, as results.json has them."""
+  workdir = tmp_path / "run"
+  run = subprocess.run(
+      [sys.executable, "-m", "cldro_jax.main", "--config=configs/quickstart.py:runlocal",
+       f"--workdir={workdir}", "--config.progress_bar=False"],
+      cwd=pathlib.Path(__file__).resolve().parents[1], capture_output=True, text=True,
+      timeout=300, check=False)
+  assert run.returncode == 0, run.stderr[-3000:]
+  results = read_json(workdir, "results.json")
+  assert json.loads(run.stdout) == results
+  tail = run.stderr.rstrip().splitlines()[-6:]
+  trained, untrained = results["linear_probe_top1"], results["untrained_linear_probe_top1"]
+  assert tail[0].startswith("Results after 4 steps"), tail
+  assert tail[1].split() == [
+      "linear", "probe", "top-1", "(features)", "trained", f"{trained:.2f}", "untrained",
+      f"{untrained:.2f}", "(gain", f"{trained - untrained:+.2f})"], tail
+  assert tail[3].split()[:3] == ["kNN", "top-1", "(k=5)"], tail
+  assert float(tail[3].split()[3]) == round(results["final_knn_top1"], 2)
+  assert tail[-1] == f"All results: {workdir / 'results.json'}"
