@@ -278,14 +278,23 @@ def _shape_table(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+# Orbax warns whenever a manager is opened read-only, which is what every reader asks for.
+_ORBAX_READ_ONLY_NOTICE = "Given directory is read only"
+
+
 def _not_orbax_info(record: py_logging.LogRecord) -> bool:
-  return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+  if "/orbax/" not in record.pathname:
+    return True
+  if record.levelno == py_logging.WARNING:
+    return not str(record.msg).startswith(_ORBAX_READ_ONLY_NOTICE)
+  return record.levelno > py_logging.WARNING
 
 
 def quiet_orbax_info() -> None:
   """Hides orbax's INFO lines (a dozen per checkpoint save or restore, through absl), which
-  would bury the progress bar; its warnings and errors still show, and so do our own INFO lines
-  (resume, distributed start-up). For command-line entry points."""
+  would bury the progress bar; its warnings and errors still show (but for its notice that a
+  reader's manager is read-only), and so do our own INFO lines (resume, distributed start-up).
+  For command-line entry points."""
   handler = logging.get_absl_handler()
   if _not_orbax_info not in handler.filters:
     handler.addFilter(_not_orbax_info)
@@ -317,8 +326,10 @@ class Checkpointer:
     self.read_only = read_only
     if read_only and not os.path.isdir(self.directory):
       raise FileNotFoundError(f"No checkpoint in {self.directory}.")
+    # A read-only manager keeps and saves nothing; orbax warns about any other setting.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=not read_only, cleanup_tmp_directories=not read_only,
+        max_to_keep=None if read_only else keep, save_interval_steps=0 if read_only else 1,
+        create=not read_only, cleanup_tmp_directories=not read_only,
         enable_async_checkpointing=True, read_only=read_only)
     # Handlers declared up front so that a checkpoint's array metadata can be read (to compare
     # shapes before restoring) without restoring it.

@@ -71,8 +71,8 @@ def test_command_lines_hide_orbax_info_but_not_its_warnings():
   from absl import logging  # pylint: disable=import-outside-toplevel
   from cldro_jax import checkpointing  # pylint: disable=import-outside-toplevel
 
-  def record(level, path):
-    return py_logging.LogRecord("absl", level, path, 1, "message", None, None)
+  def record(level, path, message="message"):
+    return py_logging.LogRecord("absl", level, path, 1, message, None, None)
 
   handler = logging.get_absl_handler()
   before = list(handler.filters)
@@ -83,6 +83,10 @@ def test_command_lines_hide_orbax_info_but_not_its_warnings():
     orbax_file = "/site-packages/orbax/checkpoint/checkpoint_manager.py"
     assert not handler.filter(record(py_logging.INFO, orbax_file))
     assert handler.filter(record(py_logging.WARNING, orbax_file))
+    # ... but for the notice every read-only reader (probe, load_encoder) would print
+    assert not handler.filter(record(py_logging.WARNING, orbax_file,
+                                     "Given directory is read only=%s"))
+    assert handler.filter(record(py_logging.ERROR, orbax_file, "Given directory is read only"))
     assert handler.filter(record(py_logging.INFO, "/work/cldro_jax/train.py"))
   finally:
     handler.filters[:] = before
@@ -109,3 +113,11 @@ def test_the_end_of_run_summary_of_graph_and_sentence_runs():
       "training MLP))",
       "  Hugging Face export      wd/hf_export",
       "All results: wd/results.json"]
+
+
+def test_a_read_only_checkpointer_sets_what_orbax_would_warn_about(tmp_path, caplog):
+  from cldro_jax import checkpointing  # pylint: disable=import-outside-toplevel
+  (tmp_path / "checkpoints").mkdir()
+  with caplog.at_level("WARNING"):
+    checkpointing.Checkpointer(str(tmp_path), read_only=True).close()
+  assert not [r for r in caplog.records if "setting" in r.getMessage()], caplog.text
