@@ -280,9 +280,15 @@ def _shape_table(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
 
 # Orbax warns whenever a manager is opened read-only, which is what every reader asks for.
 _ORBAX_READ_ONLY_NOTICE = "Given directory is read only"
+# JAX says at INFO on every machine without a TPU that it found no TPU library (a GPU backend
+# that fails to start stays visible: there the line is the clue).
+_JAX_NO_TPU_NOTICE = "Unable to initialize backend 'tpu'"
 
 
-def _not_orbax_info(record: py_logging.LogRecord) -> bool:
+def _shown(record: py_logging.LogRecord) -> bool:
+  """False for the library lines that `quiet_library_info` hides."""
+  if record.pathname.endswith("xla_bridge.py") and record.levelno < py_logging.WARNING:
+    return not str(record.msg).startswith(_JAX_NO_TPU_NOTICE)
   if "/orbax/" not in record.pathname:
     return True
   if record.levelno == py_logging.WARNING:
@@ -290,14 +296,14 @@ def _not_orbax_info(record: py_logging.LogRecord) -> bool:
   return record.levelno > py_logging.WARNING
 
 
-def quiet_orbax_info() -> None:
+def quiet_library_info() -> None:
   """Hides orbax's INFO lines (a dozen per checkpoint save or restore, through absl), which
-  would bury the progress bar; its warnings and errors still show (but for its notice that a
-  reader's manager is read-only), and so do our own INFO lines (resume, distributed start-up).
-  For command-line entry points."""
+  would bury the progress bar, and JAX's INFO line that a machine has no TPU library; orbax's
+  warnings and errors still show (but for its notice that a reader's manager is read-only), and
+  so do our own INFO lines (resume, distributed start-up). For command-line entry points."""
   handler = logging.get_absl_handler()
-  if _not_orbax_info not in handler.filters:
-    handler.addFilter(_not_orbax_info)
+  if _shown not in handler.filters:
+    handler.addFilter(_shown)
 
 
 class _ManagerWithoutPreemptionReports(ocp.CheckpointManager):

@@ -73,7 +73,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   _check_inputs(_CONFIG.value, _WORKDIR.value)
-  checkpointing.quiet_orbax_info()
+  checkpointing.quiet_library_info()
   plan = distributed.plan_initialization(
       multiprocess=_MULTIPROCESS.value, coordinator_address=_COORDINATOR.value,
       num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,

@@ -138,7 +138,7 @@ def _svm_probe(workdir: str, config, *, step: int | None, untrained: bool,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  checkpointing.quiet_orbax_info()
+  checkpointing.quiet_library_info()
   try:
     result = run_probe(_WORKDIR.value, protocol=_PROTOCOL.value, epochs=_EPOCHS.value,
                        step=_STEP.value, untrained=_UNTRAINED.value, update_bn=_UPDATE_BN.value,

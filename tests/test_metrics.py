@@ -66,7 +66,7 @@ def test_every_logged_point_is_on_disk_without_close(tmp_path):
   writer.close()
 
 
-def test_command_lines_hide_orbax_info_but_not_its_warnings():
+def test_command_lines_hide_orbax_info_and_the_no_tpu_notice_but_not_warnings():
   import logging as py_logging  # pylint: disable=import-outside-toplevel
   from absl import logging  # pylint: disable=import-outside-toplevel
   from cldro_jax import checkpointing  # pylint: disable=import-outside-toplevel
@@ -77,8 +77,8 @@ def test_command_lines_hide_orbax_info_but_not_its_warnings():
   handler = logging.get_absl_handler()
   before = list(handler.filters)
   try:
-    checkpointing.quiet_orbax_info()
-    checkpointing.quiet_orbax_info()   # idempotent: main and probe may both call it
+    checkpointing.quiet_library_info()
+    checkpointing.quiet_library_info()   # idempotent: main and probe may both call it
     assert len(handler.filters) == len(before) + 1
     orbax_file = "/site-packages/orbax/checkpoint/checkpoint_manager.py"
     assert not handler.filter(record(py_logging.INFO, orbax_file))
@@ -88,6 +88,11 @@ def test_command_lines_hide_orbax_info_but_not_its_warnings():
                                      "Given directory is read only=%s"))
     assert handler.filter(record(py_logging.ERROR, orbax_file, "Given directory is read only"))
     assert handler.filter(record(py_logging.INFO, "/work/cldro_jax/train.py"))
+    bridge = "/site-packages/jax/_src/xla_bridge.py"
+    assert not handler.filter(record(py_logging.INFO, bridge,
+                                     "Unable to initialize backend 'tpu': INTERNAL: no libtpu"))
+    assert handler.filter(record(py_logging.INFO, bridge,
+                                 "Unable to initialize backend 'cuda': no CUDA devices"))
   finally:
     handler.filters[:] = before
 
