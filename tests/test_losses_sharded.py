@@ -150,3 +150,30 @@ def test_replicated_parameter_gradient_in_train_step_needs_no_psum():
   np.testing.assert_allclose(float(value), float(expected_value), rtol=1e-5)
   np.testing.assert_allclose(np.asarray(grad), np.asarray(expected_grad), atol=1e-6, rtol=1e-5)
   assert np.abs(np.asarray(expected_grad)).max() > 1e-2
+
+
+def test_batch_split_over_two_mesh_axes():
+  """axis_name may be a tuple: the batch split over ("slice", "data") of a 2 x 4 mesh (a
+  multi-slice TPU pod's layout) gives the one-device values and each device its rows of the
+  full-batch gradient, dense and blockwise."""
+  two_axes = jax.make_mesh((2, N_DEVICES // 2), ("slice", "data"),
+                           axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  spec = P(("slice", "data"))
+  z1, z2, valid, labels = (jnp.asarray(x) for x in inputs(seed=3))
+  for case in ("adnce-image", "adnce-sentence"):
+    loss_fn = CASES[case]
+    value, grads = jax.value_and_grad(
+        lambda a, b, f=loss_fn: f(a, b, valid=valid, labels=labels), (0, 1))(z1, z2)
+    for block_size in (None, 4):
+      def body(a, b, v, lab, f=loss_fn, kw=_kw(block_size)):
+        local_value, local_grads = jax.value_and_grad(
+            lambda x, y: f(x, y, valid=v, labels=lab, axis_name=("slice", "data"), **kw),
+            (0, 1))(a, b)
+        return local_value[None], local_grads
+      program = jax.jit(jax.shard_map(body, mesh=two_axes, in_specs=(spec,) * 4,
+                                      out_specs=(spec, (spec, spec))))
+      per_device, got = jax.block_until_ready(program(z1, z2, valid, labels))
+      np.testing.assert_allclose(np.asarray(per_device), np.full(N_DEVICES, float(value)),
+                                 rtol=1e-5, atol=1e-6)
+      for g, e in zip(got, grads, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), atol=1e-6, rtol=1e-5)

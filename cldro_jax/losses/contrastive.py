@@ -99,8 +99,9 @@ def infonce(z1, z2, *, temperature, variant="image", valid=None, labels=None, ax
     variant: "image", "sentence" or "graph".
     valid: optional (B,) bool; invalid rows are neither anchors nor negatives.
     labels: optional (B,) int; same-label candidates are removed from the negatives.
-    axis_name: mesh axis the batch is split over inside ``jax.shard_map``; negatives are then
-      gathered from every device and every device returns the same global mean.
+    axis_name: mesh axis (or tuple of axes) the batch is split over inside ``jax.shard_map``;
+      negatives are then gathered from every device and every device returns the same global
+      mean.
     block_size: None (dense) or the number of candidate columns per block (memory-bounded path).
 
   Returns:
