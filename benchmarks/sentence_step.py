@@ -142,7 +142,8 @@ def profile_text(step, state, batch, trace_dir: str, seconds: float) -> str:
     return holder["state"]
   try:
     profile = op_profile.profile_compiled(run_once, step.compiled.as_text(), trace_dir)
-    return op_profile.format_tables(profile, seconds * 1e3)
+    return op_profile.format_tables(profile, seconds * 1e3,
+                                    wall_label="the unprofiled median step's wall time")
   except Exception as error:   # pylint: disable=broad-except
     return f"(profile failed: {type(error).__name__}: {error})"
 
@@ -234,7 +235,8 @@ def main(argv=None) -> None:
   for dtype in args.dtypes.split(","):
     peaks[dtype] = args.peak_tflops or measured_matmul_tflops(
         jnp.bfloat16 if dtype == "bfloat16" else jnp.float32, 2048 if on_cpu else 8192)
-    print(f"# measured dense matmul rate, {dtype}: {peaks[dtype]:.3g} TFLOP/s")
+    source = "given by --peak_tflops" if args.peak_tflops else "measured dense matmul rate"
+    print(f"# MFU denominator, {dtype} ({source}): {peaks[dtype]:.3g} TFLOP/s")
   out = record.JsonRecord(args.json, "sentence_step", architecture=args.architecture,
                           layers=args.layers or arch.num_hidden_layers, seq_len=SEQ_LEN,
                           gflop_per_sentence=flops_sentence / 1e9, matmul_tflops=peaks,

@@ -179,7 +179,9 @@ def profile_step(name: str, run, compiled_text: str, args, t_step: float) -> Non
   try:
     profile = op_profile.profile_compiled(run, compiled_text, f"{args.profile}/{name}")
     print(f"\n# {name}: where the step's device time goes\n"
-          + op_profile.format_tables(profile, t_step * 1e3) + "\n", flush=True)
+          + op_profile.format_tables(profile, t_step * 1e3,
+                                     wall_label="the unprofiled median step's wall time")
+          + "\n", flush=True)
   except Exception as error:   # pylint: disable=broad-except
     print(f"# {name}: profile failed: {type(error).__name__}: {error}", flush=True)
 

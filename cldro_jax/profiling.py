@@ -15,7 +15,9 @@ it on any machine.
 
 Kernel times are summed: kernels that overlap (several streams, or CPU threads) count each, so
 the device time per step can exceed the step's wall time; the difference the other way is time
-the device waited (launches, host work, synchronisation).
+the device waited (launches, host work, synchronisation). With several devices the table is per
+device (their mean). Under the profiler a GPU runs its programs without CUDA graphs and with
+CUPTI's overhead, so a wall time measured while profiling is longer than the production step's.
 """
 
 from __future__ import annotations
@@ -35,6 +37,14 @@ PHASE_NAMES = {"augment": "augmentation", "loss": "loss", "diagnostics": "diagno
                "online_probe": "online probe", "optimizer": "optimizer", "model": "encoder"}
 OTHER = "other (metrics, RNG, copies)"
 UNATTRIBUTED = "unattributed (no HLO instruction matched)"
+# Device work no instruction of the step launched: host-to-device copies of the next batch,
+# memsets of the runtime (untagged events on a GPU's stream lines).
+OUTSIDE = "outside the step (transfers, runtime)"
+# Lines of a GPU plane that xprof derives from the kernels (jax's own files normally lack
+# them); they repeat the stream lines' time. Every other line of a GPU plane holds kernels:
+# streams, and a stream the CUPTI tracer renamed "CUPTI overhead".
+_DERIVED_LINES = ("XLA Ops", "XLA Modules", "Steps", "Framework Name Scope", "Framework Ops",
+                  "Source code", "XLA TraceMe", "Launch Stats", "_counters_")
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([^\s=%]+)\s*=\s*(.*)$")
 _OPCODE = re.compile(r"(?:^|[\s)}\]])([a-z][a-z0-9\-]*)\(")
@@ -49,6 +59,7 @@ class Instruction:
   name: str
   kind: str          # opcode, with the fusion kind or custom-call target where there is one
   phase: str         # from the op_name metadata (or, for a fusion without it, its contents)
+  op_name: str | None = None   # its own op_name metadata, if any
 
 
 def phase_of(op_name: str) -> str | None:
@@ -124,15 +135,19 @@ def parse_hlo(hlo_text: str) -> dict[str, Instruction]:
   def operands_phase(rhs: str, local: dict[str, str]) -> str | None:
     phases = collections.Counter(local[operand] for operand in re.findall(r"%([^\s,(){}]+)", rhs)
                                  if local.get(operand, OTHER) != OTHER)
+    # An operation on a gradient is backward work, whatever forward activations it also reads
+    # (a filter-gradient convolution takes the forward input first).
+    backward = collections.Counter({p: n for p, n in phases.items() if p.endswith(" backward")})
+    phases = backward or phases
     return phases.most_common(1)[0][0] if phases else None
 
   table = {}
   for computation, instructions in computations.items():
     local: dict[str, str] = {}   # instructions come after their operands in the text
-    for name, rhs, _, called in instructions:
+    for name, rhs, op_name, called in instructions:
       local[name] = (own[name] or caller_phase.get(computation) or majority_phase(called)
                      or operands_phase(rhs, local) or OTHER)
-      table[name] = Instruction(name=name, kind=_kind(rhs), phase=local[name])
+      table[name] = Instruction(name=name, kind=_kind(rhs), phase=local[name], op_name=op_name)
   # Computations are printed before their callers: give what is still unknown inside a called
   # computation its caller's phase, now that the callers have theirs (nesting is shallow).
   for _ in range(3):
@@ -155,51 +170,61 @@ def module_name(hlo_text: str) -> str:
 @dataclasses.dataclass
 class Profile:
   steps: int
-  phase_ns: dict[str, float]         # summed kernel time per phase, all steps
-  op_ns: dict[str, float]            # summed kernel time per instruction, all steps
+  phase_ns: dict[str, float]         # summed kernel time per phase, all steps and devices
+  op_ns: dict[str, float]            # summed kernel time per instruction, all steps and devices
   instructions: dict[str, Instruction]
   events: int                        # timed events of the module
   unmatched_examples: list[str]      # names of events no instruction matched (for a bug report)
   trace_file: str
+  devices: int = 1                   # device planes whose kernels are summed
+  note: str = ""                     # why nothing was found, when the trace says
 
   def per_step_ms(self, ns: float) -> float:
-    return ns / self.steps / 1e6
+    """Per step and per device."""
+    return ns / self.steps / self.devices / 1e6
 
   @property
   def device_ms_per_step(self) -> float:
-    return self.per_step_ms(sum(self.phase_ns.values()))
+    return self.per_step_ms(sum(ns for phase, ns in self.phase_ns.items() if phase != OUTSIDE))
 
 
-def _device_lines(plane):
-  """The lines of a device plane that hold its kernels: CUDA streams on a GPU, "XLA Ops" on a
-  TPU (derived lines such as "XLA Modules" span whole programs and would count twice)."""
+def _kernel_lines(plane):
+  """The lines of a device plane that hold its kernels: on a GPU every line but the derived
+  ones, on a TPU "XLA Ops" (derived lines such as "XLA Modules" span whole programs and would
+  count twice)."""
   lines = list(plane.lines)
-  streams = [line for line in lines if line.name.startswith("Stream")]
-  if streams:
-    return streams
+  if plane.name.startswith("/device:GPU"):
+    return [line for line in lines if not line.name.startswith(_DERIVED_LINES)]
   return [line for line in lines if line.name == "XLA Ops"]
 
 
 def _timed_events(profile_data, module: str):
-  """(instruction name candidates, duration ns) of every kernel of `module` in the trace."""
+  """(plane name, instruction name candidates or None for untagged device work, duration ns)
+  of every kernel of `module` in the trace."""
   planes = list(profile_data.planes)
   device_planes = [p for p in planes if p.name.startswith(("/device:GPU", "/device:TPU"))]
   if device_planes:
-    lines = [line for p in device_planes for line in _device_lines(p)]
+    lines = [(p.name, line) for p in device_planes for line in _kernel_lines(p)]
   else:   # the CPU backend: the thunk executor's events on the host plane
-    lines = [line for p in planes if p.name.startswith("/host:CPU") for line in p.lines]
-  for line in lines:
+    lines = [(p.name, line) for p in planes if p.name.startswith("/host:CPU") for line in p.lines]
+  for plane_name, line in lines:
     for event in line.events:
       stats = dict(event.stats)
-      if not device_planes and "hlo_op" not in stats:
-        continue   # host-side bookkeeping, not an operation
       if "hlo_module" in stats and module and stats["hlo_module"] != module:
         continue
       name = event.name
+      if "hlo_op" not in stats:
+        if not device_planes:
+          continue   # host-side bookkeeping, not an operation
+        if "hlo_module" not in stats:
+          # GPU kernels are named after their instruction with '_' for '.': fusion_3 is
+          # fusion.3; an untagged event that names none is work outside the step.
+          yield plane_name, [name, re.sub(r"_(\d+)$", r".\1", name)], True, float(
+              event.duration_ns)
+          continue
       candidates = [str(stats["hlo_op"])] if "hlo_op" in stats else []
-      # GPU kernels are named after their instruction with '_' for '.': fusion_3 is fusion.3.
       candidates += [name, re.sub(r"_(\d+)$", r".\1", name)]
-      yield candidates, float(event.duration_ns)
+      yield plane_name, candidates, False, float(event.duration_ns)
 
 
 def traces_in(trace_dir: str) -> set[pathlib.Path]:
@@ -234,10 +259,14 @@ def split_trace(profile_data, compiled_text: str, steps: int, trace_file: str = 
   module = module_name(compiled_text)
   phase_ns: dict[str, float] = collections.defaultdict(float)
   op_ns: dict[str, float] = collections.defaultdict(float)
-  events, unmatched = 0, []
-  for candidates, duration in _timed_events(profile_data, module):
-    events += 1
+  events, unmatched, planes = 0, [], set()
+  for plane, candidates, untagged, duration in _timed_events(profile_data, module):
     name = next((c for c in candidates if c in instructions), None)
+    if name is None and untagged:
+      phase_ns[OUTSIDE] += duration
+      continue
+    events += 1
+    planes.add(plane)
     if name is None:
       phase_ns[UNATTRIBUTED] += duration
       if len(unmatched) < 5 and candidates[0] not in unmatched:
@@ -245,25 +274,59 @@ def split_trace(profile_data, compiled_text: str, steps: int, trace_file: str = 
       continue
     phase_ns[instructions[name].phase] += duration
     op_ns[name] += duration
+  note = ""
+  plane_names = [p.name for p in profile_data.planes]
+  if not events and jax.default_backend() == "gpu" and not any(
+      n.startswith("/device:GPU") for n in plane_names):
+    note = ("the trace has no /device:GPU plane: the profiler recorded no GPU kernel (CUPTI "
+            "missing, or not permitted for this user: NVIDIA's ERR_NVGPUCTRPERM)")
   return Profile(steps=steps, phase_ns=dict(phase_ns), op_ns=dict(op_ns),
                  instructions=instructions, events=events, unmatched_examples=unmatched,
-                 trace_file=trace_file)
+                 trace_file=trace_file, devices=max(len(planes), 1), note=note)
 
 
-def format_tables(profile: Profile, step_wall_ms: float, top: int = 12) -> str:
-  """Markdown: device time per phase (ms per step and share), then the heaviest instructions."""
-  total = sum(profile.phase_ns.values())
+def _sanity_warnings(profile: Profile) -> list[str]:
+  """Signs that the phase split itself went wrong (a new op_name format, say)."""
+  total = sum(ns for phase, ns in profile.phase_ns.items() if phase != OUTSIDE)
+  warnings = []
+  if profile.phase_ns.get("encoder forward") and not profile.phase_ns.get("encoder backward"):
+    warnings.append("no encoder backward time although the encoder ran forward: "
+                    "phase_of no longer recognises the backward pass in op_name")
+  if profile.phase_ns.get(OTHER, 0.0) > 0.3 * total:
+    warnings.append(f"'{OTHER}' holds over 30% of the device time: the named scopes may be "
+                    "missing from op_name")
+  if warnings:
+    heaviest = sorted(profile.op_ns.items(), key=lambda kv: -kv[1])[:3]
+    examples = [profile.instructions[name].op_name for name, _ in heaviest]
+    warnings.append(f"op_name of the heaviest instructions, to compare: {examples}")
+  return warnings
+
+
+def format_tables(profile: Profile, step_wall_ms: float, top: int = 12, *,
+                  wall_label: str = "a wall time") -> str:
+  """Markdown: device time per phase (ms per step and share), then the heaviest instructions.
+
+  `wall_label` says what `step_wall_ms` is (a median of unprofiled steps, or the profiled steps'
+  own time, which a GPU's profiler lengthens)."""
+  total = sum(ns for phase, ns in profile.phase_ns.items() if phase != OUTSIDE)
   if not total:
     return (f"(profile: no kernel of the step found in {profile.trace_file}; "
-            f"{profile.events} events)")
+            f"{profile.events} events{'; ' + profile.note if profile.note else ''})")
   device_ms = profile.device_ms_per_step
-  lines = [f"device time per step {device_ms:.2f} ms (kernels summed) against a wall time of "
-           f"{step_wall_ms:.2f} ms; {profile.steps} profiled steps, trace {profile.trace_file}",
+  per_device = f", mean of {profile.devices} devices" if profile.devices > 1 else ""
+  lines = [f"device time per step {device_ms:.2f} ms (kernels summed{per_device}) against "
+           f"{wall_label} of {step_wall_ms:.2f} ms; {profile.steps} profiled steps, trace "
+           f"{profile.trace_file}",
            "", "| phase | ms per step | share of device time |", "|---|---|---|"]
   for phase, ns in sorted(profile.phase_ns.items(), key=lambda kv: -kv[1]):
-    lines.append(f"| {phase} | {profile.per_step_ms(ns):.3f} | {100 * ns / total:.1f}% |")
+    if phase != OUTSIDE:
+      lines.append(f"| {phase} | {profile.per_step_ms(ns):.3f} | {100 * ns / total:.1f}% |")
+  if profile.phase_ns.get(OUTSIDE):
+    lines.append(f"| {OUTSIDE} | {profile.per_step_ms(profile.phase_ns[OUTSIDE]):.3f} | "
+                 "not in the total |")
   if profile.unmatched_examples:
     lines.append(f"\nunattributed event names (parser to extend): {profile.unmatched_examples}")
+  lines += [f"\nWARNING: {warning}" for warning in _sanity_warnings(profile)]
   lines += ["", f"| heaviest {top} instructions | kind | phase | ms per step | share |",
             "|---|---|---|---|---|"]
   for name, ns in sorted(profile.op_ns.items(), key=lambda kv: -kv[1])[:top]:

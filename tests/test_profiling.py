@@ -135,11 +135,13 @@ class _Trace:
 
 
 def test_a_gpu_shaped_trace_counts_each_stream_kernel_once():
-  """The GPU layout of a trace (CUPTI kernels on "Stream" lines of a /device:GPU plane, tagged
-  with hlo_op/hlo_module by XLA's annotations; derived "XLA Ops" lines repeating them), which
-  this machine cannot record: each kernel is counted once, by its instruction's phase; a kernel
-  known only by name (fusion_3 for fusion.3) is matched too; other modules are left out;
-  anything else (a memcpy) is reported as unattributed."""
+  """The GPU layout of a trace, which this machine cannot record: CUPTI kernels on the stream
+  lines of each /device:GPU plane ("Stream #N(Kernel,...)", or a stream the tracer renamed
+  "CUPTI overhead"), tagged with hlo_op/hlo_module by XLA's annotations; lines xprof derives
+  ("XLA Ops") repeat them. Each kernel is counted once, by its instruction's phase, per device
+  (the mean of two GPUs); a kernel known only by name (fusion_3 for fusion.3) is matched too;
+  other modules are left out; untagged device work (the next batch's host-to-device copy) is
+  outside the step, not in its total; a tagged kernel naming no instruction is unattributed."""
   x = jnp.ones((64, 64))
   _, text = _compiled(_two_phase_step, x, x)
   instructions = op_profile.parse_hlo(text)
@@ -150,24 +152,63 @@ def test_a_gpu_shaped_trace_counts_each_stream_kernel_once():
       by_phase.setdefault(ins.phase, ins.name)
   forward, backward = by_phase["encoder forward"], by_phase["encoder backward"]
   optimizer = by_phase["optimizer"]
-  kernels = [
-      _Event("sm90_xmma_gemm", 3000, hlo_op=forward, hlo_module=module),
-      _Event("sm90_xmma_gemm", 5000, hlo_op=backward, hlo_module=module),
-      _Event(optimizer.replace(".", "_"), 700),             # no annotation: named after it
-      _Event("other_kernel", 9000, hlo_op=forward, hlo_module="jit_something_else"),
-      _Event("MemcpyD2D", 300),
-  ]
+
+  def gpu(index, scale):
+    kernels = [
+        _Event("sm90_xmma_gemm", 3000 * scale, hlo_op=forward, hlo_module=module),
+        _Event("sm90_xmma_gemm", 5000 * scale, hlo_op=backward, hlo_module=module),
+        _Event(optimizer.replace(".", "_"), 700 * scale),      # no annotation: named after it
+        _Event("other_kernel", 9000, hlo_op=forward, hlo_module="jit_something_else"),
+        _Event("MemcpyH2D", 300 * scale),                      # the next batch, untagged
+        _Event("loop_fusion", 50 * scale, hlo_op="fusion.999", hlo_module=module),
+    ]
+    return _Plane(f"/device:GPU:{index}", [
+        _Line("Stream #13(Kernel,MemcpyH2D)", kernels[:1] + kernels[3:]),
+        _Line("CUPTI overhead", kernels[1:3]),     # a stream renamed by the tracer
+        _Line("XLA Ops", kernels), _Line("XLA Modules", [_Event(module, 10**5)])])
+
   trace = _Trace([
       _Plane("/host:CPU", [_Line("python", [_Event("step", 10**6, hlo_op=forward)])]),
-      _Plane("/device:GPU:0", [_Line("Stream #13(compute)", kernels[:3]),
-                               _Line("Stream #14(copy)", kernels[3:]),
-                               _Line("XLA Ops", kernels)]),
-  ])
+      gpu(0, 1), gpu(1, 3)])
   profile = op_profile.split_trace(trace, text, steps=2)
-  assert profile.phase_ns == {"encoder forward": 3000.0, "encoder backward": 5000.0,
-                              "optimizer": 700.0, op_profile.UNATTRIBUTED: 300.0}
-  assert profile.events == 4 and profile.unmatched_examples == ["MemcpyD2D"]
-  assert profile.device_ms_per_step == pytest.approx(9000 / 2 / 1e6)
+  assert profile.phase_ns == {"encoder forward": 12000.0, "encoder backward": 20000.0,
+                              "optimizer": 2800.0, op_profile.UNATTRIBUTED: 200.0,
+                              op_profile.OUTSIDE: 1200.0}
+  assert profile.devices == 2 and profile.events == 8
+  assert profile.unmatched_examples == ["fusion.999"]
+  # per step (2) and per device (2); the copies outside the step are not in it
+  assert profile.device_ms_per_step == pytest.approx(35000 / 2 / 2 / 1e6)
+  table = op_profile.format_tables(profile, 1.0)
+  assert "mean of 2 devices" in table and f"| {op_profile.OUTSIDE} | 0.000 | not in" in table
+  assert "WARNING" not in table
+
+
+def test_operations_of_a_gradient_are_backward_and_a_lost_backward_pass_is_flagged():
+  """An instruction without op_name takes its operands' phase; one that reads a gradient is
+  backward work even when most of its operands are forward activations. A split that finds no
+  backward time (a changed op_name format) says so in the table."""
+  text = "\n".join([
+      "HloModule jit_train_step, entry_computation_layout={()->()}",
+      "ENTRY %main (p0: f32[8,8], p1: f32[8,8]) -> f32[8,8] {",
+      '  %a = f32[8,8]{1,0} add(f32[8,8]{1,0} %p0, f32[8,8]{1,0} %p0), '
+      'metadata={op_name="jit(train_step)/jvp(model)/Conv_0/add"}',
+      '  %b = f32[8,8]{1,0} multiply(f32[8,8]{1,0} %p0, f32[8,8]{1,0} %p1), '
+      'metadata={op_name="jit(train_step)/jvp(model)/Conv_0/mul"}',
+      '  %g = f32[8,8]{1,0} negate(f32[8,8]{1,0} %p1), '
+      'metadata={op_name="jit(train_step)/transpose(jvp(model))/Conv_0/neg"}',
+      "  ROOT %w = f32[8,8]{1,0} custom-call(f32[8,8]{1,0} %a, f32[8,8]{1,0} %b, "
+      'f32[8,8]{1,0} %g), custom_call_target="__cudnn$convBackwardFilter"',
+      "}"])
+  instructions = op_profile.parse_hlo(text)
+  assert instructions["w"].phase == "encoder backward"
+  assert instructions["a"].phase == "encoder forward"
+  assert instructions["w"].kind == "custom-call __cudnn$convBackwardFilter"
+  forward_only = op_profile.Profile(
+      steps=1, phase_ns={"encoder forward": 5e6}, op_ns={"a": 5e6}, instructions=instructions,
+      events=1, unmatched_examples=[], trace_file="t")
+  table = op_profile.format_tables(forward_only, 6.0)
+  assert "WARNING: no encoder backward time" in table
+  assert "jit(train_step)/jvp(model)/Conv_0/add" in table
 
 
 def test_the_trainer_profiles_its_own_steps_without_changing_them(tmp_path):
