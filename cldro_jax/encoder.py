@@ -33,9 +33,10 @@ from cldro_jax import checkpointing
 class ImageEncoder:
   """A frozen encoder (BatchNorm in eval mode) and the preprocessing it was trained with."""
 
-  config: ml_collections.ConfigDict
-  params: Any
-  model_state: Any
+  # repr shows the step only: the config and every weight would fill a terminal
+  config: ml_collections.ConfigDict = dataclasses.field(repr=False)
+  params: Any = dataclasses.field(repr=False)
+  model_state: Any = dataclasses.field(repr=False)
   step: int
 
   def __post_init__(self):
@@ -76,8 +77,9 @@ class ImageEncoder:
 class SentenceEncoder:
   """A trained BERT/RoBERTa sentence encoder with the pooler its run evaluates with."""
 
-  trained: Any            # cldro_jax.tasks.sentence.TrainedEncoder: config, weights, tokenizer
-  pooler: str             # "cls" (SimCSE's evaluation: no MLP), "mean" or "cls_mlp"
+  # cldro_jax.tasks.sentence.TrainedEncoder: config, weights, tokenizer (too long to show)
+  trained: Any = dataclasses.field(repr=False)
+  pooler: str = "cls"     # "cls" (SimCSE's evaluation: no MLP), "mean" or "cls_mlp"
 
   def __post_init__(self):
     from cldro_jax.data import text  # pylint: disable=import-outside-toplevel
@@ -118,9 +120,9 @@ class SentenceEncoder:
 class GraphEncoder:
   """A trained GIN (BatchNorm in eval mode) that embeds graphs as the run's SVM evaluation."""
 
-  config: ml_collections.ConfigDict
-  params: Any
-  model_state: Any
+  config: ml_collections.ConfigDict = dataclasses.field(repr=False)
+  params: Any = dataclasses.field(repr=False)
+  model_state: Any = dataclasses.field(repr=False)
   step: int
 
   def __post_init__(self):
@@ -138,7 +140,8 @@ class GraphEncoder:
 
   def embed(self, graphs, *, batch_size: int = 128) -> np.ndarray:
     """(N, num_layers * hidden) float32 embeddings of `Graph`s (`cldro_jax.data.graphs.Graph`,
-    node features encoded as in training, e.g. from `load_tu_dataset`)."""
+    node features encoded as in training), e.g. a `load_tu_dataset(...)` result or a list of its
+    graphs."""
     from cldro_jax.data import graphs as graphs_lib  # pylint: disable=import-outside-toplevel
     from cldro_jax.tasks import graph  # pylint: disable=import-outside-toplevel
     width = self.config.model.num_layers * self.config.model.hidden

@@ -436,6 +436,45 @@ def test_array_hyperparameters_do_not_recompile():
   assert step._cache_size() == 1
 
 
+TRACED_OUT_OF_RANGE = {   # each loss with one traced hyperparameter outside its range
+    "infonce t=0": lambda z1, z2, x: losses.infonce(z1, z2, temperature=x * 0.0),
+    "adnce t<0": lambda z1, z2, x: losses.adnce(z1, z2, temperature=-x, mu=0.7, sigma=0.5),
+    "adnce sigma<0": lambda z1, z2, x: losses.adnce(z1, z2, temperature=0.5, mu=0.7,
+                                                    sigma=-x, variant="sentence"),
+    "adnce mu=inf": lambda z1, z2, x: losses.adnce(z1, z2, temperature=0.5, mu=x * jnp.inf,
+                                                   sigma=1.0, block_size=4),
+    "dcl tau_plus=1": lambda z1, z2, x: losses.dcl(z1, z2, temperature=0.5, tau_plus=x),
+    "hcl tau_plus<0": lambda z1, z2, x: losses.hcl(z1, z2, temperature=0.5, tau_plus=-x,
+                                                   beta=1.0),
+    "kl_dro t<0": lambda z1, z2, x: losses.kl_dro(z1, z2, temperature=-x, variant="graph"),
+    "chi2_dro eta<0": lambda z1, z2, x: losses.chi2_dro(z1, z2, eta=-x),
+    "mean_variance t<0": lambda z1, z2, x: losses.mean_variance(z1, z2, temperature=-x),
+    "diagnostics sigma=0": lambda z1, z2, x: losses.diagnostics(
+        z1, z2, temperature=0.5, mu=0.7, sigma=x * 0.0)["ess_adnce"],
+    "adaptive_mu_sigma sigma<0": lambda z1, z2, x: losses.adaptive_mu_sigma(
+        z1, z2, mu=0.7, sigma=-x)[1],
+}
+
+
+@pytest.mark.parametrize("case", list(TRACED_OUT_OF_RANGE))
+def test_a_traced_hyperparameter_out_of_range_gives_nan_not_a_wrong_number(case):
+  """Inside jit a traced value cannot raise: the loss and its gradient are NaN instead (what the
+  trainer's non-finite check and jax_debug_nans catch), and in range nothing changes."""
+  z1, z2 = (jnp.asarray(z, jnp.float32) for z in make_views("random", seed=5))
+  loss = TRACED_OUT_OF_RANGE[case]
+  value, grad_z1 = jax.jit(jax.value_and_grad(loss))(z1, z2, jnp.float32(1.0))
+  assert np.isnan(float(value))
+  if not case.startswith(("diagnostics", "adaptive")):   # those two are stop-gradient
+    assert np.isnan(np.asarray(grad_z1)).all()
+
+
+def test_traced_hyperparameters_in_range_give_the_untraced_values():
+  z1, z2 = (jnp.asarray(z, jnp.float32) for z in make_views("random", seed=6))
+  traced = jax.jit(lambda t, mu, sigma: losses.adnce(z1, z2, temperature=t, mu=mu, sigma=sigma))
+  assert float(traced(0.4, 0.7, 0.5)) == float(
+      losses.adnce(z1, z2, temperature=0.4, mu=0.7, sigma=0.5))
+
+
 # --------------------------------------------------------------------------------- validation
 @pytest.mark.parametrize("call,match", [
     (lambda z: losses.infonce(z, z, temperature=0.0), "temperature must be > 0"),

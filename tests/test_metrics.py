@@ -83,10 +83,6 @@ def test_command_lines_hide_orbax_info_and_the_no_tpu_notice_but_not_warnings():
     orbax_file = "/site-packages/orbax/checkpoint/checkpoint_manager.py"
     assert not handler.filter(record(py_logging.INFO, orbax_file))
     assert handler.filter(record(py_logging.WARNING, orbax_file))
-    # ... but for the notice every read-only reader (probe, load_encoder) would print
-    assert not handler.filter(record(py_logging.WARNING, orbax_file,
-                                     "Given directory is read only=%s"))
-    assert handler.filter(record(py_logging.ERROR, orbax_file, "Given directory is read only"))
     assert handler.filter(record(py_logging.INFO, "/work/cldro_jax/train.py"))
     bridge = "/site-packages/jax/_src/xla_bridge.py"
     assert not handler.filter(record(py_logging.INFO, bridge,
@@ -120,9 +116,15 @@ def test_the_end_of_run_summary_of_graph_and_sentence_runs():
       "All results: wd/results.json"]
 
 
-def test_a_read_only_checkpointer_sets_what_orbax_would_warn_about(tmp_path, caplog):
+def test_a_read_only_checkpointer_opens_without_orbax_warnings(tmp_path, caplog):
+  """Readers (probe, load_encoder, the STS evaluator; from Python too) printed three orbax
+  warnings per open: two about settings a read-only manager resets, one that it is read-only.
+  Other orbax warnings still show afterwards."""
+  from absl import logging  # pylint: disable=import-outside-toplevel
   from cldro_jax import checkpointing  # pylint: disable=import-outside-toplevel
   (tmp_path / "checkpoints").mkdir()
   with caplog.at_level("WARNING"):
     checkpointing.Checkpointer(str(tmp_path), read_only=True).close()
-  assert not [r for r in caplog.records if "setting" in r.getMessage()], caplog.text
+    assert not caplog.records, caplog.text
+    logging.warning("Given directory is read only=%s (a later, unrelated warning)", tmp_path)
+  assert len(caplog.records) == 1

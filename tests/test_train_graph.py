@@ -101,6 +101,10 @@ def test_runlocal_end_to_end_and_svm_wiring(tmp_path):
                              np.asarray(direct)[:MUTAG_GRAPHS], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(encoder.embed(dataset.graphs[7:10][::-1]),
                              np.asarray(direct)[7:10][::-1], rtol=1e-5, atol=1e-5)
+  # the dataset itself is a sequence of its graphs (embed(load_tu_dataset(...)) as documented)
+  assert len(dataset) == MUTAG_GRAPHS and dataset[7] is dataset.graphs[7]
+  np.testing.assert_array_equal(encoder.embed(dataset), encoder.embed(dataset.graphs))
+  assert repr(encoder) == f"GraphEncoder(step={config.total_steps})"   # not every weight
   assert encoder.embed([]).shape == (0, 96)
   other = dataset.graphs[0]._replace(node_features=np.zeros((17, 3), np.float32))
   with pytest.raises(ValueError, match=r"trained on 7 node features per node; these graphs have"):

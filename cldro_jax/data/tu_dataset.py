@@ -96,6 +96,12 @@ class TUDataset:
     def __len__(self) -> int:
         return len(self.graphs)
 
+    def __iter__(self):
+        return iter(self.graphs)
+
+    def __getitem__(self, index):
+        return self.graphs[index]
+
     @property
     def num_classes(self) -> int:
         return int(len(self.label_values))

@@ -6,8 +6,9 @@ inspected and pass through unchecked, so a jitted caller can change them without
 """
 from __future__ import annotations
 
+import functools
 import numbers
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -163,3 +164,37 @@ def check_enough_rows(batch: int, axis_size: int, valid: Any) -> None:
     if n_valid < 2:
       raise ValueError(f"`valid` marks {n_valid} row(s) as valid; at least 2 are needed so "
                        "that anchors have negatives. Drop the batch or pad it with real rows.")
+
+
+# Each hyperparameter's valid range, for values known only when the program runs.
+_TRACED_RANGES: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "temperature": lambda x: x > 0,
+    "sigma": lambda x: x > 0,
+    "eta": lambda x: x >= 0,
+    "tau_plus": lambda x: (x >= 0) & (x < 1),
+    "mu": jnp.isfinite,
+    "beta": jnp.isfinite,
+}
+
+
+def nan_when_traced_out_of_range(loss_fn: Callable[..., Any]) -> Callable[..., Any]:
+  """Makes every floating output (and so its gradient) NaN when a traced hyperparameter lies
+  outside its range.
+
+  A Python number is checked when the loss is traced and raises; a traced array (a temperature
+  schedule, say) cannot raise, and an out-of-range value would otherwise give a finite, wrong
+  loss. NaN is what the trainer's non-finite check, `jax_debug_nans` and `checkify` catch.
+  """
+  @functools.wraps(loss_fn)
+  def checked(*args, **kwargs):
+    out = loss_fn(*args, **kwargs)
+    in_range = [rule(jnp.asarray(kwargs[name])) for name, rule in _TRACED_RANGES.items()
+                if is_traced(kwargs.get(name))]
+    if not in_range:
+      return out
+    # times 1 or NaN: the value is exact when in range, and the gradient is NaN too when not
+    factor = jnp.where(functools.reduce(jnp.logical_and, in_range), 1.0, jnp.nan)
+    return jax.tree.map(
+        lambda x: x * factor.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+        out)
+  return checked

@@ -60,6 +60,7 @@ def _masked_quantile(values: jax.Array, mask: jax.Array, q) -> jax.Array:
   return lo + frac * (hi - lo)
 
 
+@_common.nan_when_traced_out_of_range
 def adaptive_mu_sigma(z1, z2, *, mu, sigma, mu_rule="fixed", mu_quantile=0.9,
                       sigma_rule="fixed", sigma_scale=1.0, variant="image", valid=None,
                       labels=None, axis_name=None):

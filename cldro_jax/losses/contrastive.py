@@ -88,6 +88,7 @@ def _nce_from_log_sum(layout, params, log_sum, count, variant, axis_name):
   return _layout.global_mean(per_anchor, weight, axis_name)
 
 
+@_common.nan_when_traced_out_of_range
 def infonce(z1, z2, *, temperature, variant="image", valid=None, labels=None, axis_name=None,
             block_size=None):
   """InfoNCE / NT-Xent of the variant (image: SimCLR's 2B anchors; sentence: SimCSE's
@@ -95,7 +96,8 @@ def infonce(z1, z2, *, temperature, variant="image", valid=None, labels=None, ax
 
   Args:
     z1, z2: (B, d) raw projections of the two views (B = local rows under ``axis_name``).
-    temperature: t > 0, a Python number or a (traced) scalar array.
+    temperature: t > 0, a Python number (checked: raises) or a (traced) scalar array (out of
+      range: the result and its gradient are NaN).
     variant: "image", "sentence" or "graph".
     valid: optional (B,) bool; invalid rows are neither anchors nor negatives.
     labels: optional (B,) int; same-label candidates are removed from the negatives.
@@ -116,6 +118,7 @@ def infonce(z1, z2, *, temperature, variant="image", valid=None, labels=None, ax
   return _nce_from_log_sum(layout, params, log_sum, count, variant, axis_name)
 
 
+@_common.nan_when_traced_out_of_range
 def adnce(z1, z2, *, temperature, mu, sigma, variant="image", valid=None, labels=None,
           axis_name=None, block_size=None):
   """ADNCE: InfoNCE with Gaussian stop-gradient weights on the candidates (Wu et al. 2023).
@@ -155,6 +158,7 @@ def _log1m_scaled_exp(tau, c):
   return jnp.where(near, near_value, far_value), x
 
 
+@_common.nan_when_traced_out_of_range
 def hcl(z1, z2, *, temperature, tau_plus, beta, valid=None, labels=None, axis_name=None,
         block_size=None):
   """HCL (Robinson et al. 2021), image form, as in the reference code.
@@ -199,6 +203,7 @@ def hcl(z1, z2, *, temperature, tau_plus, beta, valid=None, labels=None, axis_na
   return _layout.global_mean(per_anchor, weight, axis_name)
 
 
+@_common.nan_when_traced_out_of_range
 def dcl(z1, z2, *, temperature, tau_plus, valid=None, labels=None, axis_name=None,
         block_size=None):
   """DCL (Chuang et al. 2020), debiased contrastive loss, image form (M = 1): HCL with beta = 0.

@@ -25,6 +25,7 @@ def _logits(sim, params):
   return (sim * params["inv_t"],)
 
 
+@_common.nan_when_traced_out_of_range
 def kl_dro(z1, z2, *, temperature, variant="image", valid=None, labels=None, axis_name=None,
            block_size=None):
   """KL-ball CL-DRO at its optimal multiplier: mean of ``-f+ + t (LSE(f_neg / t) - log N)``.
@@ -61,6 +62,7 @@ def _safe_sqrt(x):
   return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
 
 
+@_common.nan_when_traced_out_of_range
 def chi2_dro(z1, z2, *, eta, variant="image", valid=None, labels=None, axis_name=None):
   """Chi-square-ball CL-DRO: mean of ``-f+ + mean(f_neg) + sqrt(eta Var(f_neg))``.
 
@@ -77,6 +79,7 @@ def chi2_dro(z1, z2, *, eta, variant="image", valid=None, labels=None, axis_name
   return _layout.global_mean(per_anchor, _layout.anchor_weight(layout, count), axis_name)
 
 
+@_common.nan_when_traced_out_of_range
 def mean_variance(z1, z2, *, temperature, variant="image", valid=None, labels=None,
                   axis_name=None):
   """Mean-variance approximation of CL-DRO (Theorem 3.5): ``-f+ + mean + Var / (2 t)``. Dense."""
@@ -122,6 +125,7 @@ def _global_min(x, weight, axis_name):
   return jnp.where(jnp.isinf(out), 0.0, out)
 
 
+@_common.nan_when_traced_out_of_range
 def diagnostics(z1, z2, *, temperature, mu=None, sigma=None, variant="image", valid=None,
                 labels=None, axis_name=None, block_size=None):
   """Per-batch CL-DRO statistics, stop-gradient, cheap enough for every logging step.
