@@ -25,10 +25,8 @@ CheckpointCorruptError naming the step and the earlier checkpoints; nothing is d
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import logging as py_logging
 import os
 from typing import Any
 
@@ -39,6 +37,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+
+from cldro_jax import logs
 
 # Fields that may legitimately change when a run is resumed: how long it runs, how often it logs,
 # evaluates, saves or profiles, where data lives, and how the same computation is laid out
@@ -283,41 +283,6 @@ def _shape_table(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
 _ORBAX_READ_ONLY_NOTICE = "Given directory is read only"
 
 
-def _not_the_read_only_notice(record: py_logging.LogRecord) -> bool:
-  return not str(record.msg).startswith(_ORBAX_READ_ONLY_NOTICE)
-
-
-@contextlib.contextmanager
-def _read_only_notice_hidden():
-  """While a reader opens its manager (orbax logs through absl's Python logger)."""
-  logger = py_logging.getLogger("absl")
-  logger.addFilter(_not_the_read_only_notice)
-  try:
-    yield
-  finally:
-    logger.removeFilter(_not_the_read_only_notice)
-# JAX says at INFO on every machine without a TPU that it found no TPU library (a GPU backend
-# that fails to start stays visible: there the line is the clue).
-_JAX_NO_TPU_NOTICE = "Unable to initialize backend 'tpu'"
-
-
-def _shown(record: py_logging.LogRecord) -> bool:
-  """False for the library lines that `quiet_library_info` hides."""
-  if record.pathname.endswith("xla_bridge.py") and record.levelno < py_logging.WARNING:
-    return not str(record.msg).startswith(_JAX_NO_TPU_NOTICE)
-  return "/orbax/" not in record.pathname or record.levelno >= py_logging.WARNING
-
-
-def quiet_library_info() -> None:
-  """Hides orbax's INFO lines (a dozen per checkpoint save or restore, through absl), which
-  would bury the progress bar, and JAX's INFO line that a machine has no TPU library; orbax's
-  warnings and errors still show, and so do our own INFO lines (resume, distributed start-up).
-  For command-line entry points."""
-  handler = logging.get_absl_handler()
-  if _shown not in handler.filters:
-    handler.addFilter(_shown)
-
-
 class _ManagerWithoutPreemptionReports(ocp.CheckpointManager):
   """An orbax CheckpointManager that leaves JAX's preemption sync service to the trainer.
 
@@ -351,7 +316,7 @@ class Checkpointer:
         enable_async_checkpointing=True, read_only=read_only)
     # Handlers declared up front so that a checkpoint's array metadata can be read (to compare
     # shapes before restoring) without restoring it.
-    with _read_only_notice_hidden() if read_only else contextlib.nullcontext():
+    with logs.absl_messages_hidden(_ORBAX_READ_ONLY_NOTICE if read_only else None):
       self._manager = _ManagerWithoutPreemptionReports(
           self.directory, options=options,
           item_handlers={"state": ocp.StandardCheckpointHandler(),

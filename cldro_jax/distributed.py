@@ -148,9 +148,10 @@ def plan_initialization(*, multiprocess: bool = False, coordinator_address: str 
 
 def initialize(plan: InitPlan) -> None:
   """Carries out `plan`; must run before anything touches a JAX device."""
-  logging.info("Distributed start-up: %s.", plan.reason)
-  if not plan.multiprocess:
+  if not plan.multiprocess:   # the usual case says nothing (--verbosity=1 shows why)
+    logging.debug("Distributed start-up: %s.", plan.reason)
     return
+  logging.info("Distributed start-up: %s.", plan.reason)
   # Cross-process collectives on CPU devices need an implementation (gloo is the default in
   # recent jax, "none" in older ones); accelerators use their own (NCCL, ICI) and ignore this.
   if not jax.config.jax_cpu_collectives_implementation:

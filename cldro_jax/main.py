@@ -24,7 +24,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from cldro_jax import checkpointing, config_defaults, distributed, metrics, train
+from cldro_jax import checkpointing, config_defaults, distributed, logs, metrics, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -73,7 +73,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   _check_inputs(_CONFIG.value, _WORKDIR.value)
-  checkpointing.quiet_library_info()
+  logs.quiet_library_info()
   plan = distributed.plan_initialization(
       multiprocess=_MULTIPROCESS.value, coordinator_address=_COORDINATOR.value,
       num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,

@@ -195,7 +195,8 @@ def format_summary(results: Mapping[str, Any], workdir: str) -> str:
     rows.append(("STS avg. Spearman x100", f"{results['sts_avg']:.2f}   "
                  f"({results.get('sts_model', '')}; pooler {results.get('sts_pooler', '')})"))
   elif "sts_skipped" in results:
-    rows.append(("STS", results["sts_skipped"]))
+    rows.append(("STS", "skipped: no STS data (what to get and where to point "
+                        "--config.data.sts_root: results.json, sts_skipped)"))
   if "hf_export" in results:
     rows.append(("Hugging Face export", results["hf_export"]))
 

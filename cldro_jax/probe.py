@@ -26,6 +26,7 @@ import jax
 from absl import app, flags
 
 from cldro_jax import checkpointing
+from cldro_jax import logs
 from cldro_jax import train
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A cldro_jax image or graph workdir.")
@@ -138,7 +139,7 @@ def _svm_probe(workdir: str, config, *, step: int | None, untrained: bool,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  checkpointing.quiet_library_info()
+  logs.quiet_library_info()
   try:
     result = run_probe(_WORKDIR.value, protocol=_PROTOCOL.value, epochs=_EPOCHS.value,
                        step=_STEP.value, untrained=_UNTRAINED.value, update_bn=_UPDATE_BN.value,

@@ -69,7 +69,7 @@ def test_every_logged_point_is_on_disk_without_close(tmp_path):
 def test_command_lines_hide_orbax_info_and_the_no_tpu_notice_but_not_warnings():
   import logging as py_logging  # pylint: disable=import-outside-toplevel
   from absl import logging  # pylint: disable=import-outside-toplevel
-  from cldro_jax import checkpointing  # pylint: disable=import-outside-toplevel
+  from cldro_jax import logs  # pylint: disable=import-outside-toplevel
 
   def record(level, path, message="message"):
     return py_logging.LogRecord("absl", level, path, 1, message, None, None)
@@ -77,8 +77,8 @@ def test_command_lines_hide_orbax_info_and_the_no_tpu_notice_but_not_warnings():
   handler = logging.get_absl_handler()
   before = list(handler.filters)
   try:
-    checkpointing.quiet_library_info()
-    checkpointing.quiet_library_info()   # idempotent: main and probe may both call it
+    logs.quiet_library_info()
+    logs.quiet_library_info()   # idempotent: main and probe may both call it
     assert len(handler.filters) == len(before) + 1
     orbax_file = "/site-packages/orbax/checkpoint/checkpoint_manager.py"
     assert not handler.filter(record(py_logging.INFO, orbax_file))

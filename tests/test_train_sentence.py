@@ -10,7 +10,7 @@ import json
 import os
 import pathlib
 import types
-from contextlib import redirect_stdout
+from contextlib import redirect_stderr, redirect_stdout
 
 import jax
 import jax.numpy as jnp
@@ -197,7 +197,7 @@ def test_dev_selection_final_sts_and_workdir_evaluation(tmp_path):
       "eval.every_steps": 2, "data.sts_root": str(root), "eval.final_tasks": sts.TASKS,
       "eval.batch_size": 16, "optim.lr": 1e-3})
   out = io.StringIO()
-  with redirect_stdout(out):
+  with redirect_stderr(out):   # stderr: stdout is the command line's results JSON
     results = train.train_and_evaluate(config, workdir)
   printed = out.getvalue()
   assert "pooler: cls (without the training MLP)" in printed    # SimCSE's evaluation, said so
@@ -282,12 +282,13 @@ def test_runlocal_minilm_offline_end_to_end_and_export_reload(tmp_path):
   config.mesh.num_devices = 1
   workdir = str(tmp_path / "run")
   out = io.StringIO()
-  with redirect_stdout(out):
+  with redirect_stderr(out):
     results = train.train_and_evaluate(config, workdir)
   # No STS data offline: said clearly, with how to get them, and the model is still exported.
   assert "STS evaluation skipped" in results["sts_skipped"]
   assert "get_transfer_data.bash" in results["sts_skipped"]
   assert "STS evaluation skipped" in out.getvalue()
+  assert "--config.data.sts_root (python -m cldro_jax.main)" in results["sts_skipped"]
   export = results["hf_export"]
   modules = json.loads(pathlib.Path(export, "modules.json").read_text())
   assert [m["type"].rsplit(".", 1)[-1] for m in modules] == ["Transformer", "Pooling"]

@@ -85,6 +85,8 @@ import ml_collections
 import numpy as np
 from ml_collections import config_dict
 
+from cldro_jax import logs
+
 SOURCES = ("tfds", "folder", "npz", "fashion_mnist", "fashion_mnist_subset", "digits")
 
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -1019,8 +1021,18 @@ def _check_download_possible(builder: Any, name: str, data_dir: str | None) -> N
             ) from err
 
 
+# tfds warns about a missing version folder twice (naming a folder that need not exist) before
+# the error below says what is missing and how to fix it.
+_TFDS_NO_INFO_NOTICE = "Variant folder"
+
+
 def _open_tfds_split(name: str, split: str, cfg: Any) -> Any:
     """``tfds.data_source`` for one split, with clear errors for unprepared datasets."""
+    with logs.absl_messages_hidden(_TFDS_NO_INFO_NOTICE):
+        return _open_tfds_split_logged(name, split, cfg)
+
+
+def _open_tfds_split_logged(name: str, split: str, cfg: Any) -> Any:
     import tensorflow_datasets as tfds
 
     data_dir = _get(cfg, "data_dir")

@@ -58,7 +58,8 @@ GET_DATA_HELP = (
     "The STS data are SentEval's: clone https://github.com/facebookresearch/SentEval and run "
     "`cd data/downstream && bash get_transfer_data.bash` (or SimCSE's "
     "`cd SentEval/data/downstream && bash download_dataset.sh`), then pass "
-    "--sts_root=<...>/data/downstream.")
+    "<...>/data/downstream as --sts_root (python -m cldro_jax.evaluators.sts) or "
+    "--config.data.sts_root (python -m cldro_jax.main).")
 
 EmbedFn = Callable[[list[str]], np.ndarray]
 
@@ -497,14 +498,14 @@ def _encoder_from_args(args: argparse.Namespace):
 def main(argv: Sequence[str] | None = None) -> dict:
   """Command line entry point; prints the pooler line, the model and the table; returns results."""
   args = _parse_args(argv)
-  from cldro_jax import checkpointing
+  from cldro_jax import logs
   from cldro_jax.data.text import SentenceTokenizer
   from cldro_jax.models import bert
 
   tasks = tuple(args.tasks.split(",")) if args.tasks else None
   if args.workdir:   # a wrong workdir is named before any missing STS data
     from cldro_jax.tasks import sentence
-    checkpointing.quiet_library_info()
+    logs.quiet_library_info()
     run_config = sentence.load_run_config(args.workdir)
     if args.sts_root is None:
       args.sts_root = run_config.data.sts_root

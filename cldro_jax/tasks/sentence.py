@@ -32,6 +32,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 from typing import Any
 
 import jax
@@ -316,9 +317,10 @@ def _sts_results(embed_fn, data: dict) -> dict[str, float]:
 
 
 def _say(message: str) -> None:
-  """Prints on process 0 only: one line per job, not one per process."""
+  """Prints on process 0 only (one line per job, not one per process), to stderr with the
+  progress bar: stdout is the run's results JSON."""
   if jax.process_index() == 0:
-    print(message, flush=True)
+    print(message, file=sys.stderr, flush=True)
 
 
 class SentenceTask:
@@ -411,13 +413,11 @@ class SentenceTask:
       dev = sts.load_tasks(root, tuple(ev.dev_tasks), "dev") if want_dev else None
       test = sts.load_tasks(root, tuple(ev.final_tasks), "test") if want_test else None
     except FileNotFoundError as err:
-      flag = "The trainer's flag is --config.data.sts_root=<...>/data/downstream."
       if ev.missing_sts == "error":
         raise FileNotFoundError(
-            f"{err}\n{flag} To train without STS evaluation: --config.eval.missing_sts=skip, or "
+            f"{err}\nTo train without STS evaluation: --config.eval.missing_sts=skip, or "
             "--config.eval.every_steps=0 --config.eval.final_tasks='()'.") from err
-      self.sts_skipped = f"STS data missing, STS evaluation skipped: {err} {flag}"
-      logging.warning("%s", self.sts_skipped)
+      self.sts_skipped = f"STS data missing, STS evaluation skipped: {err}"
       _say(self.sts_skipped)
       return
     self.dev_data, self.test_data = dev, test
@@ -561,14 +561,16 @@ class SentenceTask:
       selected = f"final model: step {step}"
     results: dict[str, Any] = {"sts_model": selected, "sts_model_step": step,
                                "sts_pooler": sts.describe_pooler(self.eval_pooler)}
+    corpus = getattr(self, "corpus", None)
+    if corpus is not None:   # the training text, named as the image and graph runs name theirs
+      results["dataset"] = os.path.basename(str(corpus.path))
     if self.test_data:
       _say(f"STS evaluation of the {selected}")
       scores = _sts_results(self.embed_fn(params), self.test_data)
       _say(sts.format_results(scores, sts.describe_pooler(self.eval_pooler)))
       results.update({f"sts_{k}": v for k, v in scores.items()})
-    elif self.sts_skipped:
+    elif self.sts_skipped:   # said at the start; the run's summary repeats it in short
       results["sts_skipped"] = self.sts_skipped
-      _say(self.sts_skipped)
     if ev.export and self.workdir:
       folder = os.path.join(self.workdir, EXPORT_DIR)
       if jax.process_index() == 0:
