@@ -203,7 +203,8 @@ def base_parser(description: str, *, default_config: str = "configs/quickstart.p
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", required=True, help="output folder (table, figures, JSON)")
   parser.add_argument("--quick", action="store_true",
-                      help="tiny runs (seconds) that check a known answer; used by the tests")
+                      help="tiny runs (about a minute on 2 CPU cores) that check a known "
+                           "answer; used by the tests")
   parser.add_argument("--seeds", type=int, nargs="+", default=list(default_seeds))
   parser.add_argument("--config", default=default_config,
                       help="config file[:arg], e.g. configs/tu_mutag.py or configs/cifar10.py")
@@ -691,6 +692,7 @@ def write_text(path: str, text: str) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w", encoding="utf-8") as f:
     f.write(text)
+  print(f"wrote {path}", file=sys.stderr)
 
 
 def _jsonable(x: Any) -> Any:

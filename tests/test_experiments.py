@@ -80,6 +80,23 @@ def test_compare_losses_quick_adnce_with_huge_sigma_is_infonce(compare_out):
   assert len(saved["curves"]["infonce"]["knn_top1"]["epochs"]) == 2   # epochs 1 and 2
 
 
+def test_compare_losses_quick_check_says_pass_or_fail(compare_out):
+  _, summary = compare_out
+  records = [common.RunRecord(
+      spec=common.RunSpec(r["label"], r["seed"], tuple(r["overrides"].items())),
+      workdir=r["workdir"], results=r["results"], wall_s=r["wall_s"], config=None)
+      for r in summary["runs"]]
+  assert compare_losses.quick_verdict(records).startswith("quick check PASSED")
+
+  class Drifted(common.RunRecord):   # an ADNCE run whose loss moved 1e-3 from the start
+    def train(self, key):
+      steps, values = super().train(key)
+      return steps, values * 1.001
+  drifted = [Drifted(**vars(r)) if r.spec.label != "infonce" else r for r in records]
+  verdict = compare_losses.quick_verdict(drifted)
+  assert verdict.startswith("quick check FAILED: seed 0: relative difference 1.0e-03"), verdict
+
+
 def test_compare_losses_reruns_skip_finished_runs(compare_out):
   out, first = compare_out
   again = run_quick(compare_losses, out)
