@@ -136,6 +136,20 @@ def _svm_probe(workdir: str, config, *, step: int | None, untrained: bool,
   return result
 
 
+def summary_line(result: dict, workdir: str) -> str:
+  """One line for the person at the terminal (stdout holds the JSON)."""
+  encoder = "the untrained encoder" if result["untrained"] else f"the step-{result['step']} encoder"
+  if result["protocol"] == "svm":
+    seeds = len(result.get("svm_accuracy_per_seed", [])) or 1
+    spread = f" +- {result['svm_accuracy_std']:.2f} over {seeds} seeds" if seeds > 1 else ""
+    score = f"SVM accuracy {result['svm_accuracy']:.2f}{spread}"
+  else:
+    score = (f"linear probe ({result['protocol']}, {result['epochs']} epochs) top-1 "
+             f"{result['top1']:.2f}, top-5 {result['top5']:.2f}")
+  return (f"{score} of {encoder} on {result['dataset']} (saved as "
+          f"{os.path.join(workdir, 'probe_' + result['protocol'] + '_*.json')})")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -149,7 +163,8 @@ def main(argv):
     print(f"cldro_jax.probe: {err}", file=sys.stderr)
     sys.exit(2)
   if jax.process_index() == 0:
-    print(json.dumps(result, indent=2, sort_keys=True))
+    print(json.dumps(result, indent=2, sort_keys=True), flush=True)
+    print(summary_line(result, _WORKDIR.value), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -118,6 +118,9 @@ def test_runlocal_end_to_end_and_svm_wiring(tmp_path):
   assert read_json(tmp_path, "probe_svm_step4.json") == json.loads(json.dumps(again))
   baseline = probe.run_probe(str(tmp_path), untrained=True)
   assert baseline["svm_accuracy"] == pytest.approx(saved["untrained_svm_accuracy"], abs=1e-9)
+  assert probe.summary_line(baseline, str(tmp_path)) == (
+      f"SVM accuracy {baseline['svm_accuracy']:.2f} of the untrained encoder on MUTAG (saved "
+      f"as {tmp_path}/probe_svm_*.json)")
   with pytest.raises(ValueError, match="SVM protocol only: drop --protocol"):
     probe.run_probe(str(tmp_path), protocol="features")
   # 128 evaluation graphs over 8 devices: the last batch (60 graphs) leaves 4 devices empty.

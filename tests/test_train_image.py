@@ -400,6 +400,10 @@ def test_probe_from_a_checkpoint_and_load_encoder_reproduce_the_run(tmp_path):
   assert (again["top1"], again["top5"]) == (results["linear_probe_top1"],
                                             results["linear_probe_top5"])
   assert again["step"] == 3 and os.path.exists(tmp_path / "probe_features_step3.json")
+  assert probe.summary_line(again, workdir) == (
+      f"linear probe (features, 3 epochs) top-1 {again['top1']:.2f}, top-5 "
+      f"{again['top5']:.2f} of the step-3 encoder on {again['dataset']} (saved as "
+      f"{workdir}/probe_features_*.json)")
   # Other settings are named in the file, so they do not overwrite the first result.
   longer = probe.run_probe(workdir, epochs=4)
   assert longer["epochs"] == 4
