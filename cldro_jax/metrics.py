@@ -150,7 +150,6 @@ def progress_bar(total: int, *, initial: int = 0, unit: str = "img", desc: str =
               disable=jax.process_index() != 0, smoothing=0.1)
 
 
-
 def _paired(results: Mapping[str, Any], key: str, baseline_key: str,
             with_std: bool = False) -> str:
   """`trained X   untrained Y   (gain +Z)`; the untrained part only when it was measured;

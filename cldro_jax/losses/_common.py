@@ -2,7 +2,8 @@
 
 Everything here is small and pure. Validation happens at trace time: Python numbers and concrete
 arrays are checked and raise ``ValueError`` with the fix; traced values (jit arguments) cannot be
-inspected and pass through unchecked, so a jitted caller can change them without recompiling.
+inspected when traced, so a jitted caller can change them without recompiling, and an
+out-of-range one makes the result NaN (``nan_when_traced_out_of_range``).
 """
 from __future__ import annotations
 
