@@ -128,7 +128,7 @@ def _svm_probe(workdir: str, config, *, step: int | None, untrained: bool,
   from cldro_jax.tasks import graph  # pylint: disable=import-outside-toplevel
   _, task, params, model_state, used_step = _task_and_encoder(
       workdir, config, graph.GraphTask, step=step, untrained=untrained, data_dir=data_dir)
-  scores = task.svm_scores(*task.embeddings(params, model_state), task.cv_seeds())
+  scores = task.svm_scores(*task.embeddings(params, model_state), task.cv_seeds(), progress=True)
   result = {"protocol": "svm", "step": used_step, "untrained": untrained,
             "dataset": task.dataset.name, **scores}
   _write_result(workdir, f"probe_svm_{'untrained' if untrained else f'step{used_step}'}.json",

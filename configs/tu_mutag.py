@@ -1,6 +1,6 @@
 r"""MUTAG (TU): GIN + ADNCE in GraphCL's unsupervised setting, then the SVM evaluation.
 
-Command (offline: MUTAG ships inside the `grakel` package; about a minute on 2 CPU cores):
+Command (offline: MUTAG ships inside the `grakel` package; about 15 s on 2 CPU cores):
   python -m cldro_jax.main --config=configs/tu_mutag.py --workdir=workdirs/tu_mutag_adnce
   # InfoNCE: --config=configs/tu_mutag.py:loss=infonce ; another seed: :seed=3 ;
   # the reference code's augmentations: :aug_mode=faithful ; smoke run: :runlocal

@@ -147,6 +147,18 @@ def test_dev_split_and_task_selection(sts_data):
     sts.evaluate_sts(bag_of_words, str(root), tasks=["STS17"])
 
 
+def test_the_progress_bar_counts_every_pair_and_changes_no_score(sts_data, capsys):
+  root, _ = sts_data
+  quiet = sts.evaluate_sts(bag_of_words, str(root))
+  capsys.readouterr()
+  shown = sts.evaluate_sts(bag_of_words, str(root), progress=True)
+  assert shown == quiet
+  pairs = sum(len(p) for subsets in sts.load_tasks(str(root), None, "test").values()
+              for p in subsets.values())
+  bar = capsys.readouterr().err
+  assert f"{pairs}/{pairs}" in bar and "pair" in bar and "SICKRelatedness" in bar
+
+
 def test_missing_files_name_the_file_and_the_download(tmp_path, sts_data):
   with pytest.raises(FileNotFoundError, match=r"STS12-en-test.*get_transfer_data.bash"):
     sts.evaluate_sts(bag_of_words, str(tmp_path))

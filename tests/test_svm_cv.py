@@ -35,6 +35,14 @@ def test_equals_cross_val_score_with_grid_search(mutag_histograms, seed4_result)
     assert 0.75 < mean < 0.95
 
 
+def test_a_progress_callback_sees_every_outer_fold_and_changes_nothing(mutag_histograms,
+                                                                        seed4_result):
+    calls = []
+    result = svm_cv_accuracy(*mutag_histograms, seed=4, folds=10,
+                             on_fold=lambda: calls.append(1))
+    assert len(calls) == 10 and result == seed4_result
+
+
 def test_inner_cv_picks_c_like_a_hand_written_search(mutag_histograms):
     x, y = mutag_histograms
     folds = svm_cv_fold_results(x, y, seed=1, folds=10)

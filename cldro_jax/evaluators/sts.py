@@ -293,8 +293,24 @@ def load_tasks(sts_root: str, tasks: Sequence[str] | None = None, split: str = "
   return {task: load_task(sts_root, task, split) for task in tasks}
 
 
+def score_tasks(embed_fn: EmbedFn, data: dict[str, dict[str, SentencePairs]], *,
+                progress: bool = False) -> dict[str, dict[str, float]]:
+  """`score_subsets` of each task of loaded STS data (`load_tasks`); `progress` shows a bar over
+  the sentence pairs (minutes for a BERT-base on a CPU)."""
+  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+  total = sum(len(pairs) for subsets in data.values() for pairs in subsets.values())
+  scores = {}
+  with tqdm(total=total, unit="pair", desc="STS", disable=not progress, file=sys.stderr,
+            dynamic_ncols=True) as bar:
+    for task, subsets in data.items():
+      bar.set_postfix_str(task)
+      scores[task] = score_subsets(predict_similarities(embed_fn, subsets), subsets)
+      bar.update(sum(len(pairs) for pairs in subsets.values()))
+  return scores
+
+
 def evaluate_sts(embed_fn: EmbedFn, sts_root: str, tasks: Sequence[str] | None = None,
-                 split: str = "test", *, details: bool = False) -> dict:
+                 split: str = "test", *, details: bool = False, progress: bool = False) -> dict:
   """Spearman x100 per task and their average.
 
   Args:
@@ -304,16 +320,15 @@ def evaluate_sts(embed_fn: EmbedFn, sts_root: str, tasks: Sequence[str] | None =
       STSBenchmark and SICKRelatedness).
     split: "test" for the paper's table, "dev" for model selection (STS-B dev in SimCSE).
     details: also return the per-subset scores under "details".
+    progress: show a progress bar over the sentence pairs.
   Returns:
     {"STS12": ..., ..., "SICKRelatedness": ..., "avg": mean over the tasks} (+ "details").
   """
   # Read everything first: a missing file fails before any (slow) embedding.
   data = load_tasks(sts_root, tasks, split)
   tasks = tuple(data)
-  results, per_task = {}, {}
-  for task, subsets in data.items():
-    per_task[task] = score_subsets(predict_similarities(embed_fn, subsets), subsets)
-    results[task] = per_task[task]["all"]
+  per_task = score_tasks(embed_fn, data, progress=progress)
+  results = {task: per_task[task]["all"] for task in tasks}
   results["avg"] = float(np.mean([results[t] for t in tasks]))
   if details:
     results["details"] = per_task
@@ -523,7 +538,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                               max_length=args.max_length, batch_size=args.batch_size)
   print(f"pooler: {describe_pooler(pooler)}", flush=True)
   print(f"model: {description}", flush=True)
-  results = evaluate_sts(embed_fn, args.sts_root, tasks, split=args.split)
+  results = evaluate_sts(embed_fn, args.sts_root, tasks, split=args.split, progress=True)
   print(format_results(results))
   return results
 

@@ -44,8 +44,11 @@ def _check_inputs(embeddings: np.ndarray, labels: np.ndarray, folds: int) -> tup
 
 def svm_cv_fold_results(embeddings: np.ndarray, labels: np.ndarray, *, seed: int, folds: int = 10,
                         inner_folds: int = 5, c_grid: Sequence[float] = DEFAULT_C_GRID,
-                        n_jobs: int | None = None) -> list[dict]:
-    """Per outer fold: {"accuracy": test accuracy, "C": the C chosen by the inner CV}."""
+                        n_jobs: int | None = None,
+                        on_fold: Callable[[], object] | None = None) -> list[dict]:
+    """Per outer fold: {"accuracy": test accuracy, "C": the C chosen by the inner CV}.
+
+    `on_fold` is called after each outer fold (a progress bar's update)."""
     # Imported here: training (and the benchmarks, on a bare GPU image) never needs scikit-learn.
     from sklearn.model_selection import GridSearchCV, StratifiedKFold  # pylint: disable=import-outside-toplevel
     from sklearn.svm import SVC  # pylint: disable=import-outside-toplevel
@@ -59,16 +62,19 @@ def svm_cv_fold_results(embeddings: np.ndarray, labels: np.ndarray, *, seed: int
         search.fit(x[train_index], y[train_index])
         accuracy = float(np.mean(search.predict(x[test_index]) == y[test_index]))
         results.append({"accuracy": accuracy, "C": float(search.best_params_["C"])})
+        if on_fold is not None:
+            on_fold()
     return results
 
 
 def svm_cv_accuracy(embeddings: np.ndarray, labels: np.ndarray, *, seed: int, folds: int = 10,
                     inner_folds: int = 5, c_grid: Sequence[float] = DEFAULT_C_GRID,
-                    n_jobs: int | None = None) -> tuple[float, float]:
+                    n_jobs: int | None = None,
+                    on_fold: Callable[[], object] | None = None) -> tuple[float, float]:
     """(mean, std) over the outer folds of the SVC test accuracy (see the module docstring)."""
     accuracies = [r["accuracy"] for r in svm_cv_fold_results(
         embeddings, labels, seed=seed, folds=folds, inner_folds=inner_folds, c_grid=c_grid,
-        n_jobs=n_jobs)]
+        n_jobs=n_jobs, on_fold=on_fold)]
     return float(np.mean(accuracies)), float(np.std(accuracies))
 
 

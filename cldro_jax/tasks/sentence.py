@@ -302,12 +302,10 @@ def _host_params_in_jit(tree: Any) -> Any:
   return jax.pure_callback(lambda: tree, shapes)
 
 
-def _sts_results(embed_fn, data: dict) -> dict[str, float]:
+def _sts_results(embed_fn, data: dict, *, progress: bool = False) -> dict[str, float]:
   """Spearman x100 ("all" setting) per task of already loaded STS data, and their mean."""
-  results = {}
-  for task, subsets in data.items():
-    scores = sts.score_subsets(sts.predict_similarities(embed_fn, subsets), subsets)
-    results[task] = scores["all"]
+  results = {task: scores["all"]
+             for task, scores in sts.score_tasks(embed_fn, data, progress=progress).items()}
   results["avg"] = float(np.mean([results[t] for t in data]))
   return results
 
@@ -566,7 +564,8 @@ class SentenceTask:
       results["dataset"] = os.path.basename(str(corpus.path))
     if self.test_data:
       _say(f"STS evaluation of the {selected}")
-      scores = _sts_results(self.embed_fn(params), self.test_data)
+      scores = _sts_results(self.embed_fn(params), self.test_data,
+                            progress=self.config.progress_bar and jax.process_index() == 0)
       _say(sts.format_results(scores, sts.describe_pooler(self.eval_pooler)))
       results.update({f"sts_{k}": v for k, v in scores.items()})
     elif self.sts_skipped:   # said at the start; the run's summary repeats it in short
