@@ -16,7 +16,8 @@ it on any machine.
 Kernel times are summed: kernels that overlap (several streams, or CPU threads) count each, so
 the device time per step can exceed the step's wall time; the difference the other way is time
 the device waited (launches, host work, synchronisation). With several devices the table is per
-device (their mean). Under the profiler a GPU runs its programs without CUDA graphs and with
+device (their mean). Under the profiler a GPU runs its programs without CUDA graphs (XLA's
+command buffers are off while profiling, by its source) and with
 CUPTI's overhead, so a wall time measured while profiling is longer than the production step's.
 """
 
@@ -199,8 +200,9 @@ def _kernel_lines(plane):
 
 
 def _timed_events(profile_data, module: str):
-  """(plane name, instruction name candidates or None for untagged device work, duration ns)
-  of every kernel of `module` in the trace."""
+  """(plane name, instruction name candidates, untagged, duration ns) of every kernel of
+  `module` in the trace; `untagged`: device work carrying neither hlo_op nor hlo_module (if no
+  candidate names an instruction, it is work outside the step)."""
   planes = list(profile_data.planes)
   device_planes = [p for p in planes if p.name.startswith(("/device:GPU", "/device:TPU"))]
   if device_planes:
@@ -212,19 +214,13 @@ def _timed_events(profile_data, module: str):
       stats = dict(event.stats)
       if "hlo_module" in stats and module and stats["hlo_module"] != module:
         continue
-      name = event.name
-      if "hlo_op" not in stats:
-        if not device_planes:
-          continue   # host-side bookkeeping, not an operation
-        if "hlo_module" not in stats:
-          # GPU kernels are named after their instruction with '_' for '.': fusion_3 is
-          # fusion.3; an untagged event that names none is work outside the step.
-          yield plane_name, [name, re.sub(r"_(\d+)$", r".\1", name)], True, float(
-              event.duration_ns)
-          continue
+      if not device_planes and "hlo_op" not in stats:
+        continue   # host-side bookkeeping, not an operation
       candidates = [str(stats["hlo_op"])] if "hlo_op" in stats else []
-      candidates += [name, re.sub(r"_(\d+)$", r".\1", name)]
-      yield plane_name, candidates, False, float(event.duration_ns)
+      # GPU kernels are named after their instruction with '_' for '.': fusion_3 is fusion.3.
+      candidates += [event.name, re.sub(r"_(\d+)$", r".\1", event.name)]
+      untagged = "hlo_op" not in stats and "hlo_module" not in stats
+      yield plane_name, candidates, untagged, float(event.duration_ns)
 
 
 def traces_in(trace_dir: str) -> set[pathlib.Path]:
