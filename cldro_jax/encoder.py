@@ -54,7 +54,13 @@ class ImageEncoder:
 
   def embed(self, images: np.ndarray, *, batch_size: int = 512,
             image_size: int | None = None) -> np.ndarray:
-    """Features (N, F) of uint8 images (N, H, W, C); `image_size` resizes first if given."""
+    """Features (N, F) of uint8 images (N, H, W, C).
+
+    `image_size` resizes to (image_size, image_size) first; None does what the run's evaluation
+    did (its `eval.probe_image_size`, e.g. 96 for STL10; 0 there keeps the images as given).
+    """
+    if image_size is None:
+      image_size = self.config.eval.get("probe_image_size", 0) or None
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim not in (3, 4):
       raise ValueError(f"Expected uint8 images (N, H, W[, C]), got {images.dtype} {images.shape}.")

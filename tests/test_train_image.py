@@ -489,3 +489,35 @@ def test_a_url_workdir_is_refused_before_anything_is_written(tmp_path, monkeypat
   with pytest.raises(ValueError, match=r"gs://bucket/run is a gs:// URL.*gcsfuse"):
     train.train_and_evaluate(tiny_config(), "gs://bucket/run")
   assert os.listdir(tmp_path) == []
+
+
+def test_evaluation_keeps_non_square_images_and_load_encoder_follows_the_probe_size():
+  """With `eval.probe_image_size=0` the evaluation embeds images at their stored size, also
+  when they are not square (the reference's test transform does not resize; a square resize
+  would squash them); `load_encoder(...).embed` resizes as the run's evaluation did."""
+  from cldro_jax import encoder as encoder_lib  # pylint: disable=import-outside-toplevel
+  from cldro_jax.data import images as images_lib  # pylint: disable=import-outside-toplevel
+  from cldro_jax.tasks import image  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  pixels = rng.integers(0, 256, (12, 16, 40, 3), dtype=np.uint8)
+  source = images_lib.InMemorySource(pixels, np.arange(12) % 3)
+  dataset = images_lib.ImageDataset(name="wide", pretrain=source, probe_train=source, test=source,
+                                    num_classes=3, image_shape=(16, 40, 3))
+  config = tiny_config(**{"augment.crop_size": 16})
+  task = image.ImageTask(config, train.make_mesh(1), dataset=dataset)
+  params, model_state = jax.jit(task.init)(train.model_init_key(0))
+  features, _ = task.extract_features(params, model_state, source)
+  # Independent of the task's preprocessing: Normalize of the unresized pixels, then the model.
+  mean, std = np.asarray(config.augment.mean), np.asarray(config.augment.std)
+  views = ((pixels / 255.0 - mean) / std).astype(np.float32)
+  expected, _ = task.model.apply({"params": params, **model_state}, views, train=False)
+  np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-5)
+
+  encoder = encoder_lib.ImageEncoder(config=config, params=params, model_state=model_state,
+                                     step=0)
+  np.testing.assert_allclose(encoder.embed(pixels), expected, rtol=1e-5, atol=1e-5)
+  resized = with_overrides(config, **{"eval.probe_image_size": 24})
+  encoder = encoder_lib.ImageEncoder(config=resized, params=params, model_state=model_state,
+                                     step=0)
+  np.testing.assert_array_equal(encoder.embed(pixels), encoder.embed(pixels, image_size=24))
+  assert not np.allclose(encoder.embed(pixels), expected, atol=1e-3)

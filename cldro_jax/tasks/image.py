@@ -74,8 +74,9 @@ class ImageTask:
     self.model = build_model(config.model)
     self.model_name = f"{config.model.name}-{config.model.stem}-w{config.model.width}"
     self.augment = make_augment(config.augment, config.augment.crop_size)
-    height = self.dataset.image_shape[0]
-    self.probe_size = config.eval.probe_image_size or height
+    # 0 keeps the stored size (the reference's test transform does not resize); a square size
+    # from the image height would squash non-square images.
+    self.probe_size = config.eval.probe_image_size or None
     self.knn_temperature = config.eval.knn_temperature or config.loss.temperature
     self._feature_dim = None
     self.probe_shape = (self.feature_dim, self.dataset.num_classes)
