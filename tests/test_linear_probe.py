@@ -252,6 +252,53 @@ def test_image_protocol_keys_and_encoder_state_updates():
     assert len(set(expected)) == 8
 
 
+@pytest.mark.parametrize("update_encoder_state", [False, True])
+def test_image_protocol_split_over_devices_equals_one_device(update_encoder_state):
+    """With `batch_sharding` each device augments and embeds its rows of the batch (checked
+    inside the step), and the probe, its losses and the threaded encoder state equal the
+    unsharded run's. The update mode's unpadded last batch (36 rows on 8 devices) runs
+    replicated."""
+    images, _, y_train, _, _, _ = digits_split()
+    images, y_train = images[:100], y_train[:100]
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    seen_shardings = []
+
+    def augment(key, imgs):   # per-example random brightness: the random bits must not move
+        scale = jax.random.uniform(key, (imgs.shape[0], 1, 1, 1), minval=0.5, maxval=1.5)
+        return jnp.asarray(imgs, jnp.float32) / 16.0 * scale
+
+    def embed(variables, imgs):
+        jax.debug.inspect_array_sharding(imgs, callback=seen_shardings.append)
+        features = flatten(imgs) * variables["scale"]
+        if not update_encoder_state:
+            return features
+        mean = 0.9 * variables["mean"] + 0.1 * features.mean(axis=0)
+        return features, {"scale": variables["scale"], "mean": mean}
+
+    start = {"scale": jnp.float32(1.0), "mean": jnp.zeros(64, jnp.float32)}
+    runs = {}
+    for name, sharding in (("one", None), ("split", data)):
+        seen_shardings.clear()
+        runs[name] = lp.train_linear_probe_on_images(
+            embed, augment, images, y_train, num_classes=10, epochs=2, batch_size=64, seed=1,
+            progress=False, encoder_variables=start, update_encoder_state=update_encoder_state,
+            batch_sharding=sharding)
+        runs[name + "_shardings"] = list(seen_shardings)
+    split_specs = {s.shard_shape((64, 8, 8, 1))[0] for s in runs["split_shardings"]
+                   if not s.is_fully_replicated}
+    assert split_specs == {8}    # 64 rows, 8 per device
+    assert all(s.is_fully_replicated for s in runs["one_shardings"])
+    np.testing.assert_allclose(np.asarray(runs["split"].train_loss),
+                               np.asarray(runs["one"].train_loss), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(runs["split"].params), jax.tree.leaves(runs["one"].params),
+                    strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    if update_encoder_state:
+        np.testing.assert_allclose(np.asarray(runs["split"].encoder_variables["mean"]),
+                                   np.asarray(runs["one"].encoder_variables["mean"]), rtol=1e-5)
+
+
 def test_extract_features_drops_padding_rows():
     images, _, labels, _, _, _ = digits_split()
     images, labels = images[:50], labels[:50]

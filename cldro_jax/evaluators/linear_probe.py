@@ -335,7 +335,8 @@ def train_linear_probe_on_images(
         embed_fn: Callable, augment_fn: Callable, images_uint8: Any, labels: Any, *,
         num_classes: int, epochs: int = 100, batch_size: int = 512, learning_rate: float = 1e-3,
         weight_decay: float = 1e-6, seed: int = 0, progress: bool = True, normalize: bool = False,
-        encoder_variables: Any = None, update_encoder_state: bool = False) -> LinearProbe:
+        encoder_variables: Any = None, update_encoder_state: bool = False,
+        batch_sharding: jax.sharding.Sharding | None = None) -> LinearProbe:
     """The reference linear evaluation: each step augments, embeds (frozen), updates Linear(F, C).
 
     Args:
@@ -361,6 +362,11 @@ def train_linear_probe_on_images(
         variables are threaded through the steps and returned in `probe.encoder_variables`; the
         last partial batch is then fed unpadded (padding rows would enter the batch statistics),
         which compiles the step for a second shape. Default False: a truly frozen encoder.
+      batch_sharding: splits each batch's rows over devices (e.g. `NamedSharding(mesh,
+        P("data"))`), so that every device augments and embeds its share of the batch; without
+        it every device runs the whole batch. Same results (the step is one jitted program over
+        global arrays; JAX's random bits do not depend on the sharding). A batch whose size does
+        not divide over it runs replicated. Every process must pass the same images.
 
     Returns:
       The trained LinearProbe. The final-epoch test accuracy is the caller's:
@@ -419,6 +425,16 @@ def train_linear_probe_on_images(
                 yield epoch, step, images_uint8[idx], labels[idx], valid, num_valid
                 step += 1
 
+    def placed(array):
+        """`array` (one batch, the same on every process) split over `batch_sharding`."""
+        if batch_sharding is None:
+            return array
+        try:
+            batch_sharding.shard_shape(array.shape)
+        except ValueError:     # indivisible (an unpadded last batch): replicated, as without it
+            return array
+        return jax.make_array_from_callback(array.shape, batch_sharding, lambda index: array[index])
+
     variables = encoder_variables
     epoch_losses, loss_sum = [], 0.0
     batches = host_batches()
@@ -429,7 +445,8 @@ def train_linear_probe_on_images(
         while batch is not None:
             epoch, step, images, batch_labels, valid, num_valid = batch
             params, opt_state, variables, loss = train_step(
-                params, opt_state, variables, images, batch_labels, valid, np.int32(step))
+                params, opt_state, variables, placed(images), placed(batch_labels),
+                placed(valid), np.int32(step))
             # Gather the next batch on the host while the device runs this step, then wait:
             # one step in flight (back-to-back multi-device steps can deadlock on CPU hosts).
             batch = next(batches, None)

@@ -240,7 +240,7 @@ class ImageTask:
           learning_rate=ev.linear_probe_lr, weight_decay=ev.linear_probe_weight_decay, seed=seed,
           progress=self.config.progress_bar,
           encoder_variables={"params": params, "state": model_state},
-          update_encoder_state=update_bn)
+          update_encoder_state=update_bn, batch_sharding=self.data_sharding)
       if update_bn:   # the test set sees the statistics the probe left behind, as the reference
         model_state = probe.encoder_variables["state"]
     test, test_labels = self.extract_features(params, model_state, self.dataset.test)
