@@ -190,6 +190,35 @@ def test_missing_sts_data_fail_at_start_with_the_download(tmp_path):
   assert not os.path.exists(tmp_path / "run" / "checkpoints")   # before any training step
 
 
+def test_best_dev_model_skips_nan_scores_and_survives_a_stale_old_folder(tmp_path, monkeypatch):
+  """A NaN dev score (a collapsed model's constant similarities) is never kept as the best: kept,
+  no later score could beat it. A `best_dev.old` left by a kill after the second rename of the
+  kept model's replacement does not stop the next best from being saved."""
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  task = sentence.SentenceTask(tiny_config(tmp_path), train.make_mesh(1), workdir=str(workdir))
+  task.dev_data = {}
+  params, _ = task.init(jax.random.key(0))
+  scores = iter([float("nan"), 70.0, 80.0, 75.0])
+  monkeypatch.setattr(sentence, "_sts_results",
+                      lambda *_args, **_kw: {"STSBenchmark": (score := next(scores)),
+                                             "avg": score})
+  def monitor(step):
+    with redirect_stdout(io.StringIO()):
+      return task.monitor(types.SimpleNamespace(step=np.int32(step), params={"model": params}))
+
+  first = monitor(2)
+  assert np.isnan(first["sts_dev_avg"]) and "sts_dev_best" not in first
+  assert not (workdir / "best_dev").exists()
+  assert monitor(4)["sts_dev_best_step"] == 4
+  stale = workdir / "best_dev.old"
+  stale.mkdir()
+  (stale / "config.json").write_text("{}")
+  assert (monitor(6)["sts_dev_best"], monitor(8)["sts_dev_best"]) == (80.0, 80.0)
+  assert json.loads((workdir / "best_dev" / "best.json").read_text())["step"] == 6
+  assert not stale.exists()
+
+
 def test_dev_selection_final_sts_and_workdir_evaluation(tmp_path):
   root = write_sts(tmp_path / "downstream")
   workdir = str(tmp_path / "run")

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import shutil
 import sys
@@ -500,6 +501,9 @@ class SentenceTask:
     with open(os.path.join(tmp, BEST_FILE), "w", encoding="utf-8") as f:
       json.dump({"step": step, "score": score, "dev_tasks": list(self.config.eval.dev_tasks),
                  "dev": dev}, f, indent=2, sort_keys=True)
+    # A kill after the second rename leaves a complete `target` and a stale `old`: clear it, or
+    # the first rename would fail on a non-empty directory at every later best.
+    shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(target):
       os.replace(target, old)
     os.replace(tmp, target)
@@ -515,11 +519,15 @@ class SentenceTask:
     metrics["sts_dev_avg"] = score
     if self.config.eval.keep_best:
       self._restore_best_record()
-      if self._best is None or score > self._best["score"]:
+      # A NaN dev score (constant similarities: a collapsed model) is never the best; kept, it
+      # would win forever, since no score compares greater than NaN.
+      if math.isfinite(score) and (self._best is None or not math.isfinite(self._best["score"])
+                                   or score > self._best["score"]):
         self._best = {"step": step, "score": score, "params": params}
         self._save_best(params, step, score, dev)
-      metrics["sts_dev_best"] = self._best["score"]
-      metrics["sts_dev_best_step"] = float(self._best["step"])
+      if self._best is not None:
+        metrics["sts_dev_best"] = self._best["score"]
+        metrics["sts_dev_best_step"] = float(self._best["step"])
     return metrics
 
   def _best_params(self):
