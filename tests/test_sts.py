@@ -331,6 +331,12 @@ def test_a_model_folder_is_scored_with_the_pooler_it_declares(sts_data, tmp_path
   max_pooling = dict(mean_pooling, pooling_mode_mean_tokens=False, pooling_mode_max_tokens=True)
   with pytest.raises(ValueError, match="does not implement; pass --pooler"):
     sts.folder_pooler(_folder_with(tmp_path, "max", {"1_Pooling/config.json": max_pooling}))
+  # A Dense module after the pooling (LaBSE) changes the embeddings: refused, not skipped.
+  dense = modules + [{"idx": 2, "name": "2", "path": "2_Dense",
+                      "type": "sentence_transformers.models.Dense"}]
+  with pytest.raises(ValueError, match=r"lists \['sentence_transformers.models.Dense'\].*--pooler"):
+    sts.folder_pooler(_folder_with(tmp_path, "dense", {"modules.json": dense,
+                                                       "1_Pooling/config.json": mean_pooling}))
 
   args = [f"--sts_root={root}", "--tasks=STSBenchmark", "--batch_size=32"]
   out = io.StringIO()

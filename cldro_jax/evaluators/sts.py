@@ -359,6 +359,7 @@ def describe_pooler(pooler: str) -> str:
 
 
 EXPORT_INFO = "cldro_jax_export.json"   # written next to a cldro_jax Hugging Face export
+_MODULES_WE_RUN = ("models.Transformer", "models.Pooling", "models.Normalize")
 
 
 def folder_pooler(model_dir: str) -> tuple[str, str]:
@@ -378,8 +379,18 @@ def folder_pooler(model_dir: str) -> tuple[str, str]:
   modules_path = os.path.join(model_dir, "modules.json")
   if os.path.isfile(modules_path):
     with open(modules_path, encoding="utf-8") as f:
-      pooling_dir = next((m["path"] for m in json.load(f)
-                          if m.get("type", "").endswith("models.Pooling")), pooling_dir)
+      modules = json.load(f)
+    # Normalize leaves cosines unchanged; any other module (LaBSE's Dense, for one) changes the
+    # embeddings, and scoring without it would report another model's numbers.
+    others = [m.get("type", "?") for m in modules
+              if not m.get("type", "").endswith(_MODULES_WE_RUN)]
+    if others:
+      raise ValueError(
+          f"{modules_path} lists {others}, which this evaluator does not run (it runs the "
+          "transformer and its pooling only), so its scores would not be this model's. Pass "
+          "--pooler=cls, mean or cls_mlp to score the transformer's pooled output anyway.")
+    pooling_dir = next((m["path"] for m in modules
+                        if m.get("type", "").endswith("models.Pooling")), pooling_dir)
   config_path = os.path.join(model_dir, pooling_dir, "config.json")
   if not os.path.isfile(config_path):
     return "cls", "SimCSE's evaluation; the folder declares no pooling"
