@@ -110,6 +110,24 @@ def test_roberta_tokenizers_match_transformers(sentences, tmp_path):
     np.testing.assert_array_equal(batch["attention_mask"], ref["attention_mask_len32"])
 
 
+def test_pad_token_from_tokenizer_config_and_roberta_pad_id_agreement(tmp_path):
+  """The padding token is read from tokenizer_config.json too (newer transformers write it only
+  there); a RoBERTa tokenizer padding with another id than config.json's pad_token_id (its
+  position ids count the non-padding tokens) is refused."""
+  folder = tmp_path / "roberta"
+  shutil.copytree(ROBERTA_DIR, folder)
+  tok_config = json.loads((folder / "tokenizer_config.json").read_text())
+  model_config = json.loads((folder / "config.json").read_text())
+  assert not (folder / "special_tokens_map.json").exists()
+  unk_id = text.load_tokenizer(str(folder)).token_to_id("<unk>")
+  (folder / "tokenizer_config.json").write_text(json.dumps(dict(tok_config, pad_token="<unk>")))
+  with pytest.raises(ValueError, match=r"pads with '<unk>' \(id 3\) but its config.json says "
+                                       r"pad_token_id=1"):
+    text.SentenceTokenizer(str(folder))
+  (folder / "config.json").write_text(json.dumps(dict(model_config, pad_token_id=unk_id)))
+  assert (text.SentenceTokenizer(str(folder)).pad_id, unk_id) == (3, 3)
+
+
 def test_tokenizer_errors(tmp_path, minilm_dir):
   with pytest.raises(FileNotFoundError, match="No tokenizer files"):
     text.SentenceTokenizer(str(tmp_path))

@@ -165,13 +165,29 @@ def load_tokenizer(folder: str) -> tokenizers.Tokenizer:
 
 
 def _pad_token(tok: tokenizers.Tokenizer, folder: str) -> tuple[str, int]:
-  """The padding token and its id: special_tokens_map.json, else [PAD] / <pad>."""
+  """The padding token and its id: special_tokens_map.json, tokenizer_config.json (where newer
+  transformers versions keep it), else [PAD] / <pad>.
+
+  RoBERTa's position ids count the tokens that are not `config.json`'s `pad_token_id`: a
+  tokenizer padding with another id would shift every position, so that is refused.
+  """
   specials = _read_json(os.path.join(folder, "special_tokens_map.json"))
-  candidates = [_token_content(specials.get("pad_token")), "[PAD]", "<pad>"]
-  for name in candidates:
-    if name is not None and tok.token_to_id(name) is not None:
-      return name, tok.token_to_id(name)
-  raise ValueError(f"The tokenizer in {folder} has no padding token (tried {candidates}).")
+  tokenizer_config = _read_json(os.path.join(folder, "tokenizer_config.json"))
+  candidates = [_token_content(specials.get("pad_token")),
+                _token_content(tokenizer_config.get("pad_token")), "[PAD]", "<pad>"]
+  found = next(((name, tok.token_to_id(name)) for name in candidates
+                if name is not None and tok.token_to_id(name) is not None), None)
+  if found is None:
+    raise ValueError(f"The tokenizer in {folder} has no padding token (tried {candidates}).")
+  model_config = _read_json(os.path.join(folder, "config.json"))
+  model_pad_id = model_config.get("pad_token_id")
+  if model_config.get("model_type") == "roberta" and model_pad_id not in (None, found[1]):
+    raise ValueError(
+        f"The tokenizer in {folder} pads with {found[0]!r} (id {found[1]}) but its config.json "
+        f"says pad_token_id={model_pad_id}; RoBERTa's position ids count the non-padding "
+        "tokens, so every position would shift. Make the two agree (pad_token in "
+        "special_tokens_map.json / tokenizer_config.json, or pad_token_id in config.json).")
+  return found
 
 
 def _check_ids_fit_the_model(tok: tokenizers.Tokenizer, folder: str) -> None:
