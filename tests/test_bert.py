@@ -213,8 +213,23 @@ def test_export_writes_sentence_transformers_pooling(roberta, tmp_path):
   pooling = json.loads((tmp_path / "1_Pooling" / "config.json").read_text())
   assert pooling["pooling_mode_cls_token"] and not pooling["pooling_mode_mean_tokens"]
   assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["RobertaModel"]
+  assert [m["path"] for m in json.loads((tmp_path / "modules.json").read_text())] == [
+      "", "1_Pooling"]                                  # the source has no normalisation
   with pytest.raises(FileNotFoundError, match="No tokenizer files"):
     bert.export_pretrained(config, params, str(tmp_path / "x"), str(tmp_path / "1_Pooling"))
+
+
+def test_export_with_a_pooling_keeps_the_source_pipelines_normalisation(minilm, minilm_dir,
+                                                                         tmp_path):
+  """all-MiniLM-L6-v2 ends in Normalize: a model fine-tuned from it and exported with its
+  evaluation pooling still gives unit vectors in sentence-transformers."""
+  config, params, _ = minilm
+  bert.export_pretrained(config, params, str(tmp_path), minilm_dir, pooling="mean")
+  modules = json.loads((tmp_path / "modules.json").read_text())
+  source = json.loads((pathlib.Path(minilm_dir) / "modules.json").read_text())
+  assert [m["type"] for m in modules] == [m["type"] for m in source]
+  assert json.loads((tmp_path / "1_Pooling" / "config.json").read_text())[
+      "pooling_mode_mean_tokens"]
 
 
 def _write_variant(tmp_path, edit_tensors=None, edit_config=None, name="variant"):

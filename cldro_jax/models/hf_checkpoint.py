@@ -326,8 +326,10 @@ def params_to_hf_tensors(params: Params) -> dict[str, np.ndarray]:
   return tensors
 
 
-def _write_sentence_transformers_modules(out_folder: str, pooling: str, hidden: int) -> None:
-  """modules.json + 1_Pooling/config.json: a Transformer followed by cls or mean pooling."""
+def _write_sentence_transformers_modules(out_folder: str, pooling: str, hidden: int, *,
+                                         normalize: bool = False) -> None:
+  """modules.json + 1_Pooling/config.json: a Transformer followed by cls or mean pooling, and
+  an L2 normalisation when `normalize`."""
   if pooling not in ("cls", "mean"):
     raise ValueError(f"pooling must be 'cls' or 'mean' for sentence-transformers, got {pooling!r}")
   modules = [
@@ -335,6 +337,9 @@ def _write_sentence_transformers_modules(out_folder: str, pooling: str, hidden: 
       {"idx": 1, "name": "1", "path": "1_Pooling",
        "type": "sentence_transformers.models.Pooling"},
   ]
+  if normalize:   # sentence-transformers' Normalize has no settings, hence no folder
+    modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                    "type": "sentence_transformers.models.Normalize"})
   pooling_config = {
       "word_embedding_dimension": hidden,
       "pooling_mode_cls_token": pooling == "cls",
@@ -347,6 +352,15 @@ def _write_sentence_transformers_modules(out_folder: str, pooling: str, hidden: 
     json.dump(modules, fh, indent=2)
   with open(os.path.join(out_folder, "1_Pooling", "config.json"), "w") as fh:
     json.dump(pooling_config, fh, indent=2)
+
+
+def _normalizes(folder: str) -> bool:
+  """Whether the sentence-transformers pipeline in `folder` ends in an L2 normalisation."""
+  modules_path = os.path.join(folder, "modules.json")
+  if not os.path.exists(modules_path):
+    return False
+  with open(modules_path) as fh:
+    return any(m.get("type", "").endswith("models.Normalize") for m in json.load(fh))
 
 
 def _copy_sentence_transformers_files(src: str, dst: str) -> None:
@@ -371,7 +385,9 @@ def export_pretrained(config: EncoderConfig, params: Params, out_folder: str,
   tokenizer files from `tokenizer_folder`. The sentence-transformers pipeline description
   (modules.json, 1_Pooling/, ...) is copied from `tokenizer_folder` when it has one, unless
   `pooling` ("cls" or "mean") is given: then a Transformer + that pooling pipeline is written
-  (SimCSE-style models are evaluated with "cls", without the training MLP).
+  (SimCSE-style models are evaluated with "cls", without the training MLP), followed by the L2
+  normalisation when `tokenizer_folder`'s pipeline had one (all-MiniLM-L6-v2 does), so that a
+  fine-tuned model gives unit vectors as its source did.
   """
   from safetensors.numpy import save_file
 
@@ -393,7 +409,8 @@ def export_pretrained(config: EncoderConfig, params: Params, out_folder: str,
   for name in copied:
     shutil.copy2(os.path.join(tokenizer_folder, name), os.path.join(out_folder, name))
   if pooling is not None:
-    _write_sentence_transformers_modules(out_folder, pooling, config.hidden_size)
+    _write_sentence_transformers_modules(out_folder, pooling, config.hidden_size,
+                                         normalize=_normalizes(tokenizer_folder))
     # The Transformer module's own settings (max_seq_length, lower-casing) still hold.
     transformer_settings = os.path.join(tokenizer_folder, "sentence_bert_config.json")
     if os.path.exists(transformer_settings):
