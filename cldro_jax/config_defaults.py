@@ -66,7 +66,7 @@ def _optim_defaults() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       name="adam",            # adam | adamw | lars | sgd
       lr=1e-3,
-      weight_decay=1e-6,      # adam: coupled L2 as PyTorch's Adam(weight_decay=...); adamw: decoupled
+      weight_decay=1e-6,      # adam: coupled L2 (PyTorch's Adam); adamw: decoupled, 1-D exempt
       momentum=0.9,           # sgd, lars
       schedule="constant",    # constant | warmup_cosine | linear_decay
       warmup_epochs=0.0,

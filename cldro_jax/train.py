@@ -234,6 +234,11 @@ def make_schedule(optim: ml_collections.ConfigDict, total_steps: int,
                               [warmup])
 
 
+def _kernels_only(params: Any) -> Any:
+  """True for the parameters with more than one axis (not biases, norm scales or offsets)."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
 def make_optimizer(optim: ml_collections.ConfigDict,
                    schedule: optax.Schedule) -> optax.GradientTransformation:
   """adam (PyTorch-style coupled L2, the reference), adamw, lars, sgd."""
@@ -246,11 +251,13 @@ def make_optimizer(optim: ml_collections.ConfigDict,
       chain.append(optax.add_decayed_weights(optim.weight_decay))
     chain.append(optax.adam(schedule))
   elif optim.name == "adamw":
-    chain.append(optax.adamw(schedule, weight_decay=optim.weight_decay))
+    # The Hugging Face Trainer (SimCSE's) exempts biases and LayerNorm weights from weight
+    # decay: in BERT/RoBERTa exactly the 1-D parameters (embeddings and kernels are decayed).
+    chain.append(optax.adamw(schedule, weight_decay=optim.weight_decay, mask=_kernels_only))
   elif optim.name == "lars":
     # As SimCLR's LARS: biases and BatchNorm parameters (the 1-D arrays) get neither weight
     # decay nor the trust ratio, only momentum SGD.
-    kernels_only = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
+    kernels_only = _kernels_only
     chain.append(optax.lars(schedule, weight_decay=optim.weight_decay, momentum=optim.momentum,
                             weight_decay_mask=kernels_only, trust_ratio_mask=kernels_only))
   elif optim.name == "sgd":

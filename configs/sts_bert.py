@@ -18,8 +18,8 @@ Data and model (fetch once, with the internet):
 
 Recipe (docs/reproducing.md; SimCSE's run_unsup_example.sh through the Hugging Face Trainer): 1
 epoch over the 1M sentences, batch 64, length 32, AdamW lr 3e-5 with linear decay and no warm-up,
-weight decay 0 (TrainingArguments' default, so the bias/LayerNorm exclusion of the Trainer does
-not matter), gradient norm clipped at 1.0 (TrainingArguments' max_grad_norm), CLS + MLP in
+weight decay 0 (TrainingArguments' default; a positive one spares biases and LayerNorm weights,
+as the Trainer), gradient norm clipped at 1.0 (TrainingArguments' max_grad_norm), CLS + MLP in
 training, CLS without the MLP at evaluation, STS-B dev every 125 steps keeping the best model;
 ADNCE t=0.07, mu=0.4, sigma=1.0. Compute in bfloat16 (SimCSE trains with fp16 autocast).
 

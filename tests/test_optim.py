@@ -99,6 +99,29 @@ def test_sgd_momentum_and_lars_first_steps():
   np.testing.assert_allclose(_one_update(lars, params, grads, "b"), -0.1 * g, rtol=1e-6)
 
 
+def test_adamw_decays_kernels_and_exempts_biases_and_norms_as_the_hf_trainer():
+  """Decoupled decay (first step: -lr * (g / (|g| + eps) + wd * w)) on the parameters with more
+  than one axis; the Hugging Face Trainer exempts biases and LayerNorm weights, which in
+  BERT/RoBERTa are exactly the 1-D ones (first step: -lr * g / (|g| + eps))."""
+  config = optim_config(name="adamw", lr=0.01, weight_decay=0.1)
+  kernel = np.array([[1.0, -2.0], [0.5, 3.0]])
+  kernel_grad = np.array([[0.1, 0.3], [-0.2, 0.05]])
+  bias, bias_grad = np.array([1.0, -2.0, 0.5]), np.array([0.1, 0.3, -0.2])
+  params = {"kernel": jnp.asarray(kernel), "LayerNorm": {"scale": jnp.asarray(bias)},
+            "bias": jnp.asarray(bias)}
+  grads = {"kernel": jnp.asarray(kernel_grad), "LayerNorm": {"scale": jnp.asarray(bias_grad)},
+           "bias": jnp.asarray(bias_grad)}
+  adam_step = lambda g: g / (np.abs(g) + 1e-8)  # noqa: E731
+  np.testing.assert_allclose(_one_update(config, params, grads, "kernel"),
+                             -0.01 * (adam_step(kernel_grad) + 0.1 * kernel), rtol=1e-5)
+  np.testing.assert_allclose(_one_update(config, params, grads, "bias"),
+                             -0.01 * adam_step(bias_grad), rtol=1e-5)
+  tx = train.make_optimizer(config, train.make_schedule(config, 10, 10))
+  updates, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(np.asarray(updates["LayerNorm"]["scale"]),
+                             -0.01 * adam_step(bias_grad), rtol=1e-5)
+
+
 def test_unknown_optimizer_is_refused():
   config = config_defaults.base_config("image")
   config.optim.name = "adagrad"

@@ -40,7 +40,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cldro_jax import checkpointing
@@ -337,12 +336,6 @@ class SentenceTask:
     checkpoint, tokenizer, corpus or STS data; such a task can only `init` and `forward`.
     """
     validate(config)
-    if config.optim.name == "adamw" and config.optim.weight_decay > 0:
-      # SimCSE runs with weight decay 0; with a positive one the Hugging Face Trainer exempts
-      # biases and LayerNorm weights, the trainer's optax.adamw decays every parameter.
-      logging.warning("config.optim.weight_decay=%g decays every parameter, biases and LayerNorm "
-                      "included (the Hugging Face Trainer exempts those; SimCSE uses 0).",
-                      config.optim.weight_decay)
     self.config = config
     self.mesh = mesh
     self.data_sharding = NamedSharding(mesh, P(AXIS))
