@@ -150,6 +150,20 @@ def test_edge_addition_draws_uniformly_from_the_listed_non_edges(undirected):
                 np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.parametrize("undirected", [True, False])
+def test_edge_addition_on_a_large_dense_graph_returns_the_few_non_edges(undirected):
+    """Past the enumeration limit a dense graph with fewer free pairs than asked for gets all of
+    them (rejection sampling there never finished)."""
+    n = 700
+    assert n * (n - 1) // 2 > ga._ENUMERATE_PAIRS_LIMIT  # pylint: disable=protected-access
+    u, v = np.triu_indices(n, k=1) if undirected else np.nonzero(~np.eye(n, dtype=bool))
+    keys = u.astype(np.int64) * n + v
+    missing = np.random.default_rng(0).choice(keys.size, 5, replace=False)
+    got = ga._sample_non_edges(n, np.delete(keys, missing), 1000, undirected,  # pylint: disable=protected-access
+                               np.random.default_rng(1))
+    assert sorted((got[0] * n + got[1]).tolist()) == sorted(keys[missing].tolist())
+
+
 def test_faithful_subgraph_equals_the_reference_draw_loop(mutag):
     # The reference's loop, one draw at a time: add a random start neighbour if new, until the
     # set holds int(0.2 n) + 1 nodes or n draws were made. The implementation draws all at once.

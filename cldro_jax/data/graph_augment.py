@@ -208,7 +208,9 @@ def _sample_non_edges(n: int, existing_keys: np.ndarray, count: int, undirected:
     if count <= 0:
         return np.zeros((2, 0), np.int64)
     total_pairs = n * (n - 1) // (2 if undirected else 1)
-    if total_pairs <= _ENUMERATE_PAIRS_LIMIT:
+    # Rejection sampling only where almost every pair is free: on a dense graph with fewer free
+    # pairs than `count` it would never finish.
+    if total_pairs <= _ENUMERATE_PAIRS_LIMIT or 2 * existing_keys.size > total_pairs:
         # Uniform without replacement over the list of non-edges in row-major order. The list is
         # not built: the k-th non-edge's rank is k plus the number of edges ranked before it
         # (a search over `edge_rank - i`), so the cost follows the edges, not n^2 pairs.
@@ -219,7 +221,7 @@ def _sample_non_edges(n: int, existing_keys: np.ndarray, count: int, undirected:
             return np.zeros((2, 0), np.int64)
         rank = pick + np.searchsorted(edge_rank - np.arange(edge_rank.size), pick, side="right")
         return np.stack(_pair_at_rank(rank, n, undirected)).astype(np.int64)
-    # Large sparse graph: rejection sampling converges fast (almost every pair is a non-edge).
+    # Large sparse graph: rejection sampling converges fast (most pairs are non-edges).
     chosen = np.zeros(0, np.int64)
     while chosen.size < count:
         u, v = rng.integers(n, size=(2, 2 * count))
