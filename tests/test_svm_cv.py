@@ -75,6 +75,8 @@ def test_bad_inputs_raise(mutag_histograms):
         svm_cv_accuracy(x[:-1], y, seed=0)
     with pytest.raises(ValueError, match="NaN"):
         svm_cv_accuracy(np.where(np.arange(x.size).reshape(x.shape) == 5, np.nan, x), y, seed=0)
+    with pytest.raises(ValueError, match=r"the classes \[3\]: an SVM classifier needs at least 2"):
+        svm_cv_accuracy(np.ones((20, 4)), np.full(20, 3), seed=0)
     with pytest.raises(ValueError, match="every class has fewer than 10 examples"):
         svm_cv_accuracy(x[:12], np.r_[np.zeros(6, int), np.ones(6, int)], seed=0)
     # One class smaller than the folds: scored with a warning, as scikit-learn (the reference).

@@ -29,6 +29,9 @@ def _check_inputs(embeddings: np.ndarray, labels: np.ndarray, folds: int) -> tup
     if not np.all(np.isfinite(x)):
         raise ValueError("embeddings contain NaN or inf (diverged training?)")
     class_sizes = np.bincount(np.unique(y, return_inverse=True)[1])
+    if class_sizes.size < 2:
+        raise ValueError(f"the labels hold the classes {np.unique(y).tolist()}: an SVM classifier "
+                         "needs at least 2 (check the dataset's graph labels)")
     if class_sizes.max() < folds:
         raise ValueError(f"every class has fewer than {folds} examples (the largest "
                          f"{class_sizes.max()}): stratified {folds}-fold CV needs at least {folds} "
