@@ -310,6 +310,18 @@ def test_bad_graph_settings_are_rejected(field, value, message):
     graph_task.GraphTask(mutag_config(**{field: value}), train.make_mesh(1))
 
 
+def test_a_quantile_budget_too_small_for_the_evaluation_batches_fails_before_training():
+  """The evaluation's batches are fixed: a quantile budget they overflow is refused when the
+  task is built, naming the setting, not after training in the first evaluation."""
+  with pytest.raises(ValueError, match=r"budget_quantile=0.5 gives evaluation batches room for "
+                                       r"\d+ nodes.*--config.data.budget_quantile=0"):
+    graph_task.GraphTask(mutag_config(**{"data.budget_quantile": 0.5, "eval.batch_size": 32}),
+                         train.make_mesh(1))
+  task = graph_task.GraphTask(mutag_config(**{"data.budget_quantile": 1.0,
+                                              "eval.batch_size": 32}), train.make_mesh(1))
+  assert sum(1 for _ in task._eval_host_batches()) == 6   # pylint: disable=protected-access
+
+
 def test_dcl_is_rejected_for_graphs():
   config = mutag_config("loss=dcl")
   with pytest.raises(ValueError, match="dcl.*defined for images only"):

@@ -97,7 +97,8 @@ def pack_graphs(graphs: Sequence[Graph], budget: GraphBudget) -> GraphBatch:
         raise ValueError(
             f"{len(graphs)} graphs with {num_nodes} nodes and {num_edges} edges do not fit the "
             f"budget {budget}. Use budget_for_graphs(graphs, batch_size) without `quantile` (it "
-            f"fits every batch) or a higher quantile.")
+            f"fits every batch) or a higher quantile; in a run, --config.data.budget_quantile=0 "
+            f"(the guaranteed budget) or a value closer to 1.")
     if not graphs:
         raise ValueError("pack_graphs needs at least one graph")
     feature_dim = graphs[0].node_features.shape[1]

@@ -277,12 +277,30 @@ class GraphTask:
     self.eval_per_device = math.ceil(config.eval.batch_size / devices)
     self.eval_budget = graphs_lib.view_budget(self.graphs, self.eval_per_device, data.aug_mode,
                                               quantile=quantile)
+    if quantile is not None:
+      self._check_eval_batches_fit(quantile)
     self.local_positions = local_device_positions(mesh)
     self.model = build_model(config.model)
     self.model_name = f"gin-l{config.model.num_layers}-h{config.model.hidden}"
     # SVM accuracies of the trained encoder by (step, CV seed): the trainer runs the monitor at
     # the last step and then final_evaluation, which would otherwise repeat the same CV.
     self._trained_scores: dict[tuple[int, int], tuple[float, float]] = {}
+
+  def _check_eval_batches_fit(self, quantile: float) -> None:
+    """The evaluation's batches are fixed (dataset order): with a quantile budget, check them
+    now rather than fail in the first evaluation, after training."""
+    views = [graphs_lib.view_one(g, self.config.data.aug_mode) for g in self.graphs]
+    starts = np.arange(0, len(views), self.eval_per_device)
+    for what, counts, limit in (
+        ("nodes", [g.num_nodes for g in views], self.eval_budget.max_nodes),
+        ("edges", [g.num_edges for g in views], self.eval_budget.max_edges)):
+      sums = np.add.reduceat(np.asarray(counts, np.int64), starts)
+      if sums.max() > limit:
+        raise ValueError(
+            f"config.data.budget_quantile={quantile} gives evaluation batches room for {limit} "
+            f"{what}, but the batch of graphs {int(starts[sums.argmax()])}.. holds "
+            f"{int(sums.max())}. Use --config.data.budget_quantile=0 (the guaranteed budget) or "
+            "a value closer to 1.")
 
   def data_fingerprint(self) -> str:
     sample = [self.graphs[i] for i in tasks_lib.sample_positions(len(self.graphs))]
