@@ -124,7 +124,8 @@ def write_json_atomically(path: str, content: Any) -> None:
   os.replace(tmp, path)
 
 
-def _has_checkpoints(workdir: str) -> bool:
+def has_checkpoints(workdir: str) -> bool:
+  """Whether `workdir` holds a checkpoint (a run to resume), complete or not."""
   folder = os.path.join(workdir, "checkpoints")
   return os.path.isdir(folder) and any(n.isdigit() for n in os.listdir(folder))
 
@@ -132,7 +133,7 @@ def _has_checkpoints(workdir: str) -> bool:
 def _config_from_checkpoints(workdir: str) -> dict[str, Any] | None:
   """The config stored in the latest checkpoint, when config.json is gone; None when the
   workdir holds no checkpoint (a first start)."""
-  if not _has_checkpoints(workdir):
+  if not has_checkpoints(workdir):
     return None
   checkpointer = Checkpointer(workdir, read_only=True)
   try:
@@ -186,7 +187,7 @@ def check_or_save_config(workdir: str, config: ml_collections.ConfigDict, *,
   """
   path = os.path.join(workdir, "config.json")
   current = config_to_dict(config)
-  if os.path.exists(path) and not _has_checkpoints(workdir):
+  if os.path.exists(path) and not has_checkpoints(workdir):
     # A start that stopped before its first checkpoint (out of memory at step 1, a wrong
     # setting): nothing to resume, so the corrected command starts afresh.
     if save and jax.process_index() == 0 and current != _read_json_or_none(path):

@@ -619,8 +619,8 @@ def _check_run_length(workdir, config, total_steps, steps_per_epoch):
   """A resumed run may change its length only under a constant learning rate: the decaying
   schedules are functions of the total, so a new total would give the remaining steps (and,
   from the resumed step on, the whole curve) other learning rates than the run planned."""
-  if config.optim.schedule == "constant":
-    return
+  if config.optim.schedule == "constant" or not checkpointing.has_checkpoints(workdir):
+    return   # (no checkpoint: nothing to resume, the command starts afresh)
   saved = checkpointing.saved_config_or_none(workdir)   # config.json, or the checkpoint's copy
   if saved is None:
     return
@@ -672,32 +672,43 @@ def _finished_results(workdir, config, start_step,
     while os.path.exists(os.path.join(workdir, f"results.previous-{k}.json")):
       k += 1
     os.replace(path, os.path.join(workdir, f"results.previous-{k}.json"))
-  return None, True
+  # Results of an earlier length (the run was extended, then killed in its final evaluation)
+  # are set aside too, but this length's final monitor, if logged, is not logged again.
+  return None, stored.get("step") == total_steps
 
 
-def _check_finite(state, step, action: str) -> None:
+def _kept_checkpoint(checkpointer) -> str:
+  """What a stopped run leaves to resume from, for its error message."""
+  step = checkpointer.latest_step()
+  if step is None:
+    return ("No checkpoint was saved before it, so the corrected command starts afresh in the "
+            "same workdir.")
+  return f"The last good checkpoint (step {step}) is kept in {checkpointer.directory}."
+
+
+def _check_finite(state, step, action: str, checkpointer) -> None:
   """Stops the run before `action` (saving, evaluating) on a state that is no longer finite."""
   if not bool(jax.device_get(state.finite)):
     raise NonFiniteLossError(
         f"The loss, its gradient or the parameters became NaN or inf before step {step}; the run "
-        f"stopped without {action}, so the last good checkpoint is kept. Lower "
+        f"stopped without {action}. {_kept_checkpoint(checkpointer)} Lower "
         "--config.optim.lr, raise --config.loss.temperature, or use --config.model.dtype=float32.")
 
 
 def _save(checkpointer, state, step, steps_per_epoch, meta_base, log_state=None):
   """Checkpoint of `step`. `log_state`: what the metrics need to go on exactly as if the run
   had not stopped (the steps logged since the last log line, the collapse step), in the meta."""
-  _check_finite(state, step, "saving")
+  _check_finite(state, step, "saving", checkpointer)
   checkpointer.save(step, state, meta=dict(meta_base, step=step, epoch=step / steps_per_epoch,
                                            **(log_state or {})))
 
 
-def _monitor(task, state, writer, step, *, show: bool) -> dict[str, float]:
+def _monitor(task, state, writer, step, checkpointer, *, show: bool) -> dict[str, float]:
   """The kNN monitor / online probe of `step`, logged (and, with `show`, printed by process 0
   above the progress bar)."""
   # Between two log lines the NaN guard has not looked yet: a monitor of non-finite parameters
   # would log garbage (and a sentence run would keep them as its best dev model).
-  _check_finite(state, step, "evaluating")
+  _check_finite(state, step, "evaluating", checkpointer)
   monitor = task.monitor(state)
   epoch = step / task.steps_per_epoch
   writer.write(step, dict(monitor, epoch=epoch), split="monitor")
@@ -776,7 +787,7 @@ def _loop(config, task, state, train_step, checkpointer, writer, mesh, start_ste
   if _monitor_missing(task, workdir, start_step, total_steps):
     # Stopped (SIGTERM at an epoch's end, or killed) between a checkpoint and its monitor: the
     # curves would lack that epoch.
-    _monitor(task, state, writer, start_step, show=config.progress_bar)
+    _monitor(task, state, writer, start_step, checkpointer, show=config.progress_bar)
   preemption = _PreemptionWatch()
   profile = _ProfileWindow(config, workdir, start_step, total_steps)
   try:
@@ -814,8 +825,7 @@ def _loop(config, task, state, train_step, checkpointer, writer, mesh, start_ste
               f"The loss, its gradient or the parameters became NaN or inf by step {done} (epoch "
               f"{summary['epoch']:.2f}; mean loss {summary['loss']}, gradient norm "
               f"{summary['grad_norm']}); "
-              "stopping. The last good checkpoint is kept in "
-              f"{checkpointer.directory}. Lower --config.optim.lr, raise "
+              f"stopping. {_kept_checkpoint(checkpointer)} Lower --config.optim.lr, raise "
               "--config.loss.temperature, or use --config.model.dtype=float32.")
         if collapsed_at is None and _collapsed(summary, done, steps_per_epoch):
           collapsed_at = done
@@ -848,7 +858,7 @@ def _loop(config, task, state, train_step, checkpointer, writer, mesh, start_ste
             "Rerun the same command to resume.")
       every = task.monitor_every_steps
       if every and done % every == 0 and done < total_steps:
-        _monitor(task, state, writer, done, show=config.progress_bar)
+        _monitor(task, state, writer, done, checkpointer, show=config.progress_bar)
         # The next line's examples/s measures training, not the monitor's minutes.
         last_log_time, last_log_step = time.time(), done
   finally:
@@ -882,7 +892,7 @@ def _loop(config, task, state, train_step, checkpointer, writer, mesh, start_ste
     if start_step == total_steps and not resumed_log["reevaluate"]:
       monitor = _logged_monitor(workdir, total_steps)
     if monitor is None:
-      monitor = _monitor(task, state, writer, total_steps, show=False)
+      monitor = _monitor(task, state, writer, total_steps, checkpointer, show=False)
     results.update({f"final_{k}": v for k, v in monitor.items()})
   results.update(task.final_evaluation(state))
   writer.write(total_steps, {k: v for k, v in results.items()

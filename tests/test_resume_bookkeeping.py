@@ -132,6 +132,27 @@ def test_a_kill_during_the_final_evaluation_does_not_log_the_final_monitor_twice
   assert os.path.exists(os.path.join(workdir, "results.previous-1.json"))
 
 
+def test_an_extended_run_killed_in_its_final_evaluation_logs_its_final_monitor_once(tmp_path):
+  """Extended from 8 to 10 steps and killed after the step-10 monitor but before results.json:
+  the step-8 results left there are set aside, and the logged step-10 monitor is not logged
+  again (it is not a new evaluation with other settings)."""
+  config = tiny_config(**{"eval.every_epochs": 1})
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+  path = os.path.join(workdir, "results.json")
+  with open(path, encoding="utf-8") as f:
+    at_step_8 = f.read()
+  longer = with_overrides(config, total_steps=10)
+  extended = train.train_and_evaluate(longer, workdir)
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(at_step_8)
+  again = train.train_and_evaluate(longer, workdir)
+  assert [r["step"] for r in metrics_lib.read_metrics(workdir, "monitor")] == [5, 8, 10]
+  assert again["final_knn_top1"] == extended["final_knn_top1"] and again["step"] == 10
+  with open(os.path.join(workdir, "results.previous-1.json"), encoding="utf-8") as f:
+    assert json.load(f)["step"] == 8
+
+
 def test_an_unreadable_results_file_is_evaluated_again(tmp_path):
   workdir = str(tmp_path / "run")
   first = train.train_and_evaluate(tiny_config(), workdir)
@@ -265,9 +286,9 @@ def test_a_monitor_line_is_printed_once_per_job_also_before_the_bar_exists(monke
   state = types.SimpleNamespace(finite=jnp.asarray(True))
   logged = []
   writer = types.SimpleNamespace(write=lambda step, values, split: logged.append((step, split)))
-  train._monitor(task, state, writer, 10, show=True)  # pylint: disable=protected-access
+  train._monitor(task, state, writer, 10, None, show=True)  # pylint: disable=protected-access
   assert "epoch 2: knn_top1=51.25" in capsys.readouterr().err
-  train._monitor(task, state, writer, 10, show=False)  # pylint: disable=protected-access
+  train._monitor(task, state, writer, 10, None, show=False)  # pylint: disable=protected-access
   monkeypatch.setattr(train.jax, "process_index", lambda: 1)
-  train._monitor(task, state, writer, 10, show=True)  # pylint: disable=protected-access
+  train._monitor(task, state, writer, 10, None, show=True)  # pylint: disable=protected-access
   assert capsys.readouterr().err == "" and logged == [(10, "monitor")] * 3

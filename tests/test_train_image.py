@@ -218,6 +218,24 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert_trees_close(saved_arrays(workdir)[0], good, rtol=0, atol=0)
 
 
+def test_a_start_that_diverged_before_its_first_checkpoint_restarts_with_another_length(
+    tmp_path):
+  """Nothing to resume: the error says the corrected command starts afresh, and it does, also
+  with another length under a decaying schedule (refused only when a checkpoint would resume)."""
+  workdir = str(tmp_path)
+  diverging = tiny_config(total_steps=4, **{"optim.schedule": "warmup_cosine",
+                                            "optim.lr": float("inf"),
+                                            "checkpoint_every_steps": 100})
+  with pytest.raises(train.NonFiniteLossError, match="No checkpoint was saved before it, so the "
+                                                     "corrected command starts afresh"):
+    train.train_and_evaluate(diverging, workdir)
+  corrected = tiny_config(total_steps=6, **{"optim.schedule": "warmup_cosine"})
+  assert train.train_and_evaluate(corrected, workdir)["step"] == 6
+  with pytest.raises(checkpointing.CheckpointMismatchError, match="planned for 6 steps"):
+    train.train_and_evaluate(tiny_config(total_steps=8, **{"optim.schedule": "warmup_cosine"}),
+                             workdir)
+
+
 def test_nan_parameters_are_never_evaluated_between_two_log_lines(tmp_path):
   # The monitor at step 5 (one epoch) comes before any log line (every 100 steps) or
   # checkpoint: it must not evaluate NaN parameters and log the result.
