@@ -48,11 +48,13 @@ from cldro_jax import logs
 RESUMABLE_FIELDS = (
     "total_epochs", "total_steps", "log_every_steps", "checkpoint_every_steps",
     "keep_checkpoints", "eval", "data.data_dir", "data.path", "data.test_dir", "data.sts_root",
-    "data.read_threads", "data.in_memory", "data.in_memory_max_mb",
-    "progress_bar", "mesh", "model.views_in_one_pass", "loss.matmul_precision", "profile_steps",
+    "data.read_threads", "data.in_memory", "data.in_memory_max_mb", "data.download",
+    "data.prefetch", "progress_bar", "mesh", "model.views_in_one_pass", "loss.matmul_precision",
+    "profile_steps",
 )
-# Exceptions inside a resumable group: the online probe's parameters are part of the train state.
-FIXED_FIELDS = ("eval.online_probe",)
+# Exceptions inside a resumable group: the online probe's parameters are part of the train state
+# and its learning rate shapes them.
+FIXED_FIELDS = ("eval.online_probe", "eval.online_probe_lr")
 
 
 class CheckpointMismatchError(ValueError):

@@ -206,7 +206,8 @@ def check_workdir_shared(workdir: str, *, wait_s: float = 10.0) -> None:
 # Settings a host may legitimately set its own way: where its copy of the data lives and how it
 # reads it, and whether it draws a progress bar.
 PER_HOST_FIELDS = ("data.data_dir", "data.path", "data.test_dir", "data.sts_root",
-                   "data.read_threads", "data.in_memory", "data.in_memory_max_mb", "progress_bar")
+                   "data.read_threads", "data.in_memory", "data.in_memory_max_mb",
+                   "data.download", "data.prefetch", "progress_bar")
 
 
 def _digest(text: str | bytes) -> int:

@@ -104,7 +104,15 @@ def test_saved_config_mismatch_names_the_fields(tmp_path):
   longer = ml_collections.ConfigDict(config.to_dict())
   longer.total_epochs = 800.0
   longer.data.data_dir = "/elsewhere"
+  longer.eval.knn_k = 20
   checkpointing.check_or_save_config(workdir, longer)
+  # (graph runs: whether a missing dataset may be downloaded, the host's prefetch depth)
+  graph = config_defaults.base_config("graph")
+  graph_dir = os.path.join(workdir, "graph")
+  checkpointing.check_or_save_config(graph_dir, graph)
+  os.makedirs(os.path.join(graph_dir, "checkpoints", "1"))
+  graph.data.download, graph.data.prefetch = not graph.data.download, 0
+  checkpointing.check_or_save_config(graph_dir, graph)
   # ...and config.json follows them (where the data live now, how long the run goes).
   saved = read_json(workdir, "config.json")
   assert saved == checkpointing.config_to_dict(longer) and saved["total_epochs"] == 800.0
@@ -113,9 +121,11 @@ def test_saved_config_mismatch_names_the_fields(tmp_path):
   other = ml_collections.ConfigDict(longer.to_dict())
   other.loss.mu = 0.1
   other.batch_size = 512
+  other.eval.online_probe_lr = 0.1   # trains the online probe, whose weights are in the state
   with pytest.raises(checkpointing.CheckpointMismatchError) as err:
     checkpointing.check_or_save_config(workdir, other)
   assert "loss.mu: saved 0.7, now 0.1" in str(err.value)
+  assert "eval.online_probe_lr: saved 0.001, now 0.1" in str(err.value)
   assert "batch_size: saved 256, now 512" in str(err.value)
   assert "new --workdir" in str(err.value)
   # Another domain is said in one line, not as every field of two schemas.
