@@ -18,6 +18,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import traceback
 
 import jax
@@ -47,7 +48,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 # Errors whose message is the whole story (it names the fix): shown as one message, not a
 # traceback. Anything else is a bug and keeps its traceback.
 _USER_ERRORS = (checkpointing.CheckpointMismatchError, checkpointing.CheckpointCorruptError,
-                train.NonFiniteLossError, FileNotFoundError)
+                train.NonFiniteLossError, train.ConfigError, FileNotFoundError)
 
 
 def _usage_error(message: str) -> None:
@@ -63,10 +64,31 @@ def _check_inputs(config, workdir: str) -> None:
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     _usage_error(f"--workdir={workdir} is a file, not a directory: pass a new directory (it is "
                  "created) or the workdir of the run to resume.")
+  _check_writable(workdir)
   try:
     config_defaults.validate_config(config)
   except ValueError as err:
     _usage_error(f"{err}\nFix the --config.FIELD=VALUE override (or the config file).")
+
+
+def _check_writable(workdir: str) -> None:
+  """Refuses a workdir that cannot be created or written (under a file, on a read-only file
+  system, in another user's folder): found otherwise at the first write, after the data and the
+  model were built, under an orbax traceback. Probes with a temporary folder, removed at once,
+  so a refused command leaves nothing behind."""
+  if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", workdir):
+    return   # a URL: the trainer refuses it with its own message
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    _usage_error(f"--workdir={workdir} lies under {existing}, which is a file: pass a directory "
+                 "path.")
+  try:
+    os.rmdir(tempfile.mkdtemp(prefix=".cldro_jax_write_test", dir=existing))
+  except OSError as err:
+    _usage_error(f"--workdir={workdir} cannot be written ({existing}: {err.strerror}); pass a "
+                 "directory you can write, e.g. --workdir=$HOME/runs/NAME.")
 
 
 def main(argv):

@@ -49,6 +49,11 @@ class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or inf; the run stops and keeps its last good checkpoint."""
 
 
+class ConfigError(ValueError):
+  """A setting that cannot work on this job (a batch that does not divide over its devices, a
+  URL workdir); found before any work, the message names the fix."""
+
+
 class PreemptedError(RuntimeError):
   """The run was asked to stop (SIGTERM, a preemption notice) and saved a checkpoint first."""
 
@@ -468,7 +473,7 @@ def _check_local_path(workdir: str) -> None:
   disk and then fail at the first checkpoint (orbax sees a local path that is not one)."""
   scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", workdir)
   if scheme:
-    raise ValueError(
+    raise ConfigError(
         f"--workdir={workdir} is a {scheme.group(1)}:// URL; the trainer writes through the local "
         "file system. Mount the bucket on every host (e.g. Cloud Storage FUSE: gcsfuse "
         "BUCKET /mnt/gcs) and pass the mounted path, e.g. --workdir=/mnt/gcs/runs/NAME "
@@ -485,13 +490,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir = os.path.abspath(workdir)
   mesh = make_mesh(config.mesh.num_devices)
   if config.batch_size % mesh.size:
-    raise ValueError(
+    raise ConfigError(
         f"config.batch_size={config.batch_size} does not divide over the {mesh.size} devices of "
         f"the mesh. Use a multiple of {mesh.size} (e.g. --config.batch_size="
         f"{max(mesh.size, config.batch_size // mesh.size * mesh.size)}) or set "
         "--config.mesh.num_devices.")
   if config.batch_size % jax.process_count():
-    raise ValueError(f"config.batch_size={config.batch_size} must divide over "
+    raise ConfigError(f"config.batch_size={config.batch_size} must divide over "
                      f"{jax.process_count()} processes.")
   distributed.check_same_run(checkpointing.config_to_dict(config))
   distributed.check_workdir_shared(workdir)
