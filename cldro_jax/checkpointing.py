@@ -155,13 +155,17 @@ def _config_from_checkpoints(workdir: str) -> dict[str, Any] | None:
 
 def read_saved_config(workdir: str, *, example_config: str = "configs/quickstart.py"
                       ) -> ml_collections.ConfigDict:
-  """The config the run in `workdir` was started with (workdir/config.json), every field that
-  later versions added filled with its default (which is the behaviour the run had).
+  """The config the run in `workdir` was started with (workdir/config.json, or the copy every
+  checkpoint carries when that file is lost), every field that later versions added filled with
+  its default (which is the behaviour the run had).
 
   example_config: the config the error for a missing run suggests training (one of the caller's
   domain)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
+    recovered = _config_from_checkpoints(workdir)
+    if recovered is not None:
+      return ml_collections.ConfigDict(_completed(recovered))
     raise FileNotFoundError(
         f"{path} not found: {workdir} is not a cldro_jax workdir. Train one with "
         f"`python -m cldro_jax.main --config={example_config} --workdir=DIR`.")

@@ -450,6 +450,10 @@ def test_probe_from_a_checkpoint_and_load_encoder_reproduce_the_run(tmp_path):
   with pytest.raises(ValueError, match=r"For one colour image pass images\[None\]"):
     encoder.embed(np.zeros((28, 28, 3), np.uint8))
   assert encoder.embed(np.zeros((28, 28, 3), np.uint8)[None]).shape[0] == 1
+  # config.json lost: the copy every checkpoint carries describes the run.
+  os.remove(tmp_path / "config.json")
+  np.testing.assert_allclose(cldro_jax.load_encoder(workdir).embed(test["image"]), expected,
+                             rtol=1e-5, atol=1e-5)
 
 
 def test_bfloat16_compute_tracks_float32(tmp_path):
