@@ -233,6 +233,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check(config.batch_size >= 2, "config.batch_size must be >= 2", problems)
   _check(config.total_steps > 0 or config.total_epochs > 0,
          "set config.total_epochs or config.total_steps to a positive number", problems)
+  _check(config.total_steps >= 0 and config.total_epochs >= 0,
+         f"config.total_steps and config.total_epochs must be >= 0 (total_steps=0: use "
+         f"total_epochs), got {config.total_steps} and {config.total_epochs}", problems)
+  _check(config.optim.warmup_epochs >= 0,
+         f"config.optim.warmup_epochs must be >= 0, got {config.optim.warmup_epochs}", problems)
   _check(config.optim.name in ("adam", "adamw", "lars", "sgd"),
          f"config.optim.name={config.optim.name!r} is not one of adam, adamw, lars, sgd", problems)
   _check(config.optim.schedule in ("constant", "warmup_cosine", "linear_decay"),

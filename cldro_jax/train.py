@@ -504,6 +504,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   task = tasks_lib.build_task(config, mesh, workdir)
   steps_per_epoch = task.steps_per_epoch
   total_steps = steps_for(config, steps_per_epoch)
+  _check_warmup(config.optim, total_steps, steps_per_epoch)
   _check_run_length(workdir, config, total_steps, steps_per_epoch)
   schedule = make_schedule(config.optim, total_steps, steps_per_epoch)
   tx = make_full_optimizer(config, schedule)
@@ -618,6 +619,16 @@ def _start_from_encoder(state: TrainState, source: str, signature: str,
   model_state = jax.tree.map(like, raw["model_state"], state.model_state)
   logging.info("Encoder initialised from %s (step %s)", source, meta.get("step"))
   return state.replace(params=params, model_state=model_state)
+
+
+def _check_warmup(optim, total_steps: int, steps_per_epoch: int) -> None:
+  """A warm-up as long as the run never reaches its learning rate (nor decays from it)."""
+  warmup = int(round(optim.warmup_epochs * steps_per_epoch))
+  if warmup and warmup >= total_steps:
+    raise ConfigError(
+        f"config.optim.warmup_epochs={optim.warmup_epochs} is {warmup} steps ({steps_per_epoch} "
+        f"per epoch), not shorter than the run's {total_steps} steps: the learning rate would "
+        "still be rising when it ends. Lower --config.optim.warmup_epochs or lengthen the run.")
 
 
 def _check_run_length(workdir, config, total_steps, steps_per_epoch):

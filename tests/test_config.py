@@ -71,6 +71,8 @@ def test_impossible_loss_values_are_rejected(field, value, message):
     ("mesh.num_devices", 0, r"num_devices must be -1 \(all devices\) or >= 1"),
     ("mesh.num_devices", -7, r"num_devices must be -1 \(all devices\) or >= 1"),
     ("eval.every_epochs", -1, r"every_epochs must be >= 0 \(0: no per-epoch monitor\)"),
+    ("total_steps", -5, "total_steps and config.total_epochs must be >= 0"),  # total_epochs > 0
+    ("optim.warmup_epochs", -1.0, "warmup_epochs must be >= 0, got -1.0"),
 ])
 def test_impossible_run_settings_are_rejected(field, value, message):
   config = config_defaults.base_config("image")

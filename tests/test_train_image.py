@@ -236,6 +236,15 @@ def test_a_start_that_diverged_before_its_first_checkpoint_restarts_with_another
                              workdir)
 
 
+def test_a_warm_up_as_long_as_the_run_is_refused_before_training(tmp_path):
+  # 40 images, batch 8: 5 steps an epoch; one epoch of warm-up in a 4-step run never ends.
+  config = tiny_config(total_steps=4, **{"optim.schedule": "warmup_cosine",
+                                         "optim.warmup_epochs": 1.0})
+  with pytest.raises(train.ConfigError, match="warmup_epochs=1.0 is 5 steps .* run's 4 steps"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / "checkpoints")
+
+
 def test_nan_parameters_are_never_evaluated_between_two_log_lines(tmp_path):
   # The monitor at step 5 (one epoch) comes before any log line (every 100 steps) or
   # checkpoint: it must not evaluate NaN parameters and log the result.
