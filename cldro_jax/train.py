@@ -13,16 +13,23 @@ evaluators) lives in a `Task` (`cldro_jax/tasks/`); everything else is here:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
 from typing import Any, Callable
+
+try:
+  import fcntl   # the workdir lock; POSIX only
+except ImportError:  # pragma: no cover
+  fcntl = None
 
 import flax
 import jax
@@ -52,6 +59,11 @@ class NonFiniteLossError(FloatingPointError):
 class ConfigError(ValueError):
   """A setting that cannot work on this job (a batch that does not divide over its devices, a
   URL workdir); found before any work, the message names the fix."""
+
+
+class WorkdirInUseError(RuntimeError):
+  """Another run (a second terminal, a requeued job whose predecessor still runs) trains in the
+  same workdir."""
 
 
 class PreemptedError(RuntimeError):
@@ -510,7 +522,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   tx = make_full_optimizer(config, schedule)
 
   replicated = NamedSharding(mesh, P())
-  with jax.set_mesh(mesh):
+  with jax.set_mesh(mesh), _workdir_lock(workdir):
     state = initial_state(task, config, tx, mesh)
     signature = checkpointing.parameter_signature(state.params["model"])
 
@@ -565,6 +577,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.close()
       checkpointer.close()
   return results
+
+
+LOCK_FILE = ".cldro_jax.lock"
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: str):
+  """Holds an exclusive lock on the workdir for the run (process 0 of the job).
+
+  Two runs in one workdir would rewrite each other's metrics files and delete each other's
+  checkpoint saves in flight. The operating system releases the lock when the process ends,
+  however it ends (kill -9 included), so a stale lock never blocks a resume. flock works on one
+  machine and on file systems that carry it between hosts (most cluster file systems do).
+  """
+  if jax.process_index() != 0 or fcntl is None:   # (fcntl: POSIX only)
+    yield
+    return
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, LOCK_FILE)
+  handle = open(path, "a+", encoding="utf-8")  # pylint: disable=consider-using-with
+  try:
+    try:
+      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+      handle.seek(0)
+      holder = handle.read().strip() or "another process"
+      raise WorkdirInUseError(
+          f"{workdir} is in use by another run ({holder}); two runs in one workdir would "
+          "overwrite each other's checkpoints and metrics. Wait for it to end (rerunning the "
+          "command then resumes where it stopped), stop it, or pass another --workdir.") from err
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    yield
+  finally:
+    handle.close()   # releases the lock
 
 
 def _check_same_data(checkpointer, fingerprint: str, workdir: str) -> None:

@@ -142,9 +142,13 @@ def committed_steps(workdir) -> list[int]:
 
 
 def file_digests(folder) -> dict[str, str]:
+  """sha256 of every file under `folder` but the workdir lock (who holds it: rewritten by each
+  run that takes it)."""
   digests = {}
   for root, _, files in os.walk(folder):
     for name in files:
+      if name == train.LOCK_FILE:
+        continue
       path = os.path.join(root, name)
       with open(path, "rb") as f:
         digests[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()

@@ -513,6 +513,28 @@ def test_the_loss_matmuls_run_at_the_configured_precision_and_the_encoder_at_its
     config_defaults.validate_config(tiny_config(**{"loss.matmul_precision": "fp64"}))
 
 
+def test_a_second_run_in_a_workdir_in_use_is_refused_and_the_first_keeps_its_files(tmp_path):
+  """Two runs in one workdir (a second terminal, a requeued job whose predecessor still runs)
+  rewrote each other's metrics and deleted each other's saves in flight: the second is refused
+  while the first holds the workdir, and the lock goes with the first run's process."""
+  import fcntl  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path / "run")
+  first = train.train_and_evaluate(tiny_config(total_steps=2), workdir)
+  lock_path = os.path.join(workdir, train.LOCK_FILE)
+  with open(lock_path, encoding="utf-8") as f:
+    assert f.read().startswith(f"pid {os.getpid()} on ")   # who held it, for the message
+  metrics_before = (tmp_path / "run" / "metrics.jsonl").read_bytes()
+  with open(lock_path, "a+", encoding="utf-8") as holder:   # as a run in progress holds it
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with pytest.raises(train.WorkdirInUseError, match=r"in use by another run \(pid \d+ on .*"
+                                                      r"pass another --workdir"):
+      train.train_and_evaluate(tiny_config(total_steps=4), workdir)
+  assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == metrics_before
+  # Released (the holder closed, as a process that ends): the longer run resumes.
+  assert train.train_and_evaluate(tiny_config(total_steps=4), workdir)["step"] == 4
+  assert first["step"] == 2
+
+
 def test_a_url_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch):
   """`--workdir=gs://...` would make a local folder "gs:" on each host and fail at the first
   checkpoint; it is refused up front with the mount to use instead."""
