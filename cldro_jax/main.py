@@ -106,10 +106,10 @@ def main(argv):
   try:
     results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except train.PreemptedError as stop:
-    # Not a crash: say what happened and exit as a terminated process does (128 + SIGTERM); the
-    # same command (or a requeued job) resumes from the checkpoint just written.
+    # Not a crash: say what happened and exit as a terminated process does (128 + SIGTERM, or
+    # SIGINT for Ctrl-C); the same command (or a requeued job) resumes from the checkpoint.
     print(f"cldro_jax: {stop}", file=sys.stderr)
-    sys.exit(143)
+    sys.exit(stop.exit_code)
   except BaseException as err:  # pylint: disable=broad-except
     if jax.process_count() == 1:
       if isinstance(err, _USER_ERRORS):   # the name too: docs and scripts refer to it

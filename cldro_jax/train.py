@@ -67,7 +67,13 @@ class WorkdirInUseError(RuntimeError):
 
 
 class PreemptedError(RuntimeError):
-  """The run was asked to stop (SIGTERM, a preemption notice) and saved a checkpoint first."""
+  """The run was asked to stop (SIGTERM, a preemption notice, Ctrl-C) and saved a checkpoint
+  first. `exit_code`: what the command line exits with (128 + the signal: 143, or 130 for
+  Ctrl-C)."""
+
+  def __init__(self, message: str, exit_code: int = 143):
+    super().__init__(message)
+    self.exit_code = exit_code
 
 
 class _ProfileWindow:
@@ -166,13 +172,33 @@ class _PreemptionWatch:
   def __init__(self):
     self.multiprocess = jax.process_count() > 1
     self.requested = False
+    self.interrupted = False   # the stop came from Ctrl-C (SIGINT)
     self._calls = 0
-    self._previous = None
+    self._previous = {}
     if not self.multiprocess and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+      self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_signal)
+      # Ctrl-C, once: the same orderly stop (the step's checkpoint, then exit); twice: at once.
+      self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_interrupt)
 
   def _on_signal(self, signum, frame):  # pylint: disable=unused-argument
     self.requested = True
+
+  def _on_interrupt(self, signum, frame):  # pylint: disable=unused-argument
+    if self.interrupted:
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+      raise KeyboardInterrupt
+    self.requested = self.interrupted = True
+    print("\ncldro_jax: Ctrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again "
+          "stops at once, losing the steps since the last checkpoint).", file=sys.stderr,
+          flush=True)
+
+  @property
+  def reason(self) -> str:
+    return "Ctrl-C" if self.interrupted else "SIGTERM or a preemption notice"
+
+  @property
+  def exit_code(self) -> int:
+    return 130 if self.interrupted else 143
 
   def should_stop(self, step: int) -> bool:
     if not self.multiprocess:
@@ -188,9 +214,9 @@ class _PreemptionWatch:
     return reached
 
   def close(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
 
 
 @flax.struct.dataclass
@@ -918,9 +944,9 @@ def _loop(config, task, state, train_step, checkpointer, writer, mesh, start_ste
                 _log_state(pending, collapsed_at))
         checkpointer.wait()
         raise PreemptedError(
-            f"Stopped on request (SIGTERM or a preemption notice) after step {done} of "
+            f"Stopped on request ({preemption.reason}) after step {done} of "
             f"{total_steps}; a checkpoint of step {done} is saved in {checkpointer.directory}. "
-            "Rerun the same command to resume.")
+            "Rerun the same command to resume.", exit_code=preemption.exit_code)
       every = task.monitor_every_steps
       if every and done % every == 0 and done < total_steps:
         _monitor(task, state, writer, done, checkpointer, show=config.progress_bar)
@@ -930,6 +956,7 @@ def _loop(config, task, state, train_step, checkpointer, writer, mesh, start_ste
     # A stop requested during the last step: honoured after its checkpoint, before the final
     # evaluation (the rerun evaluates).
     stop_requested = preemption.requested and start_step < total_steps
+    stop_reason, stop_exit_code = preemption.reason, preemption.exit_code
     preemption.close()
     profile.stop()
     if bar is not None:
@@ -944,8 +971,9 @@ def _loop(config, task, state, train_step, checkpointer, writer, mesh, start_ste
   checkpointer.wait()
   if stop_requested:
     raise PreemptedError(
-        f"Stopped on request (SIGTERM) after the last step, {total_steps}; its checkpoint is saved "
-        f"in {checkpointer.directory}. Rerun the same command for the final evaluation.")
+        f"Stopped on request ({stop_reason}) after the last step, {total_steps}; its checkpoint "
+        f"is saved in {checkpointer.directory}. Rerun the same command for the final evaluation.",
+        exit_code=stop_exit_code)
   results = {"step": total_steps, "epochs": total_steps / steps_per_epoch,
              "loss": config.loss.name, "evaluated_with": _evaluated_with(config)}
   if collapsed_at is not None:

@@ -6,6 +6,7 @@ watch saying "stop" after a chosen step, exactly as the signal handler would.
 """
 import json
 import os
+import signal
 import time
 
 import numpy as np
@@ -71,6 +72,42 @@ def test_a_stop_between_log_steps_resumes_with_the_same_logged_means(tmp_path, m
   assert [s for s, *_ in train_lines(stopped)] == [3, 6, 8]
   assert train_lines(stopped) == train_lines(straight)
   assert_trees_equal(saved_arrays(stopped)[0], saved_arrays(straight)[0])
+
+
+def test_ctrl_c_saves_that_steps_checkpoint_and_a_second_one_stops_at_once(tmp_path,
+                                                                         monkeypatch, capsys):
+  """A real SIGINT during step 3: the run finishes the step, saves it and stops (exit code 130
+  on the command line); the rerun resumes there. A second Ctrl-C interrupts at once."""
+  real = train._PreemptionWatch  # pylint: disable=protected-access
+  handler_before = signal.getsignal(signal.SIGINT)
+
+  class Watch(real):
+    def should_stop(self, done):
+      if done == 3:
+        signal.raise_signal(signal.SIGINT)
+      return super().should_stop(done)
+
+  monkeypatch.setattr(train, "_PreemptionWatch", Watch)
+  workdir = str(tmp_path / "run")
+  with pytest.raises(train.PreemptedError, match=r"Stopped on request \(Ctrl-C\) after step "
+                                                 r"3 of 8") as stop:
+    train.train_and_evaluate(tiny_config(), workdir)
+  assert stop.value.exit_code == 130
+  assert "Ctrl-C: saving a checkpoint after this step" in capsys.readouterr().err
+  assert max(checkpointing.Checkpointer(workdir, read_only=True).all_steps()) == 3
+  assert signal.getsignal(signal.SIGINT) == handler_before   # given back after the loop
+  monkeypatch.undo()
+  assert train.train_and_evaluate(tiny_config(), workdir)["step"] == 8
+
+  watch = real()
+  try:
+    watch._on_interrupt(signal.SIGINT, None)  # pylint: disable=protected-access
+    assert watch.requested and watch.exit_code == 130
+    with pytest.raises(KeyboardInterrupt):
+      watch._on_interrupt(signal.SIGINT, None)  # pylint: disable=protected-access
+  finally:
+    watch.close()
+  assert signal.getsignal(signal.SIGINT) == handler_before
 
 
 def test_a_stop_during_the_last_step_is_honoured_before_the_final_evaluation(tmp_path,
