@@ -320,7 +320,9 @@ def test_runlocal_minilm_offline_end_to_end_and_export_reload(tmp_path):
   assert "--config.data.sts_root (python -m cldro_jax.main)" in results["sts_skipped"]
   export = results["hf_export"]
   modules = json.loads(pathlib.Path(export, "modules.json").read_text())
-  assert [m["type"].rsplit(".", 1)[-1] for m in modules] == ["Transformer", "Pooling"]
+  # MiniLM's pipeline ends in Normalize: kept, so the export gives unit vectors as its source.
+  assert [m["type"].rsplit(".", 1)[-1] for m in modules] == ["Transformer", "Pooling",
+                                                             "Normalize"]
   pooling = json.loads(pathlib.Path(export, "1_Pooling", "config.json").read_text())
   assert pooling["pooling_mode_mean_tokens"] and not pooling["pooling_mode_cls_token"]
   # MiniLM's Transformer settings travel along (sentence-transformers would otherwise cut
