@@ -4,16 +4,18 @@
       [--step=N] [--untrained] [--update_bn] [--data_dir=...]
 
 Image runs: uses the run's saved config (dataset, model, augmentation) with the given changes,
-restores the encoder (BatchNorm statistics included; frozen unless --update_bn), trains the linear
-layer and prints the scores. They are also written to DIR/probe_<protocol>_step<N>.json (with
-`_epochs<E>` / `_update_bn` in the name when those were given, so reruns with other settings do
-not overwrite it). Pre-training is not
-touched, so this can follow a run that used `--config.eval.linear_probe=none`, or compare
-protocols on one checkpoint.
+restores the encoder (BatchNorm statistics included; frozen, or updated as the reference does
+when --update_bn or the run's config.eval.probe_update_bn says so), trains the linear layer and
+prints the scores. They are also written to DIR/probe_<protocol>_step<N>.json
+(probe_<protocol>_untrained.json with --untrained; `_epochs<E>` in the name when --epochs was
+given, `_update_bn` when BatchNorm statistics were updated, so reruns with other settings
+do not overwrite it). Pre-training is not touched, so this can follow a run that used
+`--config.eval.linear_probe=none`, or compare protocols on one checkpoint.
 
 Graph runs: the run's own evaluation (SVM, C by inner CV, outer 10-fold, one shuffle seed per
 `config.eval.svm_seeds`) on the embeddings of the checkpoint at --step (or of the untrained GIN),
-written to DIR/probe_svm_step<N>.json: e.g. how the score moved along training.
+written to DIR/probe_svm_step<N>.json (probe_svm_untrained.json): e.g. how the score moved along
+training.
 """
 
 from __future__ import annotations

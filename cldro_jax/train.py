@@ -374,7 +374,7 @@ def _global_loss_and_diagnostics(loss_cfg, variant, mesh, z1, z2, valid, labels)
           jax.lax.stop_gradient(z1), jax.lax.stop_gradient(z2),
           temperature=loss_cfg.temperature, mu=mu if adnce else None,
           sigma=sigma if adnce else None, variant=variant, valid=valid, labels=lab,
-          axis_name=AXIS)
+          axis_name=AXIS, block_size=loss_cfg.block_size or None)   # memory-bounded like the loss
     if adaptive:
       diag = dict(diag, adnce_mu=mu, adnce_sigma=sigma)
     return loss, diag

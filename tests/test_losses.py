@@ -453,6 +453,10 @@ TRACED_OUT_OF_RANGE = {   # each loss with one traced hyperparameter outside its
         z1, z2, temperature=0.5, mu=0.7, sigma=x * 0.0)["ess_adnce"],
     "adaptive_mu_sigma sigma<0": lambda z1, z2, x: losses.adaptive_mu_sigma(
         z1, z2, mu=0.7, sigma=-x)[1],
+    "adaptive_mu_sigma mu_quantile<0": lambda z1, z2, x: losses.adaptive_mu_sigma(
+        z1, z2, mu=0.7, sigma=0.5, mu_rule="quantile", mu_quantile=-0.5 * x)[0],
+    "adaptive_mu_sigma sigma_scale<0": lambda z1, z2, x: losses.adaptive_mu_sigma(
+        z1, z2, mu=0.7, sigma=0.5, sigma_rule="std", sigma_scale=-x)[1],
 }
 
 

@@ -292,6 +292,19 @@ def test_dataset_not_on_disk_fails_fast_with_the_download_command(tmp_path):
   assert str(tmp_path) in str(err.value) and "--config.data.data_dir" in str(err.value)
 
 
+def test_a_failed_download_is_a_missing_dataset_with_the_manual_command(monkeypatch):
+  """Offline, the download's ConnectionError (which names the manual command) reaches the user
+  as the missing-dataset error, shown by the command line as one message."""
+  def offline(name, **_kwargs):
+    raise ConnectionError(f"Could not download TU dataset {name!r}; run `curl -LO URL`.")
+
+  monkeypatch.setattr(graphs_lib, "load_tu_dataset", offline)
+  with pytest.raises(FileNotFoundError, match=r"Could not download TU dataset 'NCI1'; run `curl "
+                                              r"-LO URL`. Or point --config.data.data_dir"):
+    graph_task.GraphTask(importlib.import_module("configs.tu_nci1").get_config("runlocal"),
+                         train.make_mesh(1))
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("data.aug", "random5", "config.data.aug='random5' is not one of"),
     ("data.aug_mode", "exact", "config.data.aug_mode='exact' is not one of"),

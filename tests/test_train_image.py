@@ -478,6 +478,30 @@ def test_bfloat16_compute_tracks_float32(tmp_path):
   np.testing.assert_allclose(runs["bfloat16"], runs["float32"], rtol=0.03)
 
 
+def test_block_size_bounds_the_memory_of_the_trainers_loss_and_diagnostics_together():
+  """`config.loss.block_size` must bound the whole per-step loss computation: the gradient of
+  the loss with the logged diagnostics (which are computed at every step) as its aux. The
+  diagnostics used to stay dense and held nearly all of the dense memory."""
+  config = config_defaults.base_config("image")
+  mesh = train.make_mesh(1)
+  views = jax.ShapeDtypeStruct((2048, 128), jax.numpy.float32)
+  valid = jax.ShapeDtypeStruct((2048,), jax.numpy.bool_)
+  labels = jax.ShapeDtypeStruct((2048,), jax.numpy.int32)
+  temp_mib = {}
+  for block_size in (0, 256):
+    loss_cfg = with_overrides(config, **{"loss.block_size": block_size}).loss
+
+    def loss_and_diag(z1, z2, valid, labels, loss_cfg=loss_cfg):
+      return train._global_loss_and_diagnostics(  # pylint: disable=protected-access
+          loss_cfg, "image", mesh, z1, z2, valid, labels)
+
+    step = jax.jit(jax.grad(loss_and_diag, argnums=(0, 1), has_aux=True))
+    compiled = step.lower(views, views, valid, labels).compile()
+    temp_mib[block_size] = compiled.memory_analysis().temp_size_in_bytes / 2**20
+  # 4096 x 4096 float32 cosines are 64 MiB each; blockwise keeps 4096 x 256 blocks.
+  assert temp_mib[0] > 200 and temp_mib[256] < temp_mib[0] / 8, temp_mib
+
+
 @pytest.mark.parametrize("precision,want,block_size", [(None, "HIGHEST", 0),
                                                       ("default", "DEFAULT", 0),
                                                       (None, "HIGHEST", 8)])

@@ -175,6 +175,8 @@ _TRACED_RANGES: dict[str, Callable[[jax.Array], jax.Array]] = {
     "tau_plus": lambda x: (x >= 0) & (x < 1),
     "mu": jnp.isfinite,
     "beta": jnp.isfinite,
+    "mu_quantile": lambda x: (x >= 0) & (x <= 1),   # adaptive_mu_sigma
+    "sigma_scale": lambda x: x > 0,
 }
 
 

@@ -259,9 +259,11 @@ class GraphTask:
           data.name, root=data.data_dir or None, source=data.source, download=data.download,
           use_node_attributes=data.use_node_attributes, node_features=data.node_features)
     except (FileNotFoundError, ConnectionError) as err:
-      # The loader names the files and the download command; add the config knob.
-      raise type(err)(f"{err} Or point --config.data.data_dir at a folder holding "
-                      f"{data.name}/{data.name}_A.txt etc.") from err
+      # The loader names the files and the download command; add the config knob. Either way
+      # the dataset is missing here (a failed download included): one kind of error, which the
+      # command line shows as its message alone.
+      raise FileNotFoundError(f"{err} Or point --config.data.data_dir at a folder holding "
+                              f"{data.name}/{data.name}_A.txt etc.") from err
     self.graphs = self.dataset.graphs
     self.feature_dim = int(self.graphs[0].node_features.shape[1])
     num_graphs, devices = len(self.graphs), mesh.size
