@@ -2,7 +2,8 @@ r"""MUTAG: InfoNCE vs ADNCE, proper vs faithful augmentations, over 5 seeds (Gra
 
 Runs `configs/tu_mutag.py` for every (loss, augmentation mode, seed), one after the other, in this
 process; each run's workdir keeps its checkpoints and results.json, so rerunning the command
-skips finished runs (and resumes an interrupted one). Then writes into --out:
+skips finished runs of the same config (and resumes an interrupted one; --quick runs live in
+their own folders). Then writes into --out:
   results.md      a markdown table: SVM 10-fold CV accuracy, mean +- std over seeds (population
                   std, as numpy), next to the untrained GIN (same protocol) and GraphCL's
                   86.80 +- 1.34
@@ -26,7 +27,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cldro_jax import train
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from cldro_jax import train  # pylint: disable=wrong-import-position
+from experiments import common  # pylint: disable=wrong-import-position
 from cldro_jax.evaluators import svm_cv
 from cldro_jax.tasks import graph as graph_task
 
@@ -47,30 +51,22 @@ def run_config(loss: str, mode: str, seed: int, quick: bool):
   return config
 
 
-def run_dir(out: str, loss: str, mode: str, seed: int) -> str:
-  return os.path.join(out, "runs", f"{loss}_{mode}_seed{seed}")
+def run_dir(out: str, loss: str, mode: str, seed: int, quick: bool = False) -> str:
+  # Smoke runs in their own folder: a full run must never find (and reuse) a 2-step one.
+  return os.path.join(out, "runs_quick" if quick else "runs", f"{loss}_{mode}_seed{seed}")
 
 
 def run_one(out: str, loss: str, mode: str, seed: int, quick: bool) -> dict[str, Any]:
-  """Trains and evaluates one run unless its results.json exists; returns its record."""
-  workdir = run_dir(out, loss, mode, seed)
-  results_path = os.path.join(workdir, "results.json")
-  timing_path = os.path.join(workdir, "wall_time.json")
-  if not os.path.exists(results_path):
-    start = time.time()
-    train.train_and_evaluate(run_config(loss, mode, seed, quick), workdir)
-    with open(timing_path, "w", encoding="utf-8") as f:
-      json.dump({"wall_time_s": time.time() - start}, f)
-  with open(results_path, encoding="utf-8") as f:
-    results = json.load(f)
-  wall = None
-  if os.path.exists(timing_path):
-    with open(timing_path, encoding="utf-8") as f:
-      wall = json.load(f)["wall_time_s"]
-  return {"loss": loss, "mode": mode, "seed": seed, "results_json": results_path,
+  """Trains and evaluates one run unless this very config finished in its folder (a run made
+  with another config, e.g. before a change of the recipe, is resumed or refused by the
+  trainer, never reused); returns its record."""
+  workdir = run_dir(out, loss, mode, seed, quick)
+  results, wall = common.run_one(run_config(loss, mode, seed, quick), workdir)
+  return {"loss": loss, "mode": mode, "seed": seed,
+          "results_json": os.path.join(workdir, "results.json"),
           "svm_accuracy": results["svm_accuracy"],
           "untrained_svm_accuracy": results.get("untrained_svm_accuracy"),
-          "wall_time_s": wall}
+          "wall_time_s": wall or None}
 
 
 def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

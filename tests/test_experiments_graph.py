@@ -23,7 +23,7 @@ def test_quick_run_table_equals_the_results_it_read(tmp_path, monkeypatch):
 
   per_seed, untrained = [], []
   for seed in (0, 1):
-    path = os.path.join(out, "runs", f"adnce_proper_seed{seed}", "results.json")
+    path = os.path.join(out, "runs_quick", f"adnce_proper_seed{seed}", "results.json")
     with open(path, encoding="utf-8") as f:
       results = json.load(f)
     assert results["dataset"] == "MUTAG" and results["step"] == 2 and results["loss"] == "adnce"
@@ -57,6 +57,11 @@ def test_quick_run_table_equals_the_results_it_read(tmp_path, monkeypatch):
     raise AssertionError("a finished run was trained again")
   monkeypatch.setattr(graph_mutag.train, "train_and_evaluate", no_training)
   assert graph_mutag.main(args) == rows
+  # ...but never serves a smoke run as a full one: those live in other folders.
+  full_dir = graph_mutag.run_dir(out, "adnce", "proper", 0)
+  assert not os.path.exists(full_dir)
+  with pytest.raises(AssertionError, match="trained again"):
+    graph_mutag.main([a for a in args if a != "--quick"])
 
 
 def test_graph_losses_without_a_graph_form_are_refused(tmp_path):
