@@ -8,8 +8,9 @@ hard end of the negatives as the embedding spreads), sigma = a multiple of their
 deviation. Each step logs the mu and sigma it used (`adnce_mu`, `adnce_sigma`). Fixed-(mu, sigma)
 ADNCE and InfoNCE run in the same experiment, same seeds, same budget.
 
-  python experiments/adaptive_adnce.py --out results/adaptive --seeds 0 1 2 \
-      --set total_epochs=20 --set eval.every_epochs=2 --runs results/runs   # reuses compare_losses
+  python experiments/adaptive_adnce.py --out results/adaptive --seeds 0 1 2 3 4 5 6 7 8 9 \
+      --set total_epochs=20 --set eval.every_epochs=2 --set log_every_steps=1 \
+      --runs results/runs   # reuses compare_losses' runs (same --runs)
   python experiments/adaptive_adnce.py --out /tmp/adaptive --quick
 
 Quick check: mu and sigma really move from step to step, and the logged values of a replayed
@@ -85,6 +86,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
   common.setup(args)
   base = common.base_config(args)
   domain = base.domain
+  coarse_logs = None
+  if base.log_every_steps != 1:
+    # The trainer logs means over log_every_steps steps: mu / sigma "per step" would be those
+    # means, and no single step could be replayed against its logged values.
+    coarse_logs = (f"log_every_steps={base.log_every_steps}: the mu / sigma columns are means "
+                   f"over {base.log_every_steps} steps and the replay check is skipped; pass "
+                   "--set log_every_steps=1 for per-step values.")
+    print(f"note: {coarse_logs}", file=sys.stderr, flush=True)
   methods = [common.parse_method(m) for m in
              (args.methods or (QUICK_METHODS if args.quick else DEFAULT_METHODS))]
   specs = [common.RunSpec(m.label, seed, m.overrides) for m in methods for seed in args.seeds]
@@ -128,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   text = common.header("Adaptive ADNCE: mu and sigma from the current negatives", command,
                        args.seeds, sum(r.wall_s for r in records))
   text += "\n" + compare_losses.table(rows, domain) + "\n\n"
+  if coarse_logs:
+    text += f"Note: {coarse_logs}\n\n"
   score_name = common.SCORE_KEYS.get(domain, ("", "score"))[1]
   adaptive_labels = {label for (label,), group in groups.items() if is_adaptive(group[0])}
   for reference in [r["label"] for r in rows if r["label"] not in adaptive_labels]:

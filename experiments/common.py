@@ -47,7 +47,9 @@ import numpy as np
 
 # ------------------------------------------------------------------------------------ configs
 
-# Tiny sizes for `--quick`: the same code path as the real runs in seconds. Identical across the
+# Tiny sizes for `--quick`: the scripts' own code path in seconds, on a reduced model path (one
+# BatchNorm pass over both views, no colour ops, the cached-features probe; the per-view
+# BatchNorm, the colour ops and the augmented probe are the trainer's tests'). Identical across the
 # scripts on purpose, so that their quick runs compile the same programs (XLA's persistent cache
 # then serves the repeats). Image: 80 shipped Fashion-MNIST images, batch 16 -> 5 steps per
 # epoch, 10 steps = 2 epochs (two monitor points), checkpoints at steps 5 and 10 (replayable).
