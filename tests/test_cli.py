@@ -1,18 +1,13 @@
 """The command lines' answers to a new user's mistakes: one clear message naming the fix, a
 non-zero exit status, no traceback. Every case here fails before any training starts."""
 
-import errno
 import importlib.util
 import json
 import pathlib
 import subprocess
 import sys
-import tempfile
-
-import pytest
 
 from cldro_jax import checkpointing
-from cldro_jax import config_defaults
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -62,26 +57,31 @@ def test_a_workdir_that_is_a_file_is_named(tmp_path):
   _assert_clean_failure(run, 2, f"--workdir={afile} is a file, not a directory")
 
 
-def test_a_workdir_under_a_file_or_not_writable_is_refused_before_any_work(tmp_path,
-                                                                          monkeypatch, capsys):
+def test_a_workdir_under_a_file_or_not_writable_is_refused_before_any_work(tmp_path):
   afile = tmp_path / "afile"
   afile.write_text("")
   run = _main("--config=configs/quickstart.py:runlocal", f"--workdir={afile / 'runs' / 'a'}")
   _assert_clean_failure(run, 2, f"lies under {afile}, which is a file")
   # A read-only file system (or another user's folder): the write probe fails, nothing is left.
-  from cldro_jax import main  # pylint: disable=import-outside-toplevel (defines absl flags)
-
-  def read_only(**_kwargs):
-    raise OSError(errno.EROFS, "Read-only file system")
-
-  monkeypatch.setattr(tempfile, "mkdtemp", read_only)
-  with pytest.raises(SystemExit) as stop:
-    main._check_inputs(config_defaults.base_config("image"),  # pylint: disable=protected-access
-                       str(tmp_path / "new" / "run"))
-  assert stop.value.code == 2
-  assert (f"--workdir={tmp_path / 'new' / 'run'} cannot be written ({tmp_path}: Read-only file "
-          "system)") in capsys.readouterr().err
+  run = _run(["-c", _READ_ONLY_FILE_SYSTEM, "--config=configs/quickstart.py:runlocal",
+              f"--workdir={tmp_path / 'new' / 'run'}"])
+  _assert_clean_failure(run, 2, f"--workdir={tmp_path / 'new' / 'run'} cannot be written "
+                        f"({tmp_path}: Read-only file system)")
   assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+# The command line on a file system where nothing can be created (as a read-only mount answers).
+_READ_ONLY_FILE_SYSTEM = """
+import errno, tempfile
+from absl import app
+from cldro_jax import main
+
+def read_only(**_kwargs):
+  raise OSError(errno.EROFS, "Read-only file system")
+
+tempfile.mkdtemp = read_only
+app.run(main.main, flags_parser=main._parse_flags)
+"""
 
 
 def test_a_batch_that_does_not_divide_over_the_devices_is_one_message(tmp_path):
