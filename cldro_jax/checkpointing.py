@@ -113,9 +113,24 @@ def _completed(saved: dict[str, Any]) -> dict[str, Any]:
 
 
 def _saved_config_dict(path: str) -> dict[str, Any]:
-  """config.json completed with today's schema defaults (see `_completed`)."""
-  with open(path, encoding="utf-8") as f:
-    return _completed(json.load(f))
+  """config.json completed with today's schema defaults (see `_completed`); an unreadable one
+  (a crash mid-write on a file system that reorders writes) is replaced by the copy of the
+  config in the latest checkpoint."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      saved = json.load(f)
+    if not isinstance(saved, dict):
+      raise ValueError("it does not hold a JSON object")
+  except ValueError as err:   # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+    workdir = os.path.dirname(path)
+    saved = _config_from_checkpoints(workdir, quiet=True)
+    if saved is None:
+      raise CheckpointCorruptError(
+          f"{path} is unreadable ({err}) and {workdir} holds no checkpoint with a copy of the "
+          "config. Nothing was changed. Delete that file to start the run afresh.") from err
+    logging.warning("%s is unreadable (%s); using the copy of the config in the latest "
+                    "checkpoint", path, err)
+  return _completed(saved)
 
 
 def write_json_atomically(path: str, content: Any) -> None:
@@ -123,6 +138,9 @@ def write_json_atomically(path: str, content: Any) -> None:
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
     json.dump(content, f, indent=2, sort_keys=True)
+    # On disk before the rename: a power loss must not leave an empty file under the real name.
+    f.flush()
+    os.fsync(f.fileno())
   os.replace(tmp, path)
 
 
@@ -132,9 +150,9 @@ def has_checkpoints(workdir: str) -> bool:
   return os.path.isdir(folder) and any(n.isdigit() for n in os.listdir(folder))
 
 
-def _config_from_checkpoints(workdir: str) -> dict[str, Any] | None:
+def _config_from_checkpoints(workdir: str, *, quiet: bool = False) -> dict[str, Any] | None:
   """The config stored in the latest checkpoint, when config.json is gone; None when the
-  workdir holds no checkpoint (a first start)."""
+  workdir holds no checkpoint (a first start). `quiet`: the caller says why it is used."""
   if not has_checkpoints(workdir):
     return None
   checkpointer = Checkpointer(workdir, read_only=True)
@@ -148,8 +166,9 @@ def _config_from_checkpoints(workdir: str) -> dict[str, Any] | None:
         f"{workdir} holds checkpoints but no config.json, and its checkpoints predate the copy "
         "of the config they now carry, so nothing tells which experiment they belong to. "
         "Nothing was changed. Put back the run's config.json, or use a new --workdir.")
-  logging.warning("%s/config.json is missing; using the copy in the checkpoint of step %d",
-                  workdir, step)
+  if not quiet:
+    logging.warning("%s/config.json is missing; using the copy in the checkpoint of step %d",
+                    workdir, step)
   return meta["config"]
 
 
@@ -235,10 +254,14 @@ def check_or_save_config(workdir: str, config: ml_collections.ConfigDict, *,
 
 
 def _read_json_or_none(path: str) -> Any:
+  """The file's JSON content; None when it is missing or unreadable."""
   if not os.path.exists(path):
     return None
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except ValueError:
+    return None
 
 
 def parameter_signature(params: Any) -> str:
@@ -305,6 +328,24 @@ class _ManagerWithoutPreemptionReports(ocp.CheckpointManager):
     return False
 
 
+_META_DIGEST = "meta_sha256"
+
+
+def _meta_digest(meta: dict[str, Any]) -> str:
+  """sha256 of the metadata's JSON text (its own digest left out), as it reads back from disk.
+
+  The arrays carry checksums; this covers the rest (the step a resume starts from, the logged
+  means in flight, the config): a flipped bit there would silently skip or replay steps.
+  """
+  content = {k: v for k, v in meta.items() if k != _META_DIGEST}
+  text = json.dumps(json.loads(json.dumps(content)), sort_keys=True)   # as stored, then read
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
+class _StepRemovedError(FileNotFoundError):
+  """A checkpoint that a running trainer's keep policy deleted while a reader was reading it."""
+
+
 class Checkpointer:
   """Saves and restores the train state of one workdir (all processes call every method)."""
 
@@ -344,14 +385,29 @@ class Checkpointer:
       raise ValueError("this Checkpointer was opened read_only")
     state_dict = flax.serialization.to_state_dict(state)
     meta = dict(meta, checksums=state_checksums(state_dict))
+    meta[_META_DIGEST] = _meta_digest(meta)
     # force: the trainer decides when to save (see _ManagerWithoutPreemptionReports).
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state_dict), meta=ocp.args.JsonSave(meta)), force=True)
 
-  def _corrupt(self, step: int, problem: str) -> CheckpointCorruptError:
-    """The error for a damaged checkpoint, naming the earlier ones and how to fall back."""
-    earlier = [s for s in self.all_steps() if s < step]
+  def _looks_complete(self, step: int) -> bool:
+    """Whether a step folder still holds its metadata and its arrays' index (a folder half
+    deleted by orbax's keep policy, killed midway, may lack them)."""
+    folder = os.path.join(self.directory, str(step))
+    return all(os.path.exists(os.path.join(folder, *parts))
+               for parts in (("meta", "metadata"), ("state", "_METADATA")))
+
+  def _corrupt(self, step: int, problem: str) -> CheckpointCorruptError | FileNotFoundError:
+    """The error for a damaged checkpoint, naming the earlier ones and how to fall back.
+
+    A step whose folder is gone was not damaged: a running trainer's keep policy deleted it
+    while this (read-only) reader read it; that is a FileNotFoundError saying so."""
     path = os.path.join(self.directory, str(step))
+    if not os.path.isdir(path):
+      return _StepRemovedError(
+          f"The checkpoint at step {step} in {self.directory} was removed while it was read (a "
+          "running trainer keeps only its latest checkpoints); read again for the newest one.")
+    earlier = [s for s in self.all_steps() if s < step and self._looks_complete(s)]
     if earlier:
       fix = (f"The earlier checkpoints (steps {earlier}) are untouched. To resume from step "
              f"{earlier[-1]}, move the damaged one out of the checkpoints folder, e.g. "
@@ -389,7 +445,14 @@ class Checkpointer:
       raise self._corrupt(step, f"it has no metadata: {e}") from e
     if not isinstance(restored["meta"], dict):
       raise self._corrupt(step, "its metadata file does not hold a JSON object")
-    return dict(restored["meta"])
+    meta = dict(restored["meta"])
+    saved_digest = meta.get(_META_DIGEST)
+    # (None: written before the digest existed; nothing to compare with)
+    if saved_digest is not None and saved_digest != _meta_digest(meta):
+      raise self._corrupt(step, "its metadata differ from the digest saved with them")
+    if "step" in meta and meta["step"] != step:
+      raise self._corrupt(step, f"its metadata say step {meta['step']}")
+    return meta
 
   def _verify_checksums(self, step: int, state_dict: Any, meta: dict[str, Any]) -> None:
     saved = meta.get("checksums")
@@ -401,6 +464,13 @@ class Checkpointer:
       shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
       raise self._corrupt(step, f"{len(bad)} arrays differ from the checksums saved with them: "
                                 f"{shown}")
+
+  def _check_state_step(self, step: int, state_dict: Any) -> None:
+    """The train state's own step counter must be the checkpoint's step."""
+    if isinstance(state_dict, dict) and "step" in state_dict:
+      saved = int(np.asarray(jax.device_get(state_dict["step"])))
+      if saved != step:
+        raise self._corrupt(step, f"its train state is at step {saved}")
 
   def _saved_array_metadata(self, step: int) -> Any:
     """The saved `state` tree with each array's shape and dtype (read without the arrays)."""
@@ -463,6 +533,7 @@ class Checkpointer:
           + "\nNothing was changed. Use the config it was trained with, or a new --workdir.")
     restored = self._read_arrays(step, abstract)
     self._verify_checksums(step, restored, meta)
+    self._check_state_step(step, restored)
     return flax.serialization.from_state_dict(target_state, restored), meta
 
   def restore_raw(self, *, step: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -485,6 +556,7 @@ class Checkpointer:
     with jax.set_mesh(jax.sharding.Mesh(np.array([device]), ("data",))):
       state = self._read_arrays(step, abstract)
       self._verify_checksums(step, state, meta)
+      self._check_state_step(step, state)
     return state, meta
 
   def wait(self) -> None:
@@ -499,8 +571,14 @@ def read_checkpoint(workdir: str, *, step: int | None = None
                     ) -> tuple[dict[str, Any], dict[str, Any]]:
   """`Checkpointer.restore_raw` of `workdir`'s checkpoint at `step` (the latest when None),
   opened read-only: safe beside a live run (its unfinished save is left alone)."""
-  checkpointer = Checkpointer(workdir, read_only=True)
-  try:
-    return checkpointer.restore_raw(step=step)
-  finally:
-    checkpointer.close()
+  for attempt in range(2):
+    checkpointer = Checkpointer(workdir, read_only=True)
+    try:
+      return checkpointer.restore_raw(step=step)
+    except _StepRemovedError:
+      # The latest step was replaced by a newer one while we read it: once more, for that one.
+      if step is not None or attempt:
+        raise
+    finally:
+      checkpointer.close()
+  raise AssertionError("unreachable")

@@ -563,8 +563,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if not resuming and config.init_from:   # checked before config.json is written, so that
         # a wrong source leaves no workdir that would refuse the corrected command
         state = _start_from_encoder(state, config.init_from, signature, task.model_name)
-      checkpointing.check_or_save_config(workdir, config)
-      if resuming:
+      if not resuming:
+        checkpointing.check_or_save_config(workdir, config)
+        resumed_log = {"pending": [], "collapsed_at": None, "reevaluate": False}
+      else:
+        # config.json takes the resumed run's new settings only once its checkpoint restored:
+        # a refusal below (damaged, another model, past the end) changes nothing.
         state, meta = checkpointer.restore(state, expected_signature=signature)
         start_step = int(meta["step"])
         logging.info("Resumed from step %d in %s", start_step, workdir)
@@ -577,13 +581,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
               f"{total_steps} steps. Nothing was changed. Raise --config.total_steps (or "
               f"total_epochs) to at least {start_step}, or evaluate that checkpoint: python -m "
               f"cldro_jax.probe --workdir={workdir}")
+        checkpointing.check_or_save_config(workdir, config)
         finished, reevaluate = _finished_results(workdir, config, start_step, total_steps)
         if finished is not None:
           return finished
         resumed_log = {"pending": meta.get("log_pending", []),
                        "collapsed_at": meta.get("collapsed_at_step"), "reevaluate": reevaluate}
-      else:
-        resumed_log = {"pending": [], "collapsed_at": None, "reevaluate": False}
 
       train_step = jax.jit(make_train_step(task, config, tx, schedule, mesh),
                            donate_argnums=(0,), out_shardings=(replicated, replicated))

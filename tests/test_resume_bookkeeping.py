@@ -6,6 +6,7 @@ watch saying "stop" after a chosen step, exactly as the signal handler would.
 """
 import json
 import os
+import shutil
 import signal
 import time
 
@@ -188,6 +189,84 @@ def test_an_extended_run_killed_in_its_final_evaluation_logs_its_final_monitor_o
   assert again["final_knn_top1"] == extended["final_knn_top1"] and again["step"] == 10
   with open(os.path.join(workdir, "results.previous-1.json"), encoding="utf-8") as f:
     assert json.load(f)["step"] == 8
+
+
+def _edit_meta(workdir, step, edit):
+  path = os.path.join(workdir, "checkpoints", str(step), "meta", "metadata")
+  with open(path, encoding="utf-8") as f:
+    meta = json.load(f)
+  edit(meta)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(meta, f)
+
+
+def test_damaged_metadata_are_caught_before_a_resume_skips_or_replays_steps(tmp_path):
+  """The metadata (the step a resume starts from, the means in flight, the config) carry a
+  digest: a changed value that is still valid JSON (one flipped bit turns step 4 into 5) was
+  trusted, and the run skipped a step. Without a digest (older checkpoints) the step is still
+  checked against the folder's and the train state's. A refused resume changes nothing, not even
+  config.json."""
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(tiny_config(total_steps=4), workdir)
+  config_before = checkpointing.read_saved_config(workdir)
+  _edit_meta(workdir, 4, lambda meta: meta.update(step=5))
+  longer = tiny_config(total_steps=8, keep_checkpoints=4)   # both may change on resume
+  with pytest.raises(checkpointing.CheckpointCorruptError,
+                     match="step 4 .* is damaged \\(its metadata differ from the digest"):
+    train.train_and_evaluate(longer, workdir)
+  assert checkpointing.read_saved_config(workdir) == config_before
+  _edit_meta(workdir, 4, lambda meta: meta.pop("meta_sha256"))   # as written before the digest
+  with pytest.raises(checkpointing.CheckpointCorruptError, match="its metadata say step 5"):
+    train.train_and_evaluate(longer, workdir)
+  _edit_meta(workdir, 4, lambda meta: meta.update(step=4))
+  assert train.train_and_evaluate(longer, workdir)["step"] == 8
+  assert checkpointing.read_saved_config(workdir).keep_checkpoints == 4
+
+
+def test_a_reader_beside_a_run_is_not_told_that_a_removed_checkpoint_is_damaged(tmp_path,
+                                                                                monkeypatch):
+  """A reader (load_encoder, the probe) opened while the trainer's keep policy deletes the step
+  it is about to read: the latest is read again, not reported as damage with a `mv` to do."""
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(tiny_config(total_steps=8), workdir)   # checkpoints 4 and 8
+  reader = checkpointing.Checkpointer(workdir, read_only=True)
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "8"))   # as the keep policy would
+  with pytest.raises(FileNotFoundError, match="step 8 .* was removed while it was read"):
+    reader.restore_raw()
+  reader.close()
+  real_init = checkpointing.Checkpointer.__init__
+  removed = []
+
+  def open_then_lose_the_latest(self, *args, **kwargs):
+    real_init(self, *args, **kwargs)
+    if not removed:   # the first reader sees step 4 as the latest; the trainer then drops it
+      removed.append(self.latest_step())
+      shutil.rmtree(os.path.join(workdir, "checkpoints", str(removed[0])))
+
+  shutil.copytree(os.path.join(workdir, "checkpoints", "4"),
+                  os.path.join(workdir, "checkpoints", "2"))   # an older complete one to find
+  _edit_meta(workdir, 2, lambda meta: meta.update(step=2, meta_sha256=None))   # undigested
+  monkeypatch.setattr(checkpointing.Checkpointer, "__init__", open_then_lose_the_latest)
+  with pytest.raises(checkpointing.CheckpointCorruptError, match="its train state is at step 4"):
+    checkpointing.read_checkpoint(workdir)   # the retry reached the copied folder: checked too
+  assert removed == [4]
+
+
+def test_an_unreadable_config_json_is_replaced_by_the_checkpoints_copy(tmp_path):
+  workdir = str(tmp_path / "run")
+  first = train.train_and_evaluate(tiny_config(total_steps=4), workdir)
+  config_path = os.path.join(workdir, "config.json")
+  with open(config_path, "w", encoding="utf-8") as f:
+    f.write("")                              # what a crash mid-write can leave
+  assert checkpointing.read_saved_config(workdir).total_steps == 4
+  assert train.train_and_evaluate(tiny_config(total_steps=4), workdir) == first
+  assert checkpointing.read_saved_config(workdir).total_steps == 4
+  fresh = str(tmp_path / "fresh")            # nothing to recover it from
+  os.makedirs(fresh)
+  with open(os.path.join(fresh, "config.json"), "w", encoding="utf-8") as f:
+    f.write("{")
+  with pytest.raises(checkpointing.CheckpointCorruptError, match="unreadable .* no checkpoint"):
+    checkpointing.read_saved_config(fresh)
 
 
 def test_an_unreadable_results_file_is_evaluated_again(tmp_path):
