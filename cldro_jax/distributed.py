@@ -249,6 +249,32 @@ def check_same_run(config_dict: Mapping[str, Any]) -> None:
     raise ValueError(problem)
 
 
+def check_same_data(fingerprint: str, plan: Mapping[str, Any]) -> None:
+  """Refuses a multi-process run whose processes read different data.
+
+  Data locations may differ per host (PER_HOST_FIELDS), so each host may hold its own copy; a
+  copy of another version, or one partly downloaded, would silently feed other examples into its
+  slice of every batch. `fingerprint` is the task's digest of its pre-training data; `plan`, what
+  the task derived from its files that every process must share (e.g. whether it evaluates).
+  """
+  if jax.process_count() == 1:
+    return
+  mine = np.asarray([_digest(fingerprint), _digest(json.dumps(dict(plan), sort_keys=True))],
+                    np.int32)
+  digests = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 2)
+  other_data = [i for i, d in enumerate(digests[:, 0]) if d != digests[0, 0]]
+  other_plan = [i for i, d in enumerate(digests[:, 1]) if d != digests[0, 1]]
+  if other_data or other_plan:
+    raise ValueError(
+        "The processes of this run read different data: "
+        + "; ".join(([f"process(es) {other_data} hold other pre-training data than process 0 "
+                      "(another size, or other examples at the same positions)"]
+                     if other_data else [])
+                    + ([f"process(es) {other_plan} found other evaluation files than process 0 "
+                        f"(this process: {dict(plan)})"] if other_plan else []))
+        + ". Give every host the same copy of the data (or one shared folder).")
+
+
 def disagreement(digests: np.ndarray) -> str | None:
   """What differs between processes, from their (config, code) digests, one row per process;
   None when they all agree with process 0."""

@@ -234,8 +234,12 @@ class TrainState:
 
 
 def make_mesh(num_devices: int = -1) -> jax.sharding.Mesh:
-  """A 1-D mesh over the first `num_devices` devices (all when -1), axis "data"."""
-  devices = jax.devices()
+  """A 1-D mesh over the first `num_devices` devices (all when -1), axis "data".
+
+  Devices in process order (each process's together, as the data pipeline assumes: process p
+  feeds global rows [p * local, (p + 1) * local)), whatever order the runtime lists them in.
+  """
+  devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
   if num_devices > 0:
     if num_devices > len(devices):
       raise ValueError(f"config.mesh.num_devices={num_devices}, but only {len(devices)} devices "
@@ -248,6 +252,13 @@ def make_mesh(num_devices: int = -1) -> jax.sharding.Mesh:
           f"multi-process run uses all {len(devices)} devices; set --config.mesh.num_devices=-1 "
           "(or start fewer processes / make fewer devices visible).")
     devices = devices[:num_devices]
+  if jax.process_count() > 1:
+    counts = np.bincount([d.process_index for d in devices], minlength=jax.process_count())
+    if len(set(counts.tolist())) > 1:
+      raise ConfigError(
+          f"The processes of this run have different numbers of devices ({counts.tolist()}); "
+          "each feeds an equal slice of the batch to its own devices. Give every process as "
+          "many (--local_device_ids, CUDA_VISIBLE_DEVICES).")
   # Auto axes: the jitted step lets XLA propagate the batch sharding through the model.
   return jax.sharding.Mesh(np.asarray(devices), (AXIS,),
                            axis_types=(jax.sharding.AxisType.Auto,))
@@ -558,6 +569,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       start_step = 0
       resuming = checkpointer.latest_step() is not None
       fingerprint = task.data_fingerprint()
+      distributed.check_same_data(fingerprint, {"steps_per_epoch": steps_per_epoch,
+                                                "monitor_every_steps": task.monitor_every_steps})
       if resuming:   # before config.json takes the new data path: a refusal changes nothing
         _check_same_data(checkpointer, fingerprint, workdir)
       if not resuming and config.init_from:   # checked before config.json is written, so that

@@ -143,10 +143,18 @@ def test_mesh_of_part_of_the_devices_is_refused_in_a_multi_process_run(monkeypat
   import jax  # pylint: disable=import-outside-toplevel
   from cldro_jax import train  # pylint: disable=import-outside-toplevel
   assert train.make_mesh(4).size == 4        # one process: any first N devices
+  # The mesh lists the devices in process order (then id), however the runtime lists them:
+  # process p feeds global rows [p * local, (p + 1) * local) of every batch.
+  devices = jax.devices()
+  monkeypatch.setattr(jax, "devices", lambda: devices[::-1])
+  assert list(train.make_mesh(-1).devices) == sorted(devices, key=lambda d: (d.process_index,
+                                                                              d.id))
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   with pytest.raises(ValueError, match=r"num_devices=4 with 2 processes.*num_devices=-1"):
     train.make_mesh(4)
-  assert train.make_mesh(-1).size == train.make_mesh(8).size == 8
+  # (here every device belongs to process 0: as if process 1 had none)
+  with pytest.raises(train.ConfigError, match=r"different numbers of devices \(\[8, 0\]\)"):
+    train.make_mesh(-1)
 
 
 @pytest.mark.parametrize("name", ["chi2_dro", "mean_variance"])

@@ -308,6 +308,30 @@ def test_processes_with_different_configs_are_refused_before_training(tmp_path):
     assert "other cldro_jax code" not in err
 
 
+def test_processes_reading_different_copies_of_the_data_are_refused_before_training(tmp_path):
+  # Data locations may differ per host, so each host may hold its own copy: one of another
+  # version would silently feed other examples into that host's slice of every batch.
+  from cldro_jax.data import images  # pylint: disable=import-outside-toplevel
+  arrays = images.load_fashion_mnist_subset_arrays()
+  paths = []
+  for i, invert in enumerate((False, True)):
+    copy = {k: arrays[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    if invert:
+      copy["x_train"] = 255 - copy["x_train"]
+    paths.append(tmp_path / f"host{i}.npz")
+    np.savez(paths[-1], **copy)
+  work = f"--workdir={tmp_path / 'run'}"
+  codes = exit_codes_of_two_processes(
+      tmp_path, [[*TINY, work, "--config.data.source=npz", f"--config.data.path={path}"]
+                 for path in paths])
+  assert codes == [1, 1], codes
+  for i in range(2):
+    err = (tmp_path / f"{i}.err").read_text()
+    assert "process(es) [1] hold other pre-training data than process 0" in err, _tail(err)
+  assert not (tmp_path / "run" / "checkpoints").exists() or not os.listdir(
+      tmp_path / "run" / "checkpoints")
+
+
 def test_a_process_with_other_code_is_named():
   # Process 1 of 3 has another copy of the package (its code digest differs), same config.
   # (The two-process test above covers the gathering; this one the verdict.)
