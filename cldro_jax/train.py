@@ -57,8 +57,9 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class ConfigError(ValueError):
-  """A setting that cannot work on this job (a batch that does not divide over its devices, a
-  URL workdir); found before any work, the message names the fix."""
+  """A setting, or the data it points at, that cannot be used (a batch that does not divide
+  over the devices, a URL workdir, a corrupt or mis-shaped dataset); found before any training,
+  the message names the problem and the fix."""
 
 
 class WorkdirInUseError(RuntimeError):
@@ -550,7 +551,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   distributed.check_same_run(checkpointing.config_to_dict(config))
   distributed.check_workdir_shared(workdir)
   checkpointing.check_or_save_config(workdir, config, save=False)
-  task = tasks_lib.build_task(config, mesh, workdir)
+  try:
+    task = tasks_lib.build_task(config, mesh, workdir)
+  except ConfigError:
+    raise
+  except ValueError as err:   # the data or a task setting: the message says what and the fix
+    raise ConfigError(str(err)) from err
   steps_per_epoch = task.steps_per_epoch
   total_steps = steps_for(config, steps_per_epoch)
   _check_warmup(config.optim, total_steps, steps_per_epoch)

@@ -144,6 +144,10 @@ class _ExplodingSource:
     # Class 0 has too few examples for 4 per batch: only 2 classes qualify.
     (np.concatenate([np.full(3, 0), np.full(20, 1), np.full(20, 2)]), 12, 3, "source has 2 such"),
     (np.full(40, -1), 8, 2, "40 of the 40 pre-training examples are unlabelled"),
+    # Enough classes qualify, but class 3 (3 examples) could never fill its 5 rows: its
+    # examples would never be used.
+    (np.concatenate([np.full(20, 0), np.full(20, 1), np.full(20, 2), np.full(3, 3)]), 10, 2,
+     r"classes \[3\] hold fewer \(\{3: 3\}\) and would never be used"),
 ])
 def test_impossible_requests_fail_fast_with_the_fix(labels, batch, k, match):
   src = LabelledSource(labels)

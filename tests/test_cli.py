@@ -93,6 +93,18 @@ def test_a_batch_that_does_not_divide_over_the_devices_is_one_message(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+def test_data_that_cannot_be_used_is_one_message_naming_the_fix(tmp_path):
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  path = tmp_path / "floats.npz"   # images as floats in [0, 1]: refused with the conversion
+  rng = np.random.default_rng(0)
+  np.savez(path, x_train=rng.random((8, 4, 4)), y_train=np.arange(8) % 2,
+           x_test=rng.random((4, 4, 4)), y_test=np.arange(4) % 2)
+  run = _main("--config=configs/quickstart.py:runlocal", "--config.data.source=npz",
+              f"--config.data.path={path}", f"--workdir={tmp_path / 'run'}")
+  _assert_clean_failure(run, 1, "cldro_jax: ConfigError: ", "floats.npz: x_train")
+  assert not (tmp_path / "run").exists()
+
+
 _RAISE_MISMATCH = """
 import sys
 from absl import app

@@ -497,6 +497,50 @@ def test_folder_16_bit_grayscale_is_rescaled_and_32_bit_refused(tmp_path):
         images.load_image_dataset(cfg(source="folder", **folders))
 
 
+def test_folder_16_bit_pgm_is_rescaled_as_16_bit_png(tmp_path):
+    # Pillow opens 16-bit PGM (and, before 10.3, 16-bit grayscale PNG) as mode "I": refused as
+    # "32-bit" although it holds 16 bits (PGM scaled from its maxval to 0..65535).
+    deep = (np.arange(20, dtype=np.uint16).reshape(4, 5) * 3449)   # 0 .. 65531
+    for split in ("tr", "te"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        header = b"P5\n5 4\n65535\n"
+        (tmp_path / split / "a" / "deep.pgm").write_bytes(header + deep.astype(">u2").tobytes())
+    assert Image.open(tmp_path / "tr" / "a" / "deep.pgm").mode == "I"
+    ds = images.load_image_dataset(cfg(source="folder", data_dir=str(tmp_path / "tr"),
+                                       test_dir=str(tmp_path / "te")))
+    assert ds.image_shape == (4, 5, 1)
+    np.testing.assert_array_equal(ds.probe_train.images[0, ..., 0],
+                                  np.round(deep / 65535.0 * 255.0).astype(np.uint8))
+
+
+def test_folder_loose_images_in_the_root_and_linked_nested_folders_are_refused(tmp_path):
+    root = tmp_path / "imgs"
+    _write_folder(root, {"a": 2, "b": 2}, size=(8, 8))
+    elsewhere = tmp_path / "more"
+    _write_folder(elsewhere, {"x": 1}, size=(8, 8))
+    os.symlink(elsewhere / "x", root / "a" / "linked")   # images behind a link: not skipped
+    with pytest.raises(ValueError, match=r"imgs/a/linked holds images.*directly inside"):
+        images.load_image_dataset(cfg(source="folder", data_dir=str(root), test_fraction=0.5))
+    os.remove(root / "a" / "linked")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "stray.png")
+    with pytest.raises(ValueError, match=r"holds 1 image\(s\) outside the class folders "
+                                         r"\(e.g. stray.png\)"):
+        images.load_image_dataset(cfg(source="folder", data_dir=str(root), test_fraction=0.5))
+
+
+@pytest.mark.parametrize("size,expected", [(32, (32, 32)), ((32,), (32, 32)), ([8, 6], (8, 6))])
+def test_image_size_accepts_one_int_as_the_command_line_gives_it(size, expected):
+    # `--config.data.image_size=32` arrives as (32,).
+    assert images.resolve_data_config({"image_size": size})["image_size"] == expected
+
+
+@pytest.mark.parametrize("size", [-3, (8, 0), (8.5, 8), "32", (True, 8), (1, 2, 3)])
+def test_impossible_image_sizes_are_refused_with_an_example(size):
+    with pytest.raises(ValueError, match=r"image_size must be \(H, W\) or one int.*"
+                                         r"--config.data.image_size=32"):
+        images.resolve_data_config({"image_size": size})
+
+
 def test_folder_skips_hidden_entries_and_decodes_one_image_at_a_time(tmp_path):
     root = tmp_path / "imgs"
     written = _write_folder(root, {"a": 2, "b": 2}, size=(8, 8))

@@ -166,6 +166,11 @@ def test_npz_labels_not_0_to_c_minus_1_are_refused(tmp_path):
         _load_npz(_npz(tmp_path, y_test=np.array([0, 1, 5])))
     with pytest.raises(ValueError, match=r"y_test holds classes \[5\]"):
         _load_npz(_npz(tmp_path, y_test=np.array([0, 1, 5])), num_classes=6)
+    # int64 labels beyond int32 in either direction would wrap to a valid class (-2**40 -> 0).
+    for huge in (-2**40, 2**40):
+        with pytest.raises(ValueError, match=rf"y_train must hold class indices 0..C-1, got a "
+                                             rf"label {huge}"):
+            _load_npz(_npz(tmp_path, y_train=np.array([0, 1, 2, 0, 1, huge])))
     # Empty classes on purpose: say how many classes there are.
     ds = _load_npz(_npz(tmp_path, y_train=np.array([1, 2, 3, 1, 2, 3]),
                         y_test=np.array([1, 2, 3])), num_classes=4)

@@ -182,10 +182,18 @@ def resolve_data_config(data_config: Any) -> dict[str, Any]:
         ):
             resolved[field] = None
     size = resolved["image_size"]
-    if isinstance(size, int):
-        resolved["image_size"] = (size, size)
-    elif size is not None and (len(size) != 2 or min(size) < 1):
-        raise ValueError(f"config.data.image_size must be (H, W) or one int, got {size!r}")
+    if size is not None:
+        # One int, (n,) (what `--config.data.image_size=32` gives) or (H, W); positive ints only.
+        dims = (size,) if isinstance(size, int) else tuple(size) if isinstance(
+            size, (tuple, list)) else None
+        if dims is not None and len(dims) == 1:
+            dims = dims * 2
+        if dims is None or len(dims) != 2 or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dims):
+            raise ValueError(
+                f"config.data.image_size must be (H, W) or one int, positive, got {size!r}; e.g. "
+                "--config.data.image_size=32 or --config.data.image_size='(32, 48)'")
+        resolved["image_size"] = dims
     return resolved
 
 # --------------------------------------------------------------------------------------------
@@ -746,10 +754,10 @@ def load_npz_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 f"{path}: {x_key} has {arrays[x_key].shape[0]} images but {y_key} has "
                 f"{labels.shape[0]} labels"
             )
-        if labels.size and labels.max() > np.iinfo(np.int32).max:   # would wrap in int32
-            raise ValueError(
-                f"{path}: {y_key} must hold class indices 0..C-1, got a label {labels.max()}"
-            )
+        info = np.iinfo(np.int32)
+        if labels.size and (labels.max() > info.max or labels.min() < info.min):   # would wrap
+            bad = labels.max() if labels.max() > info.max else labels.min()
+            raise ValueError(f"{path}: {y_key} must hold class indices 0..C-1, got a label {bad}")
         arrays[y_key] = labels.astype(np.int32)
     return arrays
 
@@ -809,6 +817,12 @@ def _scan_class_folders(
                          if not hidden(d) and os.path.isdir(os.path.join(root, d))))
     if not found:
         raise ValueError(f"{root}: no class sub-folders (expected {root}/<class>/<image>.png)")
+    loose = sorted(f for f in os.listdir(root) if is_image(f)
+                   and os.path.isfile(os.path.join(root, f)))
+    if loose:   # in no class: they would be left out without a word
+        raise ValueError(
+            f"{root} holds {len(loose)} image(s) outside the class folders (e.g. {loose[0]}), "
+            f"which have no label; move them into {root}/<class>/ or out of {root}")
     if class_names is None:
         class_names = found
     unknown = sorted(set(found) - set(class_names))
@@ -827,7 +841,13 @@ def _scan_class_folders(
             sub_dir = os.path.join(cls_dir, sub)
             if hidden(sub) or not os.path.isdir(sub_dir):
                 continue
-            for walk_dir, dirs, names in os.walk(sub_dir):
+            seen = set()   # linked folders are followed, each real folder once (no loops)
+            for walk_dir, dirs, names in os.walk(sub_dir, followlinks=True):
+                real = os.path.realpath(walk_dir)
+                if real in seen:
+                    dirs[:] = []
+                    continue
+                seen.add(real)
                 dirs[:] = [d for d in dirs if not hidden(d)]
                 if any(is_image(n) for n in names):
                     raise ValueError(
@@ -863,7 +883,9 @@ def _decode_images(
     def to_8bit(image: Image.Image, path: str) -> Image.Image:
         # PIL's convert("L"/"RGB") clips 16- and 32-bit pixels at 255 instead of rescaling them,
         # which would turn a 16-bit photo nearly white without a word.
-        if image.mode.startswith("I;16"):
+        # PNG and PGM/PPM hold at most 16 bits; Pillow opens them as "I" too (PGM always, PNG
+        # before 10.3), PGM already scaled from its maxval to 0..65535.
+        if image.mode.startswith("I;16") or (image.mode == "I" and image.format in ("PNG", "PPM")):
             pixels = np.asarray(image).astype(np.uint32)
             return Image.fromarray(((pixels * 255 + 32767) // 65535).astype(np.uint8), "L")
         if image.mode in ("I", "F"):
@@ -887,7 +909,7 @@ def _decode_images(
     headers = [header(p) for p in paths]
     if channels is None:
         # "LA" is grayscale with alpha (the alpha channel is dropped, as for RGBA).
-        grayscale = all(mode in ("1", "L", "LA", "La") or mode.startswith("I;16")
+        grayscale = all(mode in ("1", "L", "LA", "La", "I") or mode.startswith("I;16")
                         for mode, _ in headers)
         channels = 1 if grayscale else 3
     if channels not in (1, 3):

@@ -399,7 +399,16 @@ def train_batches(
                 "or set --config.data.classes_per_batch=0"
             )
         pools = class_pools(labels)
-        check_classes_per_batch(pools, global_batch_size, classes_per_batch)  # fail now
+        per_class = check_classes_per_batch(pools, global_batch_size, classes_per_batch)
+        small = {c: int(idx.size) for c, idx in sorted(pools.items()) if idx.size < per_class}
+        if small:
+            # As the unlabelled ones above: classes too small to fill their share of a batch
+            # are never drawn, and their examples never used.
+            raise ValueError(
+                f"classes_per_batch={classes_per_batch} takes {per_class} examples of each drawn "
+                f"class, but classes {sorted(small)} hold fewer ({small}) and would never be "
+                "used. Lower the batch size or raise classes_per_batch, or leave those classes "
+                "out of the data")
 
     def produce() -> Iterator[Batch]:
         cache: dict = {}
