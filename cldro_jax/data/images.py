@@ -37,8 +37,10 @@ download           ``tfds``: allow tfds to download and prepare a missing datase
 in_memory          ``tfds``: None (auto: load a split into RAM when it is at most
                    ``in_memory_max_mb``), True, or False (lazy random access, decoded on demand
                    with ``read_threads`` threads; what STL10's 100k unlabelled images get).
-image_size         ``folder``: (H, W) to resize every train and test image to (bilinear,
-                   stretched: no crop keeps the aspect ratio); None requires equal sizes.
+image_size         ``folder``: (H, W), or one int for square, to resize every train and test
+                   image to (bilinear, stretched: no crop keeps the aspect ratio); None requires
+                   equal sizes. Pixels are read as stored: an EXIF orientation tag is not
+                   applied (as torchvision's ImageFolder).
 channels           ``folder``: 1 or 3; None picks 1 when every image is stored as grayscale
                    (modes 1, L, LA, 16-bit), else 3 (palette images count as colour).
 test_fraction      ``folder`` without ``test_dir`` and ``digits``: stratified test fraction.
