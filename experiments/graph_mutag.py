@@ -29,7 +29,6 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cldro_jax import train  # pylint: disable=wrong-import-position
 from experiments import common  # pylint: disable=wrong-import-position
 from cldro_jax.evaluators import svm_cv
 from cldro_jax.tasks import graph as graph_task

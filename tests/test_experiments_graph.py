@@ -11,6 +11,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
+from cldro_jax import train
 from helpers import read_json
 
 graph_mutag = importlib.import_module("experiments.graph_mutag")
@@ -55,7 +56,7 @@ def test_quick_run_table_equals_the_results_it_read(tmp_path, monkeypatch):
   # A rerun with the same --out reads the finished runs and trains nothing.
   def no_training(*_, **__):
     raise AssertionError("a finished run was trained again")
-  monkeypatch.setattr(graph_mutag.train, "train_and_evaluate", no_training)
+  monkeypatch.setattr(train, "train_and_evaluate", no_training)
   assert graph_mutag.main(args) == rows
   # ...but never serves a smoke run as a full one: those live in other folders.
   full_dir = graph_mutag.run_dir(out, "adnce", "proper", 0)
