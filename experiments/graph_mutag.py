@@ -29,9 +29,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments import common  # pylint: disable=wrong-import-position
+# pylint: disable=wrong-import-position
 from cldro_jax.evaluators import svm_cv
 from cldro_jax.tasks import graph as graph_task
+from experiments import common
+# pylint: enable=wrong-import-position
 
 GRAPHCL_MUTAG = graph_task.PAPER_SETTINGS["MUTAG"]["graphcl"]   # (86.80, 1.34), GraphCL paper
 LOSS_LABELS = {"infonce": "InfoNCE", "adnce": "ADNCE"}
