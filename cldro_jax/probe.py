@@ -143,7 +143,10 @@ def summary_line(result: dict, workdir: str) -> str:
   encoder = "the untrained encoder" if result["untrained"] else f"the step-{result['step']} encoder"
   if result["protocol"] == "svm":
     seeds = len(result.get("svm_accuracy_per_seed", [])) or 1
-    spread = f" +- {result['svm_accuracy_std']:.2f} over {seeds} seeds" if seeds > 1 else ""
+    # The spread is over CV shuffles of this one encoder, not over training seeds (the paper's
+    # +-: experiments/ aggregates those).
+    spread = (f" +- {result['svm_accuracy_std']:.2f} over {seeds} CV shuffle seeds"
+              if seeds > 1 else "")
     score = f"SVM accuracy {result['svm_accuracy']:.2f}{spread}"
   else:
     score = (f"linear probe ({result['protocol']}, {result['epochs']} epochs) top-1 "

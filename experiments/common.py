@@ -516,10 +516,16 @@ def paired_table(rows: Sequence[Mapping[str, Any]], reference_label: str,
 
 
 def fmt(values: Iterable[float], digits: int = 2) -> str:
+  """"mean ± std" over the seeds; "(n=k of m)" when only k of the m seeds have a score."""
+  values = list(values)
   mean, std = mean_std(values)
   if math.isnan(mean):
     return "n/a"
-  return f"{mean:.{digits}f} ± {std:.{digits}f}"
+  scored = sum(v is not None for v in values)
+  # A seed without a score (an STS run that skipped missing files, no final probe) would
+  # otherwise vanish from the cell and the spread would look like the full set's.
+  missing = f" (n={scored} of {len(values)})" if scored < len(values) else ""
+  return f"{mean:.{digits}f} ± {std:.{digits}f}{missing}"
 
 
 def score_of(results: Mapping[str, Any], domain: str) -> float | None:

@@ -446,6 +446,9 @@ def test_mean_std_is_the_sample_std():
   assert mean == pytest.approx(np.mean(values)) and std == pytest.approx(np.std(values, ddof=1))
   assert common.mean_std([3.0]) == (3.0, 0.0)
   assert common.fmt(values) == f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
+  # A seed without a score is counted in the cell, not silently dropped from it.
+  assert common.fmt([*values, None]) == (
+      f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f} (n=3 of 4)")
 
 
 def test_paired_difference_matches_the_textbook_paired_t_test():

@@ -121,6 +121,10 @@ def test_runlocal_end_to_end_and_svm_wiring(tmp_path):
   assert probe.summary_line(baseline, str(tmp_path)) == (
       f"SVM accuracy {baseline['svm_accuracy']:.2f} of the untrained encoder on MUTAG (saved "
       f"as {tmp_path}/probe_svm_*.json)")
+  # Several CV shuffles: the +- says it is over shuffles of one encoder, not training seeds.
+  shuffled = {**baseline, "svm_accuracy_per_seed": [80.0, 82.0], "svm_accuracy_std": 1.0}
+  assert "+- 1.00 over 2 CV shuffle seeds of the untrained" in probe.summary_line(
+      shuffled, str(tmp_path))
   with pytest.raises(ValueError, match="SVM protocol only: drop --protocol"):
     probe.run_probe(str(tmp_path), protocol="features")
   # 128 evaluation graphs over 8 devices: the last batch (60 graphs) leaves 4 devices empty.

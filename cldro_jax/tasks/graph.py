@@ -414,7 +414,9 @@ class GraphTask:
                  cache: dict | None = None, step: int = -1, progress: bool = False,
                  what: str = "SVM CV") -> dict[str, Any]:
     """SVM CV accuracy (percent) of ``embeddings`` for each outer-fold shuffle seed; mean and
-    std over the seeds, and the mean over seeds of the std over folds. `progress` shows a bar
+    std over those shuffles of this one encoder (``svm_accuracy_std``: 0 with one shuffle; the
+    paper's +- is over training seeds, which experiments/ aggregates), and the mean over
+    shuffles of the std over folds. `progress` shows a bar
     over the folds (minutes per seed on the large TU datasets), labelled `what`."""
     from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
     ev = self.config.eval
