@@ -145,21 +145,30 @@ def main(argv=None):
   parser.add_argument("--repeats", type=int, default=20 if on_gpu else 5)
   parser.add_argument("--json", default="", help="also write the rows to this file "
                       "(for benchmarks/plot.py)")
+  parser.add_argument("--precision", default="highest",
+                      choices=["default", "high", "highest"],
+                      help="float32 matmul precision of every implementation (the trainer's "
+                      "config.loss.matmul_precision, 'highest' by default; 'default' is TF32 on "
+                      "NVIDIA GPUs)")
   args = parser.parse_args(argv)
   sizes = [int(s) for s in args.sizes.split(",") if s]
   device = jax.devices()[0]
   print(f"date: {datetime.date.today().isoformat()}  device: {device.device_kind} "
         f"({jax.default_backend()}, {jax.device_count()} device(s))  jax {jax.__version__}")
   print(f"command: python benchmarks/losses.py {' '.join(sys.argv[1:] if argv is None else argv)}")
-  print(f"ADNCE image variant, float32, d={args.dim}, forward+backward, median of "
+  print(f"ADNCE image variant, float32 (matmul precision {args.precision}, as the trainer's "
+        f"config.loss.matmul_precision), d={args.dim}, forward+backward, median of "
         f"{args.repeats} after {args.warmup} warm-up\n")
   print("| B | implementation | fwd+bwd ms | time vs plain | compiled temp MiB | memory vs plain |")
   print("|---:|---|---:|---:|---:|---:|")
   budget = device_memory_bytes()
   out = record.JsonRecord(args.json, "losses", dim=args.dim, block_size=args.block_size,
-                          repeats=args.repeats, warmup=args.warmup, dtype="float32")
+                          repeats=args.repeats, warmup=args.warmup, dtype="float32",
+                          matmul_precision=args.precision)
   for batch in sizes:
-    rows = bench_size(batch, args.dim, args.block_size, args.warmup, args.repeats, budget)
+    # Traced (and so compiled) under the precision: it is part of each program.
+    with jax.default_matmul_precision(args.precision):
+      rows = bench_size(batch, args.dim, args.block_size, args.warmup, args.repeats, budget)
     plain = rows[0] if rows[0][1] is not None else (None, None, None, "")
     for name, seconds, temp, note in rows:
       out.add(batch=batch, implementation=name.split(" ")[0],

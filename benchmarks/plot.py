@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -60,6 +61,15 @@ def load(paths: Sequence[str]) -> list[dict[str, Any]]:
   if len(kinds) != 1:
     raise SystemExit(f"the files come from different benchmarks ({sorted(kinds)}): plot each "
                      "benchmark separately, e.g. `python benchmarks/plot.py losses.json`")
+  # A benchmark stopped by a time limit before its first row leaves a file without rows
+  # (benchmarks/h200.sh): it is left out, with a message, rather than breaking the figure.
+  for path, result in zip(paths, results):
+    if not result["rows"]:
+      print(f"{path}: no rows (the benchmark stopped before its first measurement); left out",
+            file=sys.stderr)
+  results = [r for r in results if r["rows"]]
+  if not results:
+    raise SystemExit("no rows in any of the files: nothing to plot")
   return results
 
 

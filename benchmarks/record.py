@@ -47,6 +47,12 @@ class JsonRecord:
     self.data["rows"].append(row)
     self._write()
 
+  def update_last(self, **fields: Any) -> None:
+    """Completes the last row (a row is added as soon as its main figure is measured, so a
+    time limit hit while its extras are measured still keeps it)."""
+    self.data["rows"][-1].update(fields)
+    self._write()
+
   def _write(self) -> None:
     if not self.path:
       return

@@ -109,7 +109,10 @@ def plain_step_fn(model, tx, temperature):
   return step
 
 
-def bench_model(name: str, args) -> dict:
+def bench_model(name: str, args, out: record.JsonRecord) -> dict:
+  """Times the trainer's step for `name` and returns its table row. The row goes into `out`
+  as soon as the step is timed and is completed there afterwards (augmentation share, plain
+  step), so a time limit hit while those are measured keeps the step's figures."""
   config = config_defaults.base_config("image")
   config.model.name, config.model.width, config.model.dtype = name, args.width, args.dtype
   config.batch_size = args.batch
@@ -135,24 +138,29 @@ def bench_model(name: str, args) -> dict:
 
     t_step = median_time(run_step, lambda: (batch,), args.warmup, args.iters)
     t_pipelined = back_to_back_time(run_step, lambda: (batch,), args.iters)
-    # Printed now: a time limit hit while the augmentation alone compiles keeps this number.
-    print(f"# {name}: {args.batch / t_step:,.0f} images/s (median step), "
-          f"{args.batch / t_pipelined:,.0f} images/s (steps back to back)", flush=True)
+    flops = resnet.contrastive_step_flops_per_image(name, image_size=32, stem="cifar",
+                                                    width=args.width)
+    ips = args.batch / t_step
+    row = {"model": name, "step_ms": t_step * 1e3, "images_per_s": ips,
+           "images_per_s_back_to_back": args.batch / t_pipelined,
+           "plain_images_per_s": None, "ratio_vs_plain": None,
+           "augment_share": None, "gflop_per_image": flops / 1e9,
+           "mfu": ips * flops / H200_BF16_FLOPS if jax.default_backend() == "gpu" else None}
+    # Kept now (JSON row and this line): a time limit hit while the augmentation alone compiles,
+    # or while the profile runs, keeps the step's figures.
+    out.add(**row)
+    mfu = f", MFU {100 * row['mfu']:.1f}%" if row["mfu"] is not None else ""
+    print(f"# {name}: {t_step * 1e3:.1f} ms/step, {ips:,.0f} images/s (median step), "
+          f"{args.batch / t_pipelined:,.0f} images/s (steps back to back){mfu}", flush=True)
     aug = task.augment
     aug_fn = jax.jit(lambda key, x: augment_lib.two_views(key, x, aug))
     key = jax.random.PRNGKey(1)
     t_aug = median_time(aug_fn, lambda: (key, batch["image"]), args.warmup, args.iters)
+    row["augment_share"] = t_aug / t_step
+    out.update_last(augment_share=row["augment_share"])
     if args.profile:
       profile_step(name, lambda: run_step(batch), step.as_text(), args, t_step)
 
-  flops = resnet.contrastive_step_flops_per_image(name, image_size=32, stem="cifar",
-                                                  width=args.width)
-  ips = args.batch / t_step
-  row = {"model": name, "step_ms": t_step * 1e3, "images_per_s": ips,
-         "images_per_s_back_to_back": args.batch / t_pipelined,
-         "plain_images_per_s": None, "ratio_vs_plain": None,
-         "augment_share": t_aug / t_step, "gflop_per_image": flops / 1e9,
-         "mfu": ips * flops / H200_BF16_FLOPS if jax.default_backend() == "gpu" else None}
   if args.skip_plain:
     return row
   plain_model = image_task.build_model(config.model)
@@ -170,7 +178,9 @@ def bench_model(name: str, args) -> dict:
     return loss
 
   t_plain = median_time(run_plain, lambda: (images,), args.warmup, args.iters)
-  return {**row, "plain_images_per_s": args.batch / t_plain, "ratio_vs_plain": t_plain / t_step}
+  plain_figures = {"plain_images_per_s": args.batch / t_plain, "ratio_vs_plain": t_plain / t_step}
+  out.update_last(**plain_figures)
+  return {**row, **plain_figures}
 
 
 def profile_step(name: str, run, compiled_text: str, args, t_step: float) -> None:
@@ -200,7 +210,7 @@ def bench_host_pipeline(batch: int, steps: int = 50) -> float:
   return steps * batch / elapsed
 
 
-def main():
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   on_gpu = jax.default_backend() == "gpu"
   parser.add_argument("--models", default="resnet18,resnet50")
@@ -219,7 +229,7 @@ def main():
                       help="also trace 3 steps into DIR and print the device time per phase "
                       "(augmentation, encoder forward/backward, loss, optimizer) and the heaviest "
                       "operations (cldro_jax/profiling.py)")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   device = jax.devices()[0]
   print(f"# {datetime.date.today()}  {device.device_kind} x{jax.device_count()} "
         f"({jax.default_backend()}), jax {jax.__version__}, host "
@@ -227,7 +237,8 @@ def main():
   print(f"# batch {args.batch} images ({2 * args.batch} views), width {args.width}, "
         f"{args.dtype}, {'both views in one pass' if args.views_in_one_pass else 'a pass per view'}"
         f", median of {args.iters} steps after {args.warmup} warm-up")
-  print(f"# command: python benchmarks/{' '.join(['train_step.py'] + sys.argv[1:])}")
+  given = sys.argv[1:] if argv is None else argv
+  print(f"# command: python benchmarks/{' '.join(['train_step.py'] + given)}")
   print("| model | step ms | images/s | images/s, steps back to back | plain-step images/s | "
         "ours / plain speed | augment share | GFLOP/img | MFU |")
   print("|---|---|---|---|---|---|---|---|---|", flush=True)
@@ -235,8 +246,7 @@ def main():
                           dtype=args.dtype, views_in_one_pass=args.views_in_one_pass,
                           iters=args.iters, warmup=args.warmup)
   for name in args.models.split(","):   # each row as soon as it is measured
-    r = bench_model(name, args)
-    out.add(**r)
+    r = bench_model(name, args, out)
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (CPU)"
     plain = ("n/a | n/a" if r["plain_images_per_s"] is None else
              f"{r['plain_images_per_s']:,.0f} | {r['ratio_vs_plain']:.2f}x")

@@ -130,6 +130,17 @@ def test_files_of_different_benchmarks_are_refused(losses_run, tmp_path):
     plot.load([str(losses_path), str(other)])
 
 
+def test_files_without_rows_are_left_out_with_a_message(losses_run, tmp_path, capsys):
+  # What a benchmark stopped before its first row leaves (benchmarks/h200.sh's time limits).
+  _, result, losses_path = losses_run
+  empty = tmp_path / "empty.json"
+  empty.write_text(json.dumps({**result, "rows": []}))
+  assert plot.load([str(empty), str(losses_path)]) == [result]
+  assert "empty.json: no rows" in capsys.readouterr().err
+  with pytest.raises(SystemExit, match="no rows in any of the files"):
+    plot.load([str(empty)])
+
+
 def test_scaling_figure_draws_images_per_second_and_the_linear_line():
   rows = [{"devices": d, "images_per_s": v, "median_step_s": 512 / v}
           for d, v in ((4, 150_000.0), (1, 45_000.0), (2, 85_000.0))]
