@@ -219,6 +219,45 @@ def test_best_dev_model_skips_nan_scores_and_survives_a_stale_old_folder(tmp_pat
   assert not stale.exists()
 
 
+def test_a_resume_with_other_dev_sets_rescores_the_kept_model(tmp_path, monkeypatch):
+  """eval.* may change on resume: a kept model chosen on SICK-R dev is scored again on STS-B dev
+  before new STS-B scores are compared with it (a SICK-R score beside STS-B ones would keep it
+  however the new model does), and the record says what it was scored on."""
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  sick = tiny_config(tmp_path, **{"eval.dev_tasks": ("SICKRelatedness",)})
+  task = sentence.SentenceTask(sick, train.make_mesh(1), workdir=str(workdir))
+  params, _ = task.init(jax.random.key(0))
+  scored = []
+
+  def dev_results(_embed, data, **_kw):
+    name = next(iter(data))
+    # STS-B: the step-6 model is scored first (60), then the kept step-4 model again (50).
+    score = {"SICKRelatedness": 70.0, "STSBenchmark": 50.0 if name in scored else 60.0}[name]
+    scored.append(name)
+    return {next(iter(data)): score, "avg": score}
+  monkeypatch.setattr(sentence, "_sts_results", dev_results)
+
+  def monitor(task, step):
+    with redirect_stdout(io.StringIO()):
+      return task.monitor(types.SimpleNamespace(step=np.int32(step), params={"model": params}))
+  task.dev_data = {"SICKRelatedness": None}
+  assert monitor(task, 4)["sts_dev_best"] == 70.0
+  stsb = tiny_config(tmp_path, **{"eval.dev_tasks": ("STSBenchmark",)})
+  resumed = sentence.SentenceTask(stsb, train.make_mesh(1), workdir=str(workdir))
+  resumed.dev_data = {"STSBenchmark": None}
+  err = io.StringIO()
+  with redirect_stderr(err):
+    after = monitor(resumed, 6)
+  # The kept step-4 model rescored on STS-B dev (50), then beaten by the step-6 model (60).
+  assert scored == ["SICKRelatedness", "STSBenchmark", "STSBenchmark"]
+  assert ("dev_tasks ['SICKRelatedness'] -> ['STSBenchmark']): rescored, dev 50.00"
+          in err.getvalue())
+  assert (after["sts_dev_best"], after["sts_dev_best_step"]) == (60.0, 6.0)
+  record = json.loads((workdir / "best_dev" / "best.json").read_text())
+  assert (record["step"], record["dev_tasks"], record["eval_pooler"]) == (6, ["STSBenchmark"], "cls")
+
+
 def test_dev_selection_final_sts_and_workdir_evaluation(tmp_path):
   root = write_sts(tmp_path / "downstream")
   workdir = str(tmp_path / "run")

@@ -478,10 +478,34 @@ class SentenceTask:
       # Killed between the two renames of `_save_best`: the previous best is complete in .old.
       os.replace(old, target)
     path = os.path.join(target, BEST_FILE)
-    if os.path.exists(path):
-      with open(path, encoding="utf-8") as f:
-        record = json.load(f)
-      self._best = {"step": int(record["step"]), "score": float(record["score"]), "params": None}
+    if not os.path.exists(path):
+      return
+    with open(path, encoding="utf-8") as f:
+      record = json.load(f)
+    self._best = {"step": int(record["step"]), "score": float(record["score"]), "params": None,
+                  "dev_tasks": list(record.get("dev_tasks", self.config.eval.dev_tasks))}
+    protocol = self._dev_protocol()
+    if all(record.get(k) == v for k, v in protocol.items()) or not self.dev_data:
+      return
+    # The kept model was scored on other dev sets, or with another evaluation pooler or length
+    # (eval.* may change on resume): its score cannot be compared with the new ones, so it is
+    # scored again the way the new ones are.
+    params = self._best_params()
+    dev = _sts_results(self.embed_fn(params), self.dev_data)
+    changed = ", ".join(f"{k} {record.get(k, '(not recorded)')} -> {v}"
+                        for k, v in protocol.items() if record.get(k) != v)
+    _say(f"The kept best dev model (step {self._best['step']}, dev {self._best['score']:.2f}) "
+         f"was scored another way ({changed}): rescored, dev {dev['avg']:.2f}.")
+    self._best.update(score=dev["avg"], dev_tasks=protocol["dev_tasks"])
+    if jax.process_index() == 0:
+      checkpointing.write_json_atomically(path, {**record, **protocol, "score": dev["avg"],
+                                                 "dev": dev})
+
+  def _dev_protocol(self) -> dict[str, Any]:
+    """What a dev score depends on besides the weights (recorded beside the kept model)."""
+    ev = self.config.eval
+    return {"dev_tasks": list(ev.dev_tasks), "eval_pooler": self.eval_pooler,
+            "eval_max_length": int(ev.max_length)}
 
   def _save_best(self, params, step: int, score: float, dev: dict) -> None:
     """Writes the best model as a HF folder, atomically (a new folder renamed into place)."""
@@ -492,8 +516,8 @@ class SentenceTask:
     shutil.rmtree(tmp, ignore_errors=True)
     self._export(params, tmp, extra={"selected_by": "best STS dev", "dev": dev})
     with open(os.path.join(tmp, BEST_FILE), "w", encoding="utf-8") as f:
-      json.dump({"step": step, "score": score, "dev_tasks": list(self.config.eval.dev_tasks),
-                 "dev": dev}, f, indent=2, sort_keys=True)
+      json.dump({"step": step, "score": score, **self._dev_protocol(), "dev": dev}, f, indent=2,
+                sort_keys=True)
     # A kill after the second rename leaves a complete `target` and a stale `old`: clear it, or
     # the first rename would fail on a non-empty directory at every later best.
     shutil.rmtree(old, ignore_errors=True)
@@ -516,7 +540,8 @@ class SentenceTask:
       # would win forever, since no score compares greater than NaN.
       if math.isfinite(score) and (self._best is None or not math.isfinite(self._best["score"])
                                    or score > self._best["score"]):
-        self._best = {"step": step, "score": score, "params": params}
+        self._best = {"step": step, "score": score, "params": params,
+                      "dev_tasks": list(self.config.eval.dev_tasks)}
         self._save_best(params, step, score, dev)
       if self._best is not None:
         metrics["sts_dev_best"] = self._best["score"]
@@ -553,7 +578,8 @@ class SentenceTask:
     self._restore_best_record()
     if ev.keep_best and self._best is not None:
       params, step = self._best_params(), self._best["step"]
-      selected = (f"best STS dev ({', '.join(ev.dev_tasks)}) model: step {step}, "
+      # Named by the dev sets that chose it (a resume without dev data cannot rescore it).
+      selected = (f"best STS dev ({', '.join(self._best['dev_tasks'])}) model: step {step}, "
                   f"dev {self._best['score']:.2f}")
     else:
       params, step = _host_copy(state.params["model"]), final_step
