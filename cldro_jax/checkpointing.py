@@ -25,6 +25,7 @@ CheckpointCorruptError naming the step and the earlier checkpoints; nothing is d
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -63,6 +64,10 @@ class CheckpointMismatchError(ValueError):
 
 class CheckpointCorruptError(ValueError):
   """A checkpoint whose files are unreadable or whose arrays fail their saved checksums."""
+
+
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint that could not be written (a full disk, a lost file system)."""
 
 
 def flatten_fields(config: dict, prefix: str = "") -> dict[str, Any]:
@@ -387,8 +392,41 @@ class Checkpointer:
     meta = dict(meta, checksums=state_checksums(state_dict))
     meta[_META_DIGEST] = _meta_digest(meta)
     # force: the trainer decides when to save (see _ManagerWithoutPreemptionReports).
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state_dict), meta=ocp.args.JsonSave(meta)), force=True)
+    with self._save_errors_explained():
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state_dict), meta=ocp.args.JsonSave(meta)), force=True)
+
+  def check_for_errors(self) -> None:
+    """Raises CheckpointSaveError if an asynchronous save has failed since the last call.
+    Without it a failed save (a full disk) shows only at the next save, a whole checkpoint
+    interval of training later, with nothing newer behind it."""
+    with self._save_errors_explained():
+      self._manager.check_for_errors()   # the arrays' writes
+      if not self._manager.is_saving_in_progress():
+        # The commit (orbax's finalize thread) keeps its error until someone waits on it; a
+        # finished one returns at once (a thread join: local to this process, no collective).
+        self._manager.wait_until_finished()
+
+  @contextlib.contextmanager
+  def _save_errors_explained(self):
+    """A failed write as one message: what failed, the checkpoint that is kept, the fix."""
+    try:
+      yield
+    except (CheckpointSaveError, KeyboardInterrupt):
+      raise
+    except Exception as err:   # pylint: disable=broad-except  (orbax/tensorstore raise many types)
+      try:
+        complete = [int(n) for n in os.listdir(self.directory)
+                    if n.isdigit() and self._looks_complete(int(n))]
+      except OSError:
+        complete = []
+      kept = (f"The last complete checkpoint, step {max(complete)}, is kept"
+              if complete else "No complete checkpoint is there yet")
+      cause = (str(err).strip().splitlines() or [type(err).__name__])[-1][:300]
+      raise CheckpointSaveError(
+          f"Writing a checkpoint to {self.directory} failed ({type(err).__name__}: {cause}). "
+          f"{kept}. Free space on that disk (df -h {self.directory}) or fix its file system, "
+          "then rerun the same command to resume.") from err
 
   def _looks_complete(self, step: int) -> bool:
     """Whether a step folder still holds its metadata and its arrays' index (a folder half
@@ -560,11 +598,14 @@ class Checkpointer:
     return state, meta
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    with self._save_errors_explained():
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:   # release orbax's threads even when the save in flight failed
+      self._manager.close()
 
 
 def read_checkpoint(workdir: str, *, step: int | None = None

@@ -52,11 +52,19 @@ class MetricWriter:
     except ImportError:  # tensorboardX is a declared dependency; degrade to JSON lines only.
       self._tb = None
 
-  def write(self, step: int, metrics: Mapping[str, Any], *, split: str = "train") -> None:
+  def write(self, step: int, metrics: Mapping[str, Any], *, split: str = "train",
+            once: bool = False) -> None:
+    """`once`: a line of this step and split with the same values replaces an earlier one (the
+    final results, logged again by a run killed before results.json was written: deterministic,
+    the same numbers). Different values, an evaluation with other settings, are both kept."""
     if not self.enabled:
       return
     record = {"step": int(step), "split": split, "time": time.time()}
     record.update({k: _to_python(v) for k, v in metrics.items()})
+    if once:
+      self._jsonl.close()
+      _drop_same_lines(self._jsonl.name, record)
+      self._jsonl = open(self._jsonl.name, "a", encoding="utf-8")
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()
     if self._tb is not None:
@@ -122,6 +130,21 @@ def _drop_lines_after(path: str, step: int) -> None:
         continue
       if record.get("step", 0) <= step:
         kept.append(line if line.endswith("\n") else line + "\n")
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
+
+
+def _drop_same_lines(path: str, record: Mapping[str, Any]) -> None:
+  """Rewrites a metrics file without the lines equal to `record` but for their time."""
+  def values(r):   # as text: NaN (a diverged run's score) equals NaN here
+    return json.dumps({k: v for k, v in r.items() if k != "time"}, sort_keys=True)
+  with open(path, encoding="utf-8") as f:
+    lines = f.readlines()
+  kept = [line for line in lines if values(json.loads(line)) != values(record)]
+  if len(kept) == len(lines):
+    return
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
     f.writelines(kept)

@@ -621,9 +621,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       # Also when the run stops on an error (NaN guard, bad data, Ctrl-C): finish the save in
       # flight, whose state was checked finite before it started, so that the last good
       # checkpoint is complete on disk rather than abandoned half-written at exit.
-      if writer is not None:
-        writer.close()
-      checkpointer.close()
+      try:
+        if writer is not None:
+          writer.close()
+      finally:   # a metrics file that cannot be flushed (full disk) must not abandon the save
+        checkpointer.close()
   return results
 
 
@@ -933,6 +935,9 @@ def _loop(config, task, state, train_step, checkpointer, writer, mesh, start_ste
         last_log_time, last_log_step = now, done
         summary["epoch"] = done / steps_per_epoch
         writer.write(done, summary, split="train")
+        # A failed asynchronous save (a full disk) stops the run now, not one checkpoint
+        # interval later at the next save.
+        checkpointer.check_for_errors()
         if not (math.isfinite(summary["loss"]) and summary["finite"] == 1.0):
           raise NonFiniteLossError(
               f"The loss, its gradient or the parameters became NaN or inf by step {done} (epoch "
@@ -1011,7 +1016,7 @@ def _loop(config, task, state, train_step, checkpointer, writer, mesh, start_ste
     results.update({f"final_{k}": v for k, v in monitor.items()})
   results.update(task.final_evaluation(state))
   writer.write(total_steps, {k: v for k, v in results.items()
-                             if isinstance(v, (int, float))}, split="results")
+                             if isinstance(v, (int, float))}, split="results", once=True)
   if jax.process_index() == 0:   # atomically: a kill mid-write must not leave half a file
     checkpointing.write_json_atomically(os.path.join(workdir, "results.json"), results)
   return results

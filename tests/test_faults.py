@@ -9,6 +9,7 @@ arrays, bit for bit (same data order, same augmentation keys, same optimizer sta
 Set CLDRO_FAULT_SEED to replay the random kill step of a failed run.
 """
 
+import contextlib
 import gzip
 import hashlib
 import os
@@ -334,6 +335,41 @@ def test_checkpoint_saves_leave_the_preemption_ids_to_the_watch(monkeypatch, tmp
     assert watch.should_stop(14)
   finally:
     checkpointer.close()
+
+
+def test_a_failed_asynchronous_save_is_one_message_naming_the_kept_checkpoint(monkeypatch,
+                                                                             tmp_path):
+  # The disk fills while step 2 is written in the background: the trainer asks at its next log
+  # line (check_for_errors), not a whole checkpoint interval later at the next save, and hears
+  # one message with the checkpoint that is kept and the fix, not orbax's tracebacks.
+  import errno  # pylint: disable=import-outside-toplevel
+  from orbax.checkpoint._src.path import async_path  # pylint: disable=import-outside-toplevel
+  rename = async_path.rename
+
+  async def rename_on_a_full_disk(src, dst):
+    if os.path.basename(str(src)).startswith("2.orbax-checkpoint-tmp"):
+      raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+    return await rename(src, dst)
+  monkeypatch.setattr(async_path, "rename", rename_on_a_full_disk)
+  checkpointer = checkpointing.Checkpointer(str(tmp_path))
+  state = {"w": np.arange(4.0, dtype=np.float32)}
+  try:
+    checkpointer.save(1, state, meta={"step": 1})
+    checkpointer.wait()
+    checkpointer.save(2, state, meta={"step": 2})
+    with pytest.raises(checkpointing.CheckpointSaveError) as err:
+      deadline = time.time() + 60
+      while time.time() < deadline:   # the background save fails a moment later
+        checkpointer.check_for_errors()
+        time.sleep(0.05)
+    message = str(err.value)
+    assert "No space left on device" in message
+    assert "The last complete checkpoint, step 1, is kept" in message
+    assert "rerun the same command to resume" in message
+  finally:
+    with contextlib.suppress(checkpointing.CheckpointSaveError):
+      checkpointer.close()
+  assert checkpointing.Checkpointer(str(tmp_path), read_only=True).latest_step() == 1
 
 
 # ----------------------------------------------------------------------------------------------

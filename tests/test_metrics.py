@@ -52,6 +52,25 @@ def test_resume_drops_and_hides_the_killed_runs_records_past_the_checkpoint(tmp_
   assert [step for step, kind, _ in second if kind == "summary"] == [4]
 
 
+def test_final_results_logged_again_after_a_kill_replace_the_same_line(tmp_path):
+  # Killed after the "results" line, before results.json: the rerun evaluates again (the same
+  # numbers, NaN included) and logs the line once more; the file keeps one. An evaluation with
+  # other settings (other numbers) keeps both lines, as it keeps results.previous-<k>.json.
+  workdir = str(tmp_path)
+  writer = metrics.MetricWriter(workdir, enabled=True)
+  writer.write(10, {"loss": 0.5})
+  writer.write(10, {"top1": 71.25, "knn": float("nan")}, split="results", once=True)
+  writer.close()
+  rerun = metrics.MetricWriter(workdir, enabled=True, resume_step=10)
+  rerun.write(10, {"top1": 71.25, "knn": float("nan")}, split="results", once=True)
+  assert [r["split"] for r in metrics.read_metrics(workdir)] == ["train", "results"]
+  rerun.write(10, {"top1": 70.0, "knn": float("nan")}, split="results", once=True)
+  rerun.write(11, {"loss": 0.4})   # the file is still open for appending after the rewrite
+  rerun.close()
+  assert [(r["split"], r.get("top1")) for r in metrics.read_metrics(workdir)] == [
+      ("train", None), ("results", 71.25), ("results", 70.0), ("train", None)]
+
+
 def test_every_logged_point_is_on_disk_without_close(tmp_path):
   # A kill -9 gives no chance to close: what write() returned from must already be in the files
   # (tensorboardX's SummaryWriter would still hold it in its queue or buffer for up to 120 s).
