@@ -251,7 +251,9 @@ def check_or_save_config(workdir: str, config: ml_collections.ConfigDict, *,
         + "\n".join(differences)
         + "\nNothing was changed. Resume with the original settings, or start the new experiment "
         "in a new --workdir. (Fields that may change on resume: " + ", ".join(RESUMABLE_FIELDS)
-        + ".)")
+        + ", except " + ", ".join(FIXED_FIELDS) + ". Of these, mesh, model.views_in_one_pass "
+        "and loss.matmul_precision change the floating-point rounding: the resumed run then "
+        "matches an uninterrupted one to round-off, not bit for bit.)")
   # The run goes on with these settings: config.json follows them (where the data live now,
   # the evaluation asked for), so the probe and load_encoder find what the run used.
   if save and jax.process_index() == 0 and current != _read_json_or_none(path):

@@ -141,3 +141,15 @@ def test_the_probe_before_the_first_checkpoint_suggests_waiting_or_untrained(tmp
       json.dumps(checkpointing.config_to_dict(quickstart.get_config("runlocal"))))
   run = _run(["-m", "cldro_jax.probe", f"--workdir={tmp_path}"])
   _assert_clean_failure(run, 2, "No checkpoint in", "--untrained")
+
+
+def test_ctrl_c_outside_the_training_loop_is_one_line_and_exit_130(tmp_path):
+  # Ctrl-C while the data load or the compilation runs (the loop itself saves and stops with its
+  # own message): what is saved is kept; no KeyboardInterrupt traceback.
+  script = ("import sys\nfrom absl import app\nfrom cldro_jax import main, train\n"
+            "def interrupted(*_args):\n  raise KeyboardInterrupt\n"
+            "train.train_and_evaluate = interrupted\napp.run(main.main)\n")
+  run = _run(["-c", script, "--config=configs/quickstart.py:runlocal",
+              f"--workdir={tmp_path / 'run'}"])
+  _assert_clean_failure(run, 130, "cldro_jax: interrupted (Ctrl-C)",
+                        "Rerun the same command to go on.")
