@@ -42,7 +42,7 @@ class ImageEncoder:
   def __post_init__(self):
     from cldro_jax.tasks import image  # pylint: disable=import-outside-toplevel
     from cldro_jax.data import augment  # pylint: disable=import-outside-toplevel
-    model = image.build_model(self.config.model)
+    model = image.build_model(self.config.model, dtype="float32")   # as the run's evaluation
     mean, std = tuple(self.config.augment.mean), tuple(self.config.augment.std)
 
     def embed(params, model_state, images, out_size):
@@ -133,7 +133,7 @@ class GraphEncoder:
 
   def __post_init__(self):
     from cldro_jax.tasks import graph  # pylint: disable=import-outside-toplevel
-    self._model = graph.build_model(self.config.model)
+    self._model = graph.build_model(self.config.model, dtype="float32")   # as the run's evaluation
     # The evaluation's own sharded apply, on a 1-device mesh of this process.
     self._mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()[:1]), (graph.AXIS,),
                                    axis_types=(jax.sharding.AxisType.Auto,))

@@ -70,8 +70,10 @@ class MaskedBatchNorm(nn.Module):
                 running_var.value = (1 - self.momentum) * running_var.value + self.momentum * unbiased
         else:
             mean, var = running_mean.value, running_var.value
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
-        return y.astype(x.dtype)
+        # float32 out whatever the compute dtype: the next layer and the sum pooling take
+        # float32 anyway, and a bf16 round trip here cost the bf16 gradients most of their
+        # agreement with float32 ones (cosine 0.64; 0.79 without it).
+        return (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
 
 
 class GINConv(nn.Module):
@@ -105,7 +107,9 @@ class GINEncoder(nn.Module):
     def __call__(self, batch: GraphBatch, *, train: bool) -> jax.Array:
         num_graphs = batch.graph_mask.shape[0]
         node_weight = batch.node_mask[:, None].astype(jnp.float32)
-        h = batch.node_features.astype(self.dtype)
+        # float32: GINConv sums in float32, and bf16 would round continuous attributes (above
+        # 256 to steps of 2 or more) before they are ever used.
+        h = batch.node_features.astype(jnp.float32)
         pooled = []
         for _ in range(self.num_layers):
             h = nn.relu(GINConv(self.hidden, dtype=self.dtype)(h, batch))

@@ -180,8 +180,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError("Invalid graph config:\n  " + "\n  ".join(problems))
 
 
-def build_model(model_cfg: ml_collections.ConfigDict) -> gin.GIN:
-  dtype = jnp.bfloat16 if model_cfg.dtype == "bfloat16" else jnp.float32
+def build_model(model_cfg: ml_collections.ConfigDict, dtype: str | None = None) -> gin.GIN:
+  """The config's GIN; `dtype` replaces its compute dtype (evaluation runs in float32)."""
+  dtype = jnp.bfloat16 if (dtype or model_cfg.dtype) == "bfloat16" else jnp.float32
   # BatchNorm reduces its sums over "data": the model always runs inside shard_map (see module).
   return gin.GIN(num_layers=model_cfg.num_layers, hidden=model_cfg.hidden, bn_axis_name=AXIS,
                  dtype=dtype)
@@ -283,6 +284,9 @@ class GraphTask:
       self._check_eval_batches_fit(quantile)
     self.local_positions = local_device_positions(mesh)
     self.model = build_model(config.model)
+    # The SVM's embeddings in float32 whatever the training dtype (as the sentence task's): a
+    # bf16 forward moves the SVM accuracy of the same weights by up to 1.6 points on MUTAG.
+    self.eval_model = build_model(config.model, dtype="float32")
     self.model_name = f"gin-l{config.model.num_layers}-h{config.model.hidden}"
     # SVM accuracies of the trained encoder by (step, CV seed): the trainer runs the monitor at
     # the last step and then final_evaluation, which would otherwise repeat the same CV.
@@ -404,7 +408,8 @@ class GraphTask:
     out, labels = [], []
     for host in self._eval_host_batches():
       batch = self.to_global(host)
-      emb, _, _ = jitted_apply(self.model, self.mesh, params, model_state, batch, train=False)
+      emb, _, _ = jitted_apply(self.eval_model, self.mesh, params, model_state, batch,
+                               train=False)
       emb, mask, lab = (_to_host(x) for x in (emb, batch.graph_mask, batch.labels))
       out.append(emb[mask])
       labels.append(lab[mask])

@@ -32,8 +32,10 @@ from cldro_jax.tasks import ForwardOutput
 AXIS = "data"
 
 
-def build_model(model_cfg: ml_collections.ConfigDict) -> heads.ContrastiveModel:
-  dtype = jnp.bfloat16 if model_cfg.dtype == "bfloat16" else jnp.float32
+def build_model(model_cfg: ml_collections.ConfigDict,
+                dtype: str | None = None) -> heads.ContrastiveModel:
+  """The config's model; `dtype` replaces its compute dtype (evaluation runs in float32)."""
+  dtype = jnp.bfloat16 if (dtype or model_cfg.dtype) == "bfloat16" else jnp.float32
   encoder = resnet.get_encoder(model_cfg.name, stem=model_cfg.stem, width=model_cfg.width,
                                dtype=dtype, stem_init=model_cfg.stem_init)
   head = heads.ProjectionHead(hidden=model_cfg.head_hidden, out=model_cfg.head_out, dtype=dtype)
@@ -72,6 +74,10 @@ class ImageTask:
     self.steps_per_epoch = len(self.dataset.pretrain) // config.batch_size
     self.monitor_every_steps = config.eval.every_epochs * self.steps_per_epoch
     self.model = build_model(config.model)
+    # Evaluation (kNN, probes, features) in float32 whatever the training dtype, as the
+    # sentence task's: the scores of the same weights must not depend on how they were trained
+    # (a bf16 forward moves the kNN by about a point). Same parameters, another compute dtype.
+    self.eval_model = build_model(config.model, dtype="float32")
     self.model_name = f"{config.model.name}-{config.model.stem}-w{config.model.width}"
     self.augment = make_augment(config.augment, config.augment.crop_size)
     # 0 keeps the stored size (the reference's test transform does not resize); a square size
@@ -109,13 +115,15 @@ class ImageTask:
     model_state = {k: v for k, v in variables.items() if k != "params"}
     return params, model_state
 
-  def _apply(self, params, model_state, views, *, train, num_views=1):
+  def _apply(self, params, model_state, views, *, train, num_views=1, model=None):
+    """`model`: another compute dtype of the same model (default: the training model in train
+    mode, the float32 evaluation model in eval mode)."""
     variables = {"params": params, **model_state}
     if train:
-      (features, projections), updates = self.model.apply(
+      (features, projections), updates = (model or self.model).apply(
           variables, views, train=True, num_views=num_views, mutable=list(model_state.keys()))
       return features, projections, {**model_state, **updates}
-    features, projections = self.model.apply(variables, views, train=False)
+    features, projections = (model or self.eval_model).apply(variables, views, train=False)
     return features, projections, model_state
 
   def forward(self, params, model_state, batch, rng, *, train: bool) -> ForwardOutput:
@@ -226,7 +234,7 @@ class ImageTask:
 
       def embed_fn(variables, images):
         features, _, state = self._apply(variables["params"], variables["state"], images,
-                                         train=update_bn)
+                                         train=update_bn, model=self.eval_model)
         if update_bn:
           return features, {"params": variables["params"], "state": state}
         return features
