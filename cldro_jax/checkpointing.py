@@ -250,7 +250,8 @@ def check_or_save_config(workdir: str, config: ml_collections.ConfigDict, *,
         f"The workdir {workdir} holds a run started with a different config:\n"
         + "\n".join(differences)
         + "\nNothing was changed. Resume with the original settings, or start the new experiment "
-        "in a new --workdir. (Fields that may change on resume: " + ", ".join(RESUMABLE_FIELDS)
+        f"in a new --workdir (from this run's trained encoder: add --config.init_from={workdir}"
+        "). (Fields that may change on resume: " + ", ".join(RESUMABLE_FIELDS)
         + ", except " + ", ".join(FIXED_FIELDS) + ". Of these, mesh, model.views_in_one_pass "
         "and loss.matmul_precision change the floating-point rounding: the resumed run then "
         "matches an uninterrupted one to round-off, not bit for bit.)")

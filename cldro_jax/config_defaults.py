@@ -203,7 +203,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if loss.name in IMAGE_ONLY_LOSSES and domain != "image":
     problems.append(
         f"config.loss.name={loss.name!r} is defined for images only (as in the paper: DCL and HCL "
-        f"have no {domain} form); use --config.loss.name=adnce or --config.loss.name=infonce")
+        f"have no {domain} form); use one of "
+        + ", ".join(f"--config.loss.name={n}" for n in LOSS_NAMES if n not in IMAGE_ONLY_LOSSES))
   _check(loss.temperature > 0, f"config.loss.temperature must be > 0, got {loss.temperature}",
          problems)
   _check(loss.sigma > 0, f"config.loss.sigma must be > 0, got {loss.sigma}", problems)

@@ -196,6 +196,12 @@ def _missing_config_file(argv: list[str], err: OSError) -> None:
     cause = " ".join(str(err).split()).split("earlier failure to load: ")[-1]
     _usage_error(f"--config={path} cannot be loaded ({cause}); pass a config file with a "
                  "get_config(), e.g. --config=configs/quickstart.py")
+  # Run from another folder: the repository this package was installed from (pip install -e)
+  # has the file, so name its absolute path.
+  repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if not os.path.isabs(path) and os.path.isfile(os.path.join(repository, path)):
+    _usage_error(f"config file {path!r} not found (paths are relative to {os.getcwd()}); "
+                 f"run from {repository}, or pass --config={os.path.join(repository, path)}")
   folder = os.path.dirname(path) or "configs"
   shipped = sorted(glob.glob(os.path.join(folder, "*.py"))) or sorted(glob.glob("configs/*.py"))
   close = difflib.get_close_matches(path, shipped, n=1, cutoff=0.6)

@@ -210,7 +210,7 @@ def format_summary(results: Mapping[str, Any], workdir: str) -> str:
     seeds = len(results.get("svm_cv_seeds", [])) or 1
     folds = evaluated.get("folds")
     label = f"{folds}-fold CV" if folds else "CV"
-    label += f", mean +- std of {seeds} seeds" if seeds > 1 else ""
+    label += f", mean +- std of {seeds} CV shuffle seeds" if seeds > 1 else ""
     rows.append((f"SVM accuracy ({label})", _paired(
         results, "svm_accuracy", "untrained_svm_accuracy", with_std=seeds > 1)))
   if "sts_avg" in results:
@@ -232,5 +232,8 @@ def format_summary(results: Mapping[str, Any], workdir: str) -> str:
                  " (see the message during training); these are a collapsed encoder's scores.")
   width = max((len(what) for what, _ in rows), default=0)
   lines += [f"  {what:<{width}}   {score}" for what, score in rows]
+  if results.get("init_from") and any("untrained" in k for k in results):
+    lines.append(f"  (This run started from the encoder of {results['init_from']}: \"untrained\" "
+                 "is a random initialisation, so the gain includes that run's training.)")
   lines.append(f"All results: {os.path.join(workdir, 'results.json')}")
   return "\n".join(lines)

@@ -1005,6 +1005,8 @@ def _loop(config, task, state, train_step, checkpointer, writer, mesh, start_ste
              "loss": config.loss.name, "evaluated_with": _evaluated_with(config)}
   if collapsed_at is not None:
     results["collapsed_at_step"] = collapsed_at
+  if config.get("init_from"):   # the encoder it started from (the summary says what "gain" means)
+    results["init_from"] = config.init_from
   if task.monitor_every_steps:
     # Resumed after training ended (killed during the final evaluation): the final monitor may
     # be logged already; a new evaluation with other settings logs its own.

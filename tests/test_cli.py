@@ -153,3 +153,11 @@ def test_ctrl_c_outside_the_training_loop_is_one_line_and_exit_130(tmp_path):
               f"--workdir={tmp_path / 'run'}"])
   _assert_clean_failure(run, 130, "cldro_jax: interrupted (Ctrl-C)",
                         "Rerun the same command to go on.")
+
+
+def test_a_config_path_run_from_another_folder_names_the_repository_copy(tmp_path):
+  run = subprocess.run([sys.executable, "-m", "cldro_jax.main", "--config=configs/quickstart.py",
+                        f"--workdir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120, check=False)
+  _assert_clean_failure(run, 2, f"pass --config={REPO_ROOT / 'configs' / 'quickstart.py'}",
+                        f"run from {REPO_ROOT}")

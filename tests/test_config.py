@@ -46,8 +46,12 @@ def test_a_command_line_override_naming_no_field_gets_one_clear_line(tmp_path):
 def test_dcl_hcl_rejected_outside_images(domain, loss):
   config = config_defaults.base_config(domain)
   config.loss.name = loss
-  with pytest.raises(ValueError, match=f"{loss}.*defined for images only.*loss.name=adnce"):
+  with pytest.raises(ValueError, match=f"{loss}.*defined for images only") as err:
     config_defaults.validate_config(config)
+  # Every loss the domain has is offered, the CL-DRO family included.
+  for name in ("infonce", "adnce", "kl_dro", "chi2_dro", "mean_variance"):
+    assert f"--config.loss.name={name}" in str(err.value)
+  assert "--config.loss.name=dcl" not in str(err.value)
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -129,6 +133,9 @@ def test_saved_config_mismatch_names_the_fields(tmp_path):
   assert "loss.mu: saved 0.7, now 0.1" in str(err.value)
   assert "eval.online_probe_lr: saved 0.001, now 0.1" in str(err.value)
   assert "batch_size: saved 256, now 512" in str(err.value)
+  # The way to a new experiment that starts from this run's encoder, and what may change.
+  assert f"add --config.init_from={workdir}" in str(err.value)
+  assert "except eval.online_probe, eval.online_probe_lr" in str(err.value)
   assert "new --workdir" in str(err.value)
   # Another domain is said in one line, not as every field of two schemas.
   with pytest.raises(checkpointing.CheckpointMismatchError,

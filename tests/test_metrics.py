@@ -119,9 +119,13 @@ def test_the_end_of_run_summary_of_graph_and_sentence_runs():
            "evaluated_with": {"eval": {"folds": 10}}}
   assert metrics.format_summary(graph, "wd").splitlines() == [
       "Results after 200 steps (20 epochs) with the adnce loss on MUTAG:",
-      "  SVM accuracy (10-fold CV, mean +- std of 3 seeds)   trained 88.50 +- 1.25   "
+      "  SVM accuracy (10-fold CV, mean +- std of 3 CV shuffle seeds)   trained 88.50 +- 1.25   "
       "untrained 85.00 +- 0.50   (gain +3.50)",
       "All results: wd/results.json"]
+  # Started from another run's encoder: the gain over a random one includes that run's training.
+  assert metrics.format_summary({**graph, "init_from": "runs/a"}, "wd").splitlines()[-2] == (
+      "  (This run started from the encoder of runs/a: \"untrained\" is a random "
+      "initialisation, so the gain includes that run's training.)")
   sentence = {"step": 125, "epochs": 0.5, "loss": "infonce", "collapsed_at_step": 100,
               "sts_avg": 76.254, "sts_model": "final model: step 125",
               "sts_pooler": "cls (without the training MLP)", "hf_export": "wd/hf_export"}

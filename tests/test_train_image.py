@@ -313,6 +313,8 @@ def test_init_from_applies_to_the_first_start_only(tmp_path):
   train.train_and_evaluate(tiny_config(total_steps=4, init_from=source), resumed)
   assert_trees_close(saved_arrays(straight)[0], saved_arrays(resumed)[0], rtol=0, atol=0)
   assert read_json(straight, "config.json")["init_from"] == source
+  assert read_json(straight, "results.json")["init_from"] == source   # for the summary's note
+  assert "init_from" not in read_json(source, "results.json")
   # And it is another run than a fresh start of the same config.
   fresh = str(tmp_path / "fresh")
   train.train_and_evaluate(tiny_config(total_steps=4), fresh)

@@ -137,7 +137,8 @@ class SimCLRAugment:
             raise ValueError(f"blur_sigma must satisfy 0 < min <= max, got {self.blur_sigma}.")
         if len(self.mean) != len(self.std) or len(self.mean) not in (1, 3):
             raise ValueError(
-                f"mean and std need 1 or 3 entries each, got mean={self.mean}, std={self.std}."
+                "mean and std need the same number of entries, 1 (grayscale) or 3 (RGB), got "
+                f"mean={self.mean}, std={self.std}."
             )
         if min(self.std) <= 0:
             raise ValueError(f"std entries must be > 0, got {self.std}.")
