@@ -859,6 +859,16 @@ def _logged_monitor(workdir, step) -> dict[str, float] | None:
   return (found or {}) if present else None
 
 
+@jax.jit
+def _step_means(pending: list[dict]) -> dict:
+  """Each metric's mean over the steps since the last log line, reduced on the device: one
+  small transfer per log line, not one per metric and step (about 850 at 50 steps), which left
+  the accelerator idle for ~10 ms per line. Compiled once per number of steps (the log interval,
+  and a shorter first or last one)."""
+  return {k: jnp.mean(jnp.stack([jnp.asarray(m[k], jnp.float32) for m in pending]))
+          for k in pending[-1]}
+
+
 def _log_state(pending, collapsed_at) -> dict[str, Any]:
   """The per-step metrics not yet averaged into a log line, as exact floats (float32 values are
   exact in JSON's float64), and the collapse step: what a resumed run needs to log the same."""
@@ -926,8 +936,7 @@ def _loop(config, task, state, train_step, checkpointer, writer, mesh, start_ste
         bar.update(config.batch_size)
       profile.after_step(done, state, train_step, batch, bar)
       if done % config.log_every_steps == 0 or done == total_steps:
-        fetched = jax.device_get(pending)
-        summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
+        summary = {k: float(v) for k, v in jax.device_get(_step_means(pending)).items()}
         pending.clear()
         now = time.time()
         summary["examples_per_sec"] = (done - last_log_step) * config.batch_size / max(

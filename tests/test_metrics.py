@@ -4,6 +4,8 @@ import glob
 import os
 import struct
 
+import pytest
+
 from tensorboardX.proto import event_pb2
 
 from cldro_jax import metrics
@@ -151,3 +153,19 @@ def test_a_read_only_checkpointer_opens_without_orbax_warnings(tmp_path, caplog)
     assert not caplog.records, caplog.text
     logging.warning("Given directory is read only=%s (a later, unrelated warning)", tmp_path)
   assert len(caplog.records) == 1
+
+
+def test_a_log_line_holds_the_mean_of_its_steps_reduced_on_the_device():
+  # A resumed run's first steps come back from the checkpoint as host floats, the rest are
+  # device scalars: one reduction takes both; the finiteness flag (bool) averages to 1.0 exactly.
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from cldro_jax import train  # pylint: disable=import-outside-toplevel
+  losses = np.random.default_rng(0).normal(4.0, 0.5, size=50).astype(np.float32)
+  pending = [{"loss": np.float32(v), "finite": np.float32(1.0)} for v in losses[:7]]
+  pending += [{"loss": jnp.float32(v), "finite": jnp.bool_(True)} for v in losses[7:]]
+  means = train._step_means(pending)  # pylint: disable=protected-access
+  assert float(means["loss"]) == pytest.approx(np.mean(losses.astype(np.float64)), rel=1e-6)
+  assert float(means["finite"]) == 1.0
+  pending[-1]["finite"] = jnp.bool_(False)   # one non-finite step shows in the mean
+  assert float(train._step_means(pending)["finite"]) < 1.0  # pylint: disable=protected-access
