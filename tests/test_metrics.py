@@ -5,7 +5,6 @@ import os
 import struct
 
 import pytest
-
 from tensorboardX.proto import event_pb2
 
 from cldro_jax import metrics

@@ -276,6 +276,16 @@ def test_make_embed_fn_restores_order_and_pads_batches():
     one = tok.encode_batch([sentence], 64, pad_to_multiple_of=16)
     np.testing.assert_array_equal(row, encode_fn(one["input_ids"], one["attention_mask"])[0])
   assert all(s[0] == 3 and s[1] % 16 == 0 for s in shapes[:2])
+  # A training run scores the same dev sentences at every evaluation with a new embed_fn (new
+  # weights): they are tokenised once per tokenizer, and the embeddings are the same.
+  calls = []
+  encode_batch = tok.encode_batch
+  tok.encode_batch = lambda *args, **kw: calls.append(1) or encode_batch(*args, **kw)
+  again = sts.make_embed_fn(encode_fn, tok, max_length=64, batch_size=3)(list(sentences))
+  np.testing.assert_array_equal(again, got)
+  assert not calls
+  other = sts.make_embed_fn(encode_fn, tok, max_length=32, batch_size=3)(sentences)  # new key
+  assert calls and other.shape == got.shape
 
 
 def test_command_line_prints_the_pooler_and_matches_the_api(sts_data):
