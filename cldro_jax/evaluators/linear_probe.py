@@ -436,7 +436,10 @@ def train_linear_probe_on_images(
         return jax.make_array_from_callback(array.shape, batch_sharding, lambda index: array[index])
 
     variables = encoder_variables
-    epoch_losses, loss_sum = [], 0.0
+    epoch_losses, step_losses = [], []
+    # Steps go back to back (the losses are fetched once per epoch), except on a multi-device
+    # CPU host, where back-to-back steps with collectives can deadlock: one step in flight.
+    one_in_flight = jax.default_backend() == "cpu" and jax.device_count() > 1
     batches = host_batches()
     show = progress and jax.process_index() == 0   # one bar per job, not per process
     with tqdm(total=epochs * num_examples, unit="img", unit_scale=True, disable=not show,
@@ -447,15 +450,18 @@ def train_linear_probe_on_images(
             params, opt_state, variables, loss = train_step(
                 params, opt_state, variables, placed(images), placed(batch_labels),
                 placed(valid), np.int32(step))
-            # Gather the next batch on the host while the device runs this step, then wait:
-            # one step in flight (back-to-back multi-device steps can deadlock on CPU hosts).
+            # Gather the next batch on the host while the device runs this step.
             batch = next(batches, None)
-            loss_sum += float(loss) * num_valid
+            if one_in_flight:
+                jax.block_until_ready(loss)
+            step_losses.append((loss, num_valid))
             bar.update(num_valid)
             if batch is None or batch[0] != epoch:
-                epoch_losses.append(loss_sum / num_examples)
+                values = jax.device_get([value for value, _ in step_losses])
+                epoch_losses.append(sum(float(value) * n for value, (_, n)
+                                        in zip(values, step_losses)) / num_examples)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{epoch_losses[-1]:.4f}")
-                loss_sum = 0.0
+                step_losses = []
     return LinearProbe(params=params, train_loss=jnp.asarray(epoch_losses, jnp.float32),
                        num_classes=num_classes, normalize=bool(normalize),
                        encoder_variables=variables if update_encoder_state else None)
