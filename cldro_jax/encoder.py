@@ -73,9 +73,17 @@ class ImageEncoder:
             "images[None]; for grayscale images that narrow, add the channel axis: "
             "images[..., None].")
       images = images[..., None]
-    out = [np.asarray(self._embed(self.params, self.model_state, images[i:i + batch_size],
-                                  image_size))
-           for i in range(0, len(images), batch_size)]
+    # One compiled shape per image size: every batch is padded (edge copies, dropped after) to
+    # batch_size, or for fewer images to the next power of two, so calls with other counts do
+    # not compile again. All batches are dispatched before the first is fetched.
+    size = batch_size if len(images) >= batch_size else 1 << max(len(images) - 1, 0).bit_length()
+    outputs = []
+    for i in range(0, len(images), size):
+      chunk = images[i:i + size]
+      padded = np.pad(chunk, ((0, size - len(chunk)),) + ((0, 0),) * (chunk.ndim - 1),
+                      mode="edge")
+      outputs.append((self._embed(self.params, self.model_state, padded, image_size), len(chunk)))
+    out = [np.asarray(features)[:n] for features, n in outputs]
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
