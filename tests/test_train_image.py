@@ -386,6 +386,8 @@ def test_full_configs_match_the_paper(tmp_path):
     assert n_params == 23_500_352 + 2048 * 512 + 2 * 512 + 512 * 128 + 128
   assert stl10_config.get_config().data.pretrain_split == "train+unlabelled"
   assert stl10_config.get_config().eval.probe_image_size == 96
+  # The unlabelled split's 100k decoded 96x96 images (2.8 GB) fit the in-memory limit.
+  assert stl10_config.get_config().data.in_memory_max_mb * 2**20 >= 105_000 * 96 * 96 * 3
 
 
 @pytest.mark.parametrize("update_bn", [False, True])
