@@ -33,8 +33,9 @@ export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
 LATER=$(grep -E '^run [a-z0-9_]+ [0-9]+ ' "${BASH_SOURCE[0]}" | awk '{s += $3} END {print s + 0}')
 # The device tool returns at most 8 files from $OUT. Everything is written to $WORK and packed
 # after each benchmark into $OUT/bench.tgz (every table, log and JSON file), beside
-# $OUT/summary.txt (every table, as printed) and $OUT/gpu.txt: three files, and a time-out of the
-# whole command still leaves the benchmarks finished so far. Unpack with `tar xzf bench.tgz`.
+# $OUT/summary.txt (every table, as printed) and $OUT/gpu.txt, and at the end the raw profiler
+# traces into $OUT/traces.tgz: four files, and a time-out of the whole command still leaves the
+# benchmarks finished so far. Unpack with `tar xzf bench.tgz` (and `tar xzf traces.tgz`).
 OUT="${OUT:-benchmark_out}"
 WORK="${WORK:-/tmp/bench}"
 mkdir -p "$OUT" "$WORK"
