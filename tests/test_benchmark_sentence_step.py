@@ -6,8 +6,10 @@ import sys
 
 import pytest
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks"))
+BENCHMARKS = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks")
+sys.path.insert(0, BENCHMARKS)   # sentence_step imports its sibling `record`
 import sentence_step  # noqa: E402  pylint: disable=wrong-import-position
+sys.path.remove(BENCHMARKS)      # the scripts' names (losses, plot) must not shadow other modules
 
 
 def test_both_programs_run_and_count_their_flops(tmp_path, capsys, monkeypatch):

@@ -3,10 +3,15 @@ script (benchmarks/h200.sh) stops each benchmark at a time limit, and a limit hi
 must cost the profile only, not the figure the run was for."""
 import json
 import math
+import pathlib
 import sys
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks"))
+import pytest
+
+BENCHMARKS = str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks")
+sys.path.insert(0, BENCHMARKS)   # train_step imports its sibling `record`
 import train_step  # noqa: E402  pylint: disable=wrong-import-position
+sys.path.remove(BENCHMARKS)      # the scripts' names (losses, plot) must not shadow other modules
 
 
 class _Stopped(Exception):
@@ -31,7 +36,7 @@ def test_train_step_row_is_in_the_json_file_before_the_profile(tmp_path, monkeyp
   assert seen["rows"] == rows and [r["model"] for r in rows] == ["resnet18"]
   row = rows[0]
   assert math.isfinite(row["images_per_s"]) and row["step_ms"] > 0
-  assert row["images_per_s"] == 8 / (row["step_ms"] / 1e3)
+  assert row["images_per_s"] == pytest.approx(8e3 / row["step_ms"], rel=1e-12)
   assert 0 < row["augment_share"]   # measured before the profile too
   printed = capsys.readouterr().out
   assert f"# resnet18: {row['step_ms']:.1f} ms/step, {row['images_per_s']:,.0f} images/s" in printed
