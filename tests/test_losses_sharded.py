@@ -152,6 +152,22 @@ def test_replicated_parameter_gradient_in_train_step_needs_no_psum():
   assert np.abs(np.asarray(expected_grad)).max() > 1e-2
 
 
+def test_without_check_vma_the_inside_gradient_is_the_device_count_times_too_large():
+  # What docs/losses.md warns about: check_vma=False hides that every device's loss is the same
+  # global mean, so the all_gather's transpose sums N_DEVICES equal copies of each row's gradient.
+  z1, z2, _, _ = inputs()
+
+  def loss_fn(a, b, axis_name=None):
+    return losses.infonce(a, b, temperature=0.5, axis_name=axis_name)
+
+  inside = jax.jit(jax.shard_map(
+      lambda a, b: jax.grad(loss_fn)(a, b, "data"), mesh=mesh(), in_specs=(P("data"), P("data")),
+      out_specs=P("data"), check_vma=False))
+  expected = jax.jit(jax.grad(loss_fn))(z1, z2)
+  np.testing.assert_allclose(np.asarray(jax.block_until_ready(inside(z1, z2))),
+                             N_DEVICES * np.asarray(expected), rtol=1e-4, atol=1e-6)
+
+
 def test_batch_split_over_two_mesh_axes():
   """axis_name may be a tuple: the batch split over ("slice", "data") of a 2 x 4 mesh (a
   multi-slice TPU pod's layout) gives the one-device values and each device its rows of the
