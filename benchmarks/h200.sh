@@ -21,6 +21,8 @@
 set -uo pipefail
 T0=$SECONDS   # everything counts against BUDGET, the wheel install included
 BUDGET="${BUDGET:-580}"
+[[ "$BUDGET" =~ ^[1-9][0-9]*$ ]] || { echo "BUDGET must be whole seconds, got '$BUDGET'"; exit 2; }
+PACKING=12    # seconds kept back for packing the traces after the last benchmark
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
@@ -31,6 +33,7 @@ fi
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
 # The sum of the limits of the runs still to come (read from this file's `run` lines).
 LATER=$(grep -E '^run [a-z0-9_]+ [0-9]+ ' "${BASH_SOURCE[0]}" | awk '{s += $3} END {print s + 0}')
+[ "$LATER" -gt 0 ] || { echo "run as: bash benchmarks/h200.sh (it reads its own run lines)"; exit 2; }
 # The device tool returns at most 8 files from $OUT. Everything is written to $WORK and packed
 # after each benchmark into $OUT/bench.tgz (every table, log and JSON file), beside
 # $OUT/summary.txt (every table, as printed) and $OUT/gpu.txt, and at the end the raw profiler
@@ -64,7 +67,7 @@ run() {   # run NAME SECONDS SCRIPT ARGS...: one benchmark with its own time lim
   shift 2
   LATER=$((LATER - limit))
   # This run's limit plus what the runs before it left unused, keeping the later runs' limits.
-  local allowed=$((BUDGET - (SECONDS - T0) - LATER))
+  local allowed=$((BUDGET - PACKING - (SECONDS - T0) - LATER))
   if [ "$allowed" -lt 10 ]; then
     echo "!! $name skipped: ${allowed} s left of its ${limit} s" | tee "$WORK/$name.txt"
     cat "$WORK"/*.txt > "$OUT/summary.txt"
@@ -105,7 +108,10 @@ run graph_step 20 benchmarks/graph_step.py --modes proper
 # The raw traces (for TensorBoard's or Perfetto's viewer), if they fit what the device tool
 # returns (16 MiB a file); their tables are in summary.txt either way.
 if [ -d "$WORK/profile" ]; then
-  timeout 10 tar czf "$OUT/traces.tgz" -C "$WORK" profile
+  # Written aside and renamed only when complete: a tar cut short is no archive.
+  timeout 10 tar czf "$OUT/traces.tgz.tmp" -C "$WORK" profile \
+    && mv "$OUT/traces.tgz.tmp" "$OUT/traces.tgz"
+  rm -f "$OUT/traces.tgz.tmp"
   if [ "$(stat -c %s "$OUT/traces.tgz" 2>/dev/null || echo 0)" -gt 15000000 ]; then
     rm -f "$OUT/traces.tgz"
     echo "(raw traces over 15 MB: left out; their tables are in summary.txt)" \

@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 from typing import Any
 
 import flax
@@ -68,6 +69,24 @@ class CheckpointCorruptError(ValueError):
 
 class CheckpointSaveError(RuntimeError):
   """A checkpoint that could not be written (a full disk, a lost file system)."""
+
+
+# How a storage failure reads when tensorstore or orbax re-raise it as another type (tensorstore
+# reports a full disk as a ValueError carrying the status "RESOURCE_EXHAUSTED").
+_STORAGE_FAILURE = re.compile(
+    r"RESOURCE_EXHAUSTED|No space left|Disk quota|Read-only file system|Input/output error|"
+    r"Permission denied|Stale file handle|Transport endpoint", re.IGNORECASE)
+
+
+def _is_storage_failure(err: BaseException) -> bool:
+  """Whether `err`, or an exception it was raised from, is the file system failing."""
+  seen = set()
+  while err is not None and id(err) not in seen:
+    seen.add(id(err))
+    if isinstance(err, OSError) or _STORAGE_FAILURE.search(str(err)):
+      return True
+    err = err.__cause__ or err.__context__
+  return False
 
 
 def flatten_fields(config: dict, prefix: str = "") -> dict[str, Any]:
@@ -415,9 +434,9 @@ class Checkpointer:
     """A failed write as one message: what failed, the checkpoint that is kept, the fix."""
     try:
       yield
-    except (CheckpointSaveError, KeyboardInterrupt):
-      raise
     except Exception as err:   # pylint: disable=broad-except  (orbax/tensorstore raise many types)
+      if not _is_storage_failure(err):
+        raise   # a bug (a step saved twice, an API mismatch) keeps its own traceback
       try:
         complete = [int(n) for n in os.listdir(self.directory)
                     if n.isdigit() and self._looks_complete(int(n))]

@@ -74,16 +74,21 @@ class ImageEncoder:
             "images[..., None].")
       images = images[..., None]
     # One compiled shape per image size: every batch is padded (edge copies, dropped after) to
-    # batch_size, or for fewer images to the next power of two, so calls with other counts do
-    # not compile again. All batches are dispatched before the first is fetched.
-    size = batch_size if len(images) >= batch_size else 1 << max(len(images) - 1, 0).bit_length()
-    outputs = []
+    # batch_size, or for fewer images to the next power of two below it, so calls with other
+    # counts do not compile again. Two batches in flight: the device never waits for the host,
+    # and device memory holds two batches whatever the number of images.
+    size = min(batch_size, 1 << max(len(images) - 1, 0).bit_length())
+    out, in_flight = [], []
     for i in range(0, len(images), size):
       chunk = images[i:i + size]
       padded = np.pad(chunk, ((0, size - len(chunk)),) + ((0, 0),) * (chunk.ndim - 1),
                       mode="edge")
-      outputs.append((self._embed(self.params, self.model_state, padded, image_size), len(chunk)))
-    out = [np.asarray(features)[:n] for features, n in outputs]
+      in_flight.append((self._embed(self.params, self.model_state, padded, image_size),
+                        len(chunk)))
+      if len(in_flight) > 1:
+        features, n = in_flight.pop(0)
+        out.append(np.asarray(features)[:n])
+    out += [np.asarray(features)[:n] for features, n in in_flight]
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 

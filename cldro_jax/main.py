@@ -110,14 +110,14 @@ def main(argv):
     # SIGINT for Ctrl-C); the same command (or a requeued job) resumes from the checkpoint.
     print(f"cldro_jax: {stop}", file=sys.stderr)
     sys.exit(stop.exit_code)
-  except KeyboardInterrupt:
-    # Ctrl-C outside the training loop (data loading, compilation, the final evaluation; the
-    # loop itself saves and raises PreemptedError): nothing is lost, say so without a traceback.
-    print("cldro_jax: interrupted (Ctrl-C) before training started or after it ended; the "
-          "checkpoints already saved are kept. Rerun the same command to go on.", file=sys.stderr)
-    sys.exit(130)
   except BaseException as err:  # pylint: disable=broad-except
     if jax.process_count() == 1:
+      if isinstance(err, KeyboardInterrupt):
+        # Ctrl-C outside the training loop (data loading, compilation, the final evaluation),
+        # or a second one inside it (the first saves and stops with PreemptedError).
+        print("cldro_jax: interrupted (Ctrl-C); the checkpoints already saved are kept. Rerun "
+              "the same command to resume from the last one.", file=sys.stderr)
+        sys.exit(130)
       if isinstance(err, _USER_ERRORS):   # the name too: docs and scripts refer to it
         print(f"cldro_jax: {type(err).__name__}: {err}", file=sys.stderr)
         sys.exit(1)

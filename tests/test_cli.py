@@ -152,7 +152,14 @@ def test_ctrl_c_outside_the_training_loop_is_one_line_and_exit_130(tmp_path):
   run = _run(["-c", script, "--config=configs/quickstart.py:runlocal",
               f"--workdir={tmp_path / 'run'}"])
   _assert_clean_failure(run, 130, "cldro_jax: interrupted (Ctrl-C)",
-                        "Rerun the same command to go on.")
+                        "Rerun the same command to resume from the last one.")
+  # One process of several leaves at once (os._exit), so that the others, waiting for it in a
+  # collective, see it gone; a normal exit would first wait minutes at the shutdown barrier.
+  several = script.replace("app.run(main.main)",
+                           "import jax\njax.process_count = lambda: 2\napp.run(main.main)")
+  run = _run(["-c", several, "--config=configs/quickstart.py:runlocal",
+              f"--workdir={tmp_path / 'run2'}"])
+  assert run.returncode == 1 and "process 0 of 2 failed" in run.stderr, run.stderr[-2000:]
 
 
 def test_a_config_path_run_from_another_folder_names_the_repository_copy(tmp_path):

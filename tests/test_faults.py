@@ -28,7 +28,7 @@ from PIL import Image
 from cldro_jax import checkpointing, train
 from cldro_jax.data import images as images_lib
 from configs import quickstart as quickstart_config
-from helpers import assert_trees_equal, saved_arrays, with_overrides
+from helpers import assert_trees_equal, saved_arrays, tiny_image_config, with_overrides
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_STEPS = 20
@@ -370,6 +370,29 @@ def test_a_failed_asynchronous_save_is_one_message_naming_the_kept_checkpoint(mo
     with contextlib.suppress(checkpointing.CheckpointSaveError):
       checkpointer.close()
   assert checkpointing.Checkpointer(str(tmp_path), read_only=True).latest_step() == 1
+  # A bug is not a full disk: saving a step twice keeps orbax's own error and traceback.
+  again = checkpointing.Checkpointer(str(tmp_path))
+  try:
+    with pytest.raises(Exception) as bug:
+      again.save(1, state, meta={"step": 1})
+      again.wait()
+    assert not isinstance(bug.value, checkpointing.CheckpointSaveError)
+    assert "already exists" in str(bug.value)
+  finally:
+    again.close()
+
+
+def test_the_trainer_asks_for_failed_saves_at_every_log_line(monkeypatch, tmp_path):
+  # A save that failed in the background stops the run at the next log line, not one checkpoint
+  # interval later (Checkpointer.check_for_errors, tested above with a real failed save).
+  from cldro_jax import metrics  # pylint: disable=import-outside-toplevel
+  asked = []
+  real = checkpointing.Checkpointer.check_for_errors
+  monkeypatch.setattr(checkpointing.Checkpointer, "check_for_errors",
+                      lambda self: asked.append(1) or real(self))
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(tiny_image_config(log_every_steps=2), workdir)
+  assert len(asked) == len(metrics.read_metrics(workdir, "train")) == 2
 
 
 # ----------------------------------------------------------------------------------------------

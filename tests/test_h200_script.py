@@ -105,3 +105,7 @@ def test_unused_seconds_pass_on_and_the_budget_is_never_exceeded(tmp_path):
   assert tight.returncode == 0
   tight_summary = (tmp_path / "tight" / "out" / "summary.txt").read_text()
   assert all(f"!! {name} skipped" in tight_summary for name in names)
+  # A budget that is not whole seconds would break the arithmetic and skip every benchmark
+  # silently: refused at once.
+  bad, _ = _run_script(tmp_path / "bad", BUDGET="5m")
+  assert bad.returncode == 2 and "BUDGET must be whole seconds" in bad.stdout

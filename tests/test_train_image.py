@@ -457,11 +457,14 @@ def test_probe_from_a_checkpoint_and_load_encoder_reproduce_the_run(tmp_path):
   np.testing.assert_allclose(encoder.embed(test["image"], batch_size=7), expected, rtol=1e-5,
                              atol=1e-5)
   np.testing.assert_array_equal(test["label"], labels)
-  # Other image counts reuse the compiled shapes (padded batches): 5 and 6 images share one.
+  # Other image counts reuse the compiled shapes (padded batches): 5 and 6 images pad to the
+  # batch of 7 already compiled (the power of two above them, 8, capped at batch_size).
   compiled = encoder._embed._cache_size()  # pylint: disable=protected-access
   np.testing.assert_allclose(encoder.embed(test["image"][:5], batch_size=7), expected[:5],
                              rtol=1e-5, atol=1e-5)
   assert encoder.embed(test["image"][:6], batch_size=7).shape == expected[:6].shape
+  assert encoder._embed._cache_size() == compiled  # pylint: disable=protected-access
+  assert encoder.embed(test["image"][:3], batch_size=7).shape[0] == 3   # 4 rows: one more shape
   assert encoder._embed._cache_size() == compiled + 1  # pylint: disable=protected-access
   with pytest.raises(FileNotFoundError, match="not a cldro_jax workdir"):
     cldro_jax.load_encoder(str(tmp_path / "nothing"))

@@ -511,8 +511,9 @@ class SentenceTask:
   def _dev_protocol(self) -> dict[str, Any]:
     """What a dev score depends on besides the weights (recorded beside the kept model)."""
     ev = self.config.eval
+    # The effective truncation (0 means the model's maximum): 0 and that maximum score alike.
     return {"dev_tasks": list(ev.dev_tasks), "eval_pooler": self.eval_pooler,
-            "eval_max_length": int(ev.max_length)}
+            "eval_max_length": int(ev.max_length or self.encoder_config.max_tokens)}
 
   def _save_best(self, params, step: int, score: float, dev: dict) -> None:
     """Writes the best model as a HF folder, atomically (a new folder renamed into place)."""
