@@ -76,7 +76,8 @@ class ImageTask:
     self.model = build_model(config.model)
     # Evaluation (kNN, probes, features) in float32 whatever the training dtype, as the
     # sentence task's: the scores of the same weights must not depend on how they were trained
-    # (a bf16 forward moves the kNN by about a point). Same parameters, another compute dtype.
+    # (tests/test_precision.py: identical features from a bf16 and a float32 config). Same
+    # parameters, another compute dtype.
     self.eval_model = build_model(config.model, dtype="float32")
     self.model_name = f"{config.model.name}-{config.model.stem}-w{config.model.width}"
     self.augment = make_augment(config.augment, config.augment.crop_size)
