@@ -48,8 +48,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 # Errors whose message is the whole story (it names the fix): shown as one message, not a
 # traceback. Anything else is a bug and keeps its traceback.
 _USER_ERRORS = (checkpointing.CheckpointMismatchError, checkpointing.CheckpointCorruptError,
-                checkpointing.CheckpointSaveError, train.NonFiniteLossError, train.ConfigError, train.WorkdirInUseError,
-                FileNotFoundError)
+                checkpointing.CheckpointSaveError, train.NonFiniteLossError, train.ConfigError,
+                train.WorkdirInUseError, FileNotFoundError)
 
 
 def _usage_error(message: str) -> None:

@@ -130,9 +130,13 @@ def _drop_lines_after(path: str, step: int) -> None:
         continue
       if record.get("step", 0) <= step:
         kept.append(line if line.endswith("\n") else line + "\n")
+  _rewrite(path, kept)
+
+
+def _rewrite(path: str, lines: list[str]) -> None:
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
-    f.writelines(kept)
+    f.writelines(lines)
   os.replace(tmp, path)
 
 
@@ -143,12 +147,8 @@ def _drop_same_lines(path: str, record: Mapping[str, Any]) -> None:
   with open(path, encoding="utf-8") as f:
     lines = f.readlines()
   kept = [line for line in lines if values(json.loads(line)) != values(record)]
-  if len(kept) == len(lines):
-    return
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.writelines(kept)
-  os.replace(tmp, path)
+  if len(kept) < len(lines):
+    _rewrite(path, kept)
 
 
 def read_metrics(workdir: str, split: str | None = None) -> list[dict[str, Any]]:

@@ -862,9 +862,8 @@ def _logged_monitor(workdir, step) -> dict[str, float] | None:
 @jax.jit
 def _step_means(pending: list[dict]) -> dict:
   """Each metric's mean over the steps since the last log line, reduced on the device: one
-  small transfer per log line, not one per metric and step (about 850 at 50 steps), which left
-  the accelerator idle for ~10 ms per line. Compiled once per number of steps (the log interval,
-  and a shorter first or last one)."""
+  small transfer per log line, not one per metric and step. Compiled once per number of steps
+  (the log interval, and a shorter first or last one)."""
   return {k: jnp.mean(jnp.stack([jnp.asarray(m[k], jnp.float32) for m in pending]))
           for k in pending[-1]}
 

@@ -34,9 +34,8 @@ def get_config(arg=None):
   config.data.probe_split = "train"
   config.data.test_split = "test"
   # The 100k unlabelled images (2.8 GB decoded) are held in RAM like the other splits: above the
-  # default 1 GB they were decoded from PNG on every batch, about 95% of each, which the host
-  # cannot do at a GPU's rate (PIL: ~1.5k images/s per core). A host with little RAM:
-  # --config.data.in_memory_max_mb=1024.
+  # default 1 GB they were decoded from PNG on every batch (about 95% of each batch's images),
+  # host work the GPU would wait for. A host with little RAM: --config.data.in_memory_max_mb=1024.
   config.data.in_memory_max_mb = 4096
   config.batch_size = 256
   config.total_epochs = 400

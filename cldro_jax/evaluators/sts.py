@@ -415,9 +415,7 @@ def _batches(n: int, size: int) -> Iterable[slice]:
 
 # The tokenised, length-sorted, padded batches of recent sentence lists, per tokenizer: a
 # training run scores the same dev sentences at every evaluation, and tokenising them again
-# (twice: lengths, then ids) took about 0.5 s of host time per STS-B dev evaluation in one
-# measurement on a 2-core CPU VM, next to about 2.6 s of training between two evaluations at
-# SimCSE's settings and the 3,000 sentences/s target.
+# (twice: lengths, then ids) at each one is host time the training waits for.
 _TOKENIZED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _TOKENIZED_KEPT = 16
 
