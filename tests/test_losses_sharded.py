@@ -193,3 +193,56 @@ def test_batch_split_over_two_mesh_axes():
                                  rtol=1e-5, atol=1e-6)
       for g, e in zip(got, grads, strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(e), atol=1e-6, rtol=1e-5)
+
+
+EXPLICIT_CASES = {
+    **CASES,
+    "infonce-graph": lambda z1, z2, **kw: losses.infonce(z1, z2, temperature=0.2,
+                                                         variant="graph", **kw),
+    "dcl-image": lambda z1, z2, **kw: losses.dcl(z1, z2, temperature=0.5, tau_plus=0.1, **kw),
+    "kl_dro-image": lambda z1, z2, **kw: losses.kl_dro(z1, z2, temperature=0.5, **kw),
+    "mean_variance-sentence": lambda z1, z2, **kw: losses.mean_variance(
+        z1, z2, temperature=0.5, variant="sentence", **kw),
+}
+
+
+@pytest.mark.parametrize("block_size", [None, 4])
+def test_plain_jit_over_arrays_split_on_explicit_mesh_axes(block_size):
+  """Without shard_map: a jitted loss of global arrays split over "data" of a mesh with Explicit
+  axes (jax.make_mesh's default since jax 0.9) equals the unsplit loss, values and gradients.
+  A plain q @ k.T of two batch-split arrays has no legal sharding there (ShardingTypeError)."""
+  explicit = jax.make_mesh((N_DEVICES,), ("data",),
+                           axis_types=(jax.sharding.AxisType.Explicit,))
+  z1, z2, valid, labels = (jnp.asarray(x) for x in inputs(seed=5))
+  for case, loss_fn in EXPLICIT_CASES.items():
+    kw = {} if block_size is None or case.startswith(("chi2", "mean_var")) else _kw(block_size)
+
+    def value_and_grads(a, b, v, lab, f=loss_fn, kw=kw):
+      return jax.value_and_grad(lambda x, y: f(x, y, valid=v, labels=lab, **kw), (0, 1))(a, b)
+    expected_value, expected_grads = jax.jit(value_and_grads)(z1, z2, valid, labels)
+    with jax.set_mesh(explicit):
+      split = [jax.sharding.reshard(x, P("data")) for x in (z1, z2, valid, labels)]
+      in_context = jax.block_until_ready(jax.jit(value_and_grads)(*split))
+    # and without a mesh context, the arrays carrying their sharding
+    split = [jax.device_put(x, jax.sharding.NamedSharding(explicit, P("data")))
+             for x in (z1, z2, valid, labels)]
+    no_context = jax.block_until_ready(jax.jit(value_and_grads)(*split))
+    for value, grads in (in_context, no_context):
+      assert jax.typeof(grads[0]).sharding.spec[0] == "data", case  # the rows stay split
+      np.testing.assert_allclose(float(value), float(expected_value), rtol=1e-5, err_msg=case)
+      for g, e in zip(grads, expected_grads, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), atol=1e-6, rtol=1e-5,
+                                   err_msg=case)
+  with jax.set_mesh(explicit):
+    split = [jax.sharding.reshard(x, P("data")) for x in (z1, z2)]
+    got = jax.jit(lambda a, b: losses.diagnostics(a, b, temperature=0.3, mu=0.6, sigma=0.5))(
+        *split)
+    mu_sigma = jax.jit(lambda a, b: losses.adaptive_mu_sigma(
+        a, b, mu=0.5, sigma=0.5, mu_rule="quantile", sigma_rule="std"))(*split)
+  expected = losses.diagnostics(z1, z2, temperature=0.3, mu=0.6, sigma=0.5)
+  for key, value in expected.items():
+    np.testing.assert_allclose(np.asarray(got[key]), np.asarray(value), rtol=2e-5, atol=2e-6,
+                               err_msg=key)
+  np.testing.assert_allclose(
+      np.asarray(mu_sigma), np.asarray(losses.adaptive_mu_sigma(
+          z1, z2, mu=0.5, sigma=0.5, mu_rule="quantile", sigma_rule="std")), rtol=1e-5)

@@ -34,7 +34,26 @@ class Layout(NamedTuple):
 
 
 def _gather(x, axis_name):
-  return x if axis_name is None else jax.lax.all_gather(x, axis_name, tiled=True)
+  if axis_name is None:
+    return replicated(x)
+  return jax.lax.all_gather(x, axis_name, tiled=True)
+
+
+def replicated(x):
+  """``x`` whole on every device when it is split over Explicit mesh axes, else unchanged.
+
+  Under ``jax.set_mesh`` with Explicit axes (``jax.make_mesh``'s default since jax 0.9) a
+  batch-sharded ``q @ k.T`` with both sides split over "data" has no legal sharding and raises
+  ``ShardingTypeError``; gathering the candidates gives the anchors-split layout that the
+  shard_map path computes. Auto and unsharded arrays carry no axes in their type: a no-op.
+  """
+  sharding = jax.typeof(x).sharding
+  spec = getattr(sharding, "spec", None)
+  if spec is None or all(axis is None for axis in spec):
+    return x
+  # The array's own (abstract) mesh, so that no `jax.set_mesh` context is needed.
+  return jax.sharding.reshard(
+      x, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
 
 
 def axis_size(axis_name) -> int:

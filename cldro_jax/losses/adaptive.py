@@ -49,7 +49,8 @@ def check_rules(mu_rule: str, sigma_rule: str, mu_quantile, sigma_scale) -> None
 
 def _masked_quantile(values: jax.Array, mask: jax.Array, q) -> jax.Array:
   """The q-quantile of values[mask] with linear interpolation (numpy.quantile's default)."""
-  flat = jnp.where(mask, values, jnp.inf).reshape(-1)
+  # Whole on every device when split over Explicit mesh axes: a sort needs its axis unsplit.
+  flat = _layout.replicated(jnp.where(mask, values, jnp.inf).reshape(-1))
   ordered = jnp.sort(flat)                     # masked entries sort last
   count = jnp.sum(mask)
   position = q * (jnp.maximum(count, 1) - 1).astype(values.dtype)
