@@ -110,7 +110,9 @@ class SentenceEncoder:
     self._tokenizer = text.SentenceTokenizer(self.trained.tokenizer_folder)
     self._encode = sts.jit_encode_fn(model, use_mlp=use_mlp)
     self._params = jax.tree.map(jnp.asarray, self.trained.params)   # on the device once
-    self._max_tokens = model.config.max_tokens
+    # The run's evaluation truncation (config.eval.max_length; 0: the model's maximum).
+    self._max_tokens = int(self.trained.config.eval.get("max_length", 0) or 0) or (
+        model.config.max_tokens)
 
   @property
   def config(self) -> ml_collections.ConfigDict:
@@ -123,7 +125,8 @@ class SentenceEncoder:
   def embed(self, sentences, *, batch_size: int = 64, max_length: int | None = None
             ) -> np.ndarray:
     """(N, hidden) float32 embeddings of N sentences (dropout off; texts longer than
-    `max_length` tokens, by default the model's maximum, are truncated)."""
+    `max_length` tokens are truncated, by default at the run's `config.eval.max_length`, as its
+    STS evaluation, or the model's maximum when that is 0)."""
     from cldro_jax.evaluators import sts  # pylint: disable=import-outside-toplevel
     if isinstance(sentences, str):
       raise ValueError("embed takes a list of sentences; for one sentence pass [sentence].")

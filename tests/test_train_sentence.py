@@ -342,6 +342,22 @@ def test_dev_selection_final_sts_and_workdir_evaluation(tmp_path):
   with pytest.raises(ValueError, match="list of sentences"):
     best.embed("one sentence")
 
+  # A run that evaluates at config.eval.max_length=5 tokens: load_encoder and the STS command
+  # truncate there too by default, as the run's own evaluation does (they used the model's max).
+  config_path = pathlib.Path(workdir, "config.json")
+  run_config = json.loads(config_path.read_text())
+  run_config["eval"]["max_length"] = 5
+  config_path.write_text(json.dumps(run_config))
+  emb5 = lambda s: encode(enc_config, best_params, ROBERTA_DIR, s, "cls", 5)  # noqa: E731
+  short = cldro_jax.load_encoder(workdir).embed(sentences)
+  np.testing.assert_allclose(short, emb5(sentences), rtol=1e-5, atol=1e-5)
+  assert np.abs(short - emb(sentences)).max() > 1e-2   # truncation changes these sentences
+  with redirect_stdout(io.StringIO()):
+    at5 = sts.main([f"--workdir={workdir}", "--tasks=STSBenchmark", "--batch_size=16"])
+  stsb_test = sts.load_task(str(root), "STSBenchmark", "test")
+  assert at5["STSBenchmark"] == pytest.approx(spearman_all_setting(emb5, stsb_test), abs=1e-3)
+  assert at5["STSBenchmark"] != pytest.approx(results["sts_STSBenchmark"], abs=1e-3)
+
 
 def test_runlocal_minilm_offline_end_to_end_and_export_reload(tmp_path):
   config = sts_minilm_config.get_config("runlocal")

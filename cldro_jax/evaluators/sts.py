@@ -521,7 +521,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                            "export's, or a sentence-transformers Pooling module's), else cls; "
                            "with --workdir: the run's evaluation pooler")
   parser.add_argument("--max_length", type=int, default=None,
-                      help="truncate to this many tokens (default: the model's maximum)")
+                      help="truncate to this many tokens (default: with --workdir the run's "
+                           "config.eval.max_length, else, or when that is 0, the model's "
+                           "maximum)")
   parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument("--split", default="test", choices=("test", "dev"))
   parser.add_argument("--tasks", default=None,
@@ -562,6 +564,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from cldro_jax.tasks import sentence
     logs.quiet_library_info()
     run_config = sentence.load_run_config(args.workdir)
+    if args.max_length is None:   # score as the run's own evaluation truncates
+      args.max_length = int(run_config.eval.get("max_length", 0) or 0) or None
     if args.sts_root is None:
       args.sts_root = run_config.data.sts_root
       if not args.sts_root:
