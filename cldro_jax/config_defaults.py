@@ -12,6 +12,7 @@ tau_plus, beta`; the device mesh has one axis, `"data"`.
 from __future__ import annotations
 
 import difflib
+import math
 from typing import Any
 
 import ml_collections
@@ -26,6 +27,17 @@ LOSS_NAMES = ("infonce", "adnce", "dcl", "hcl", "kl_dro", "chi2_dro", "mean_vari
 IMAGE_ONLY_LOSSES = ("dcl", "hcl")
 # Losses with the memory-bounded blockwise path (`config.loss.block_size`); the others are dense.
 BLOCKWISE_LOSSES = ("infonce", "adnce", "dcl", "hcl", "kl_dro")
+# The hyperparameters each loss's objective reads (the temperature also sets the logged
+# diagnostics and, for images, the kNN monitor's temperature, whatever the loss).
+LOSS_HYPERPARAMETERS = {
+    "infonce": ("temperature",),
+    "adnce": ("temperature", "mu", "sigma"),
+    "dcl": ("temperature", "tau_plus"),
+    "hcl": ("temperature", "tau_plus", "beta"),
+    "kl_dro": ("temperature",),
+    "chi2_dro": ("eta",),
+    "mean_variance": ("temperature",),
+}
 # The names `jax.default_matmul_precision` accepts (both spellings).
 MATMUL_PRECISIONS = ("highest", "high", "default", "float32", "tensorfloat32", "bfloat16")
 
@@ -191,12 +203,74 @@ def _check(condition: bool, message: str, problems: list[str]) -> None:
     problems.append(message)
 
 
+def _non_finite(config: Any, prefix: str = "config.") -> list[str]:
+  """Every float field (or float in a tuple field) that is NaN or infinite: no setting means
+  that, and later checks such as `> 0` let inf through."""
+  problems = []
+  for key, value in config.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      problems.extend(_non_finite(value, name + "."))
+    elif any(isinstance(v, float) and not math.isfinite(v)
+             for v in (value if isinstance(value, (tuple, list)) else (value,))):
+      problems.append(f"{name} must be finite, got {value}")
+  return problems
+
+
+def _image_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """Model, evaluation, augmentation and data settings of an image config that cannot work."""
+  problems = []
+  model, ev = config.model, config.eval
+  _check(model.dtype in ("float32", "bfloat16"), "config.model.dtype must be float32 or bfloat16",
+         problems)
+  _check(model.stem_init in ("torchvision", "conv_default"),
+         f"config.model.stem_init={model.stem_init!r} is not torchvision or conv_default", problems)
+  for field in ("width", "head_hidden", "head_out"):
+    _check(model[field] >= 1, f"config.model.{field} must be >= 1, got {model[field]}", problems)
+  _check(ev.linear_probe in ("reference", "features", "none"),
+         "config.eval.linear_probe must be reference, features or none", problems)
+  _check(ev.every_epochs >= 0,
+         f"config.eval.every_epochs must be >= 0 (0: no per-epoch monitor), got "
+         f"{ev.every_epochs}", problems)
+  for field in ("knn_k", "batch_size", "linear_probe_epochs", "linear_probe_batch_size"):
+    _check(ev[field] >= 1, f"config.eval.{field} must be >= 1, got {ev[field]}", problems)
+  for field, meaning in (("knn_max_bank", "0: every bank image"),
+                         ("probe_image_size", "0: the stored size"),
+                         ("knn_temperature", "0: the loss temperature"),
+                         ("linear_probe_weight_decay", "0: none")):
+    _check(ev[field] >= 0, f"config.eval.{field} must be >= 0 ({meaning}), got {ev[field]}",
+           problems)
+  for field in ("online_probe_lr", "linear_probe_lr"):
+    _check(ev[field] > 0, f"config.eval.{field} must be > 0, got {ev[field]}", problems)
+  # The features probe trains on cached features of the frozen encoder: no BatchNorm to update.
+  if ev.probe_update_bn and ev.linear_probe == "features":
+    problems.append(
+        "config.eval.probe_update_bn=True applies to the reference linear probe only, but "
+        "config.eval.linear_probe='features' probes cached features of the frozen encoder; "
+        "set --config.eval.linear_probe=reference or --config.eval.probe_update_bn=False")
+  # pylint: disable=import-outside-toplevel
+  from cldro_jax.data import images
+  from cldro_jax.tasks import image
+  try:
+    image.make_augment(config.augment, config.augment.crop_size)
+  except (TypeError, ValueError) as err:
+    problems.append(str(err))
+  try:
+    images.resolve_data_config(config.data)
+  except ValueError as err:
+    problems.append(str(err))
+  return problems
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError listing every problem found (unknown keys, impossible values)."""
   domain = config.get("domain", None)
   if domain not in DOMAINS:
     raise ValueError(f"config.domain must be one of {DOMAINS}, got {domain!r}.")
   problems = _unknown_keys(config, base_config(domain))
+  if problems:   # the checks below read the schema's fields
+    raise ValueError("Invalid config:\n  " + "\n  ".join(problems))
+  problems = _non_finite(config)
   loss = config.loss
   _check(loss.name in LOSS_NAMES,
          f"config.loss.name={loss.name!r} is not one of {LOSS_NAMES}", problems)
@@ -232,6 +306,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f"config.loss.mu_rule/sigma_rule adapt ADNCE's weights, but config.loss.name="
         f"{loss.name!r}; use --config.loss.name=adnce or leave both rules 'fixed'")
   _check(config.batch_size >= 2, "config.batch_size must be >= 2", problems)
+  _check(config.seed >= 0, f"config.seed must be >= 0, got {config.seed}", problems)
   _check(config.total_steps > 0 or config.total_epochs > 0,
          "set config.total_epochs or config.total_steps to a positive number", problems)
   _check(config.total_steps >= 0 and config.total_epochs >= 0,
@@ -245,6 +320,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
          f"config.optim.schedule={config.optim.schedule!r} is not one of constant, warmup_cosine,"
          " linear_decay", problems)
   _check(config.optim.lr > 0, "config.optim.lr must be > 0", problems)
+  optim = config.optim
+  for field, meaning in (("weight_decay", "0: none"), ("grad_clip_norm", "0: no clipping")):
+    _check(optim[field] >= 0, f"config.optim.{field} must be >= 0 ({meaning}), got "
+           f"{optim[field]}", problems)
+  _check(0 <= optim.min_lr_ratio <= 1,
+         f"config.optim.min_lr_ratio must be in [0, 1] (the cosine's floor as a fraction of lr), "
+         f"got {optim.min_lr_ratio}", problems)
+  _check(0 <= optim.momentum < 1, f"config.optim.momentum must be in [0, 1), got "
+         f"{optim.momentum}", problems)
   _check(config.profile_steps >= 0,
          f"config.profile_steps must be >= 0 (0: no profile), got {config.profile_steps}",
          problems)
@@ -258,18 +342,45 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
          f"config.mesh.num_devices must be -1 (all devices) or >= 1, got "
          f"{config.mesh.num_devices}", problems)
   if domain == "image":
-    _check(config.model.dtype in ("float32", "bfloat16"),
-           "config.model.dtype must be float32 or bfloat16", problems)
-    _check(config.model.stem_init in ("torchvision", "conv_default"),
-           f"config.model.stem_init={config.model.stem_init!r} is not torchvision or "
-           "conv_default", problems)
-    _check(config.eval.linear_probe in ("reference", "features", "none"),
-           "config.eval.linear_probe must be reference, features or none", problems)
-    _check(config.eval.every_epochs >= 0,
-           f"config.eval.every_epochs must be >= 0 (0: no per-epoch monitor), got "
-           f"{config.eval.every_epochs}", problems)
+    problems.extend(_image_problems(config))
   if problems:
     raise ValueError("Invalid config:\n  " + "\n  ".join(problems))
+
+
+def unused_settings(config: ml_collections.ConfigDict) -> list[str]:
+  """Settings changed from the schema's defaults that this run does not read, with the reason:
+  another loss's hyperparameters, an optimizer or schedule option of another optimizer or
+  schedule, a data field of another image source. Empty when every changed setting is used."""
+  notes = []
+  defaults = base_config(config.domain)
+  loss = config.loss
+  used = set(LOSS_HYPERPARAMETERS.get(loss.name, ()))
+  unused = [key for key in ("temperature", "mu", "sigma", "tau_plus", "beta", "eta")
+            if key not in used and loss[key] != defaults.loss[key]]
+  if loss.mu_rule != "quantile" and loss.mu_quantile != defaults.loss.mu_quantile:
+    unused.append("mu_quantile")
+  if loss.sigma_rule != "std" and loss.sigma_scale != defaults.loss.sigma_scale:
+    unused.append("sigma_scale")
+  for key in unused:
+    reason = f"not read by --config.loss.name={loss.name}"
+    if key == "temperature":
+      reason = (f"{loss.name}'s objective does not read it: it sets only the logged diagnostics"
+                " and, for images, the kNN monitor's temperature")
+    elif key in ("mu_quantile", "sigma_scale"):
+      reason = "read only by " + ("mu_rule=quantile" if key == "mu_quantile" else "sigma_rule=std")
+    notes.append(f"loss.{key}={loss[key]!r} ({reason})")
+  optim = config.optim
+  if optim.name not in ("sgd", "lars") and optim.momentum != defaults.optim.momentum:
+    notes.append(f"optim.momentum={optim.momentum!r} (read by sgd and lars only, not "
+                 f"--config.optim.name={optim.name})")
+  if optim.schedule != "warmup_cosine" and optim.min_lr_ratio != defaults.optim.min_lr_ratio:
+    notes.append(f"optim.min_lr_ratio={optim.min_lr_ratio!r} (read by the warmup_cosine "
+                 f"schedule only, not --config.optim.schedule={optim.schedule})")
+  if config.domain == "image":
+    from cldro_jax.data import images  # pylint: disable=import-outside-toplevel
+    notes.extend(f"data.{field} (not read by --config.data.source={config.data.source})"
+                 for field in images.unused_fields(config.data))
+  return notes
 
 
 def placeholder(kind):
@@ -329,6 +440,7 @@ def make_runlocal(config: ml_collections.ConfigDict) -> None:
   config.eval.batch_size = 32
   config.eval.knn_k = 5
   config.eval.linear_probe = "features"
+  config.eval.probe_update_bn = False   # the features probe has no BatchNorm to update
   config.eval.linear_probe_epochs = 2
   config.eval.linear_probe_batch_size = 32
   config.progress_bar = False

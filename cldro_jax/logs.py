@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging as py_logging
+import sys
 from typing import Iterator
 
 from absl import logging
@@ -53,3 +54,11 @@ def absl_messages_hidden(*prefixes: str | None) -> Iterator[None]:
     yield
   finally:
     logger.removeFilter(shown)
+
+
+def warn(message: str) -> None:
+  """A warning to the log, and once (process 0 of a multi-process run) to the terminal."""
+  import jax  # pylint: disable=import-outside-toplevel
+  logging.warning(message)
+  if jax.process_index() == 0:
+    print(f"WARNING: {message}", file=sys.stderr, flush=True)

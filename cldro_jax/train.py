@@ -44,6 +44,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from cldro_jax import checkpointing
 from cldro_jax import config_defaults
 from cldro_jax import distributed
+from cldro_jax import logs
 from cldro_jax import losses
 from cldro_jax import metrics as metrics_lib
 from cldro_jax import profiling
@@ -94,9 +95,7 @@ class _ProfileWindow:
       message = (f"config.profile_steps={requested}: this start has "
                  f"{total_steps - start_step} steps, fewer than {self.WARMUP_STEPS} warm-up steps "
                  "and the traced ones; nothing is profiled")
-      logging.warning(message)
-      if jax.process_index() == 0:
-        print(f"WARNING: {message}", file=sys.stderr, flush=True)
+      logs.warn(message)
       self.enabled = False
     self.dir = os.path.join(workdir, "profile",
                             f"steps{self.first + 1}-{self.last}-process{jax.process_index()}")
@@ -536,6 +535,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Rerunning with the same workdir resumes from its last checkpoint.
   """
   config_defaults.validate_config(config)
+  unused = config_defaults.unused_settings(config)
+  if unused:
+    logs.warn("these settings are not used by this run:\n  " + "\n  ".join(unused))
   _check_local_path(workdir)
   workdir = os.path.abspath(workdir)
   mesh = make_mesh(config.mesh.num_devices)
@@ -963,9 +965,7 @@ def _loop(config, task, state, train_step, checkpointer, writer, mesh, start_ste
               f"--config.loss.eta collapses from a random start, docs/results.md claim 7; "
               f"--config.init_from=WORKDIR starts from a trained encoder) or lower "
               f"--config.optim.lr. Training goes on; results.json records the step.")
-          logging.warning(message)
-          if jax.process_index() == 0:
-            print(f"WARNING: {message}", file=sys.stderr, flush=True)
+          logs.warn(message)
         if bar is not None:
           bar.set_postfix(loss=f"{summary['loss']:.4f}", epoch=f"{summary['epoch']:.2f}")
       if done % config.checkpoint_every_steps == 0 and done < total_steps:

@@ -29,7 +29,8 @@ def _is_valid(valid, b):
 
 
 def _same_label(labels, a, b):
-  return labels is not None and labels[a] == labels[b]
+  # a negative label is an unlabelled row: the same class as nothing
+  return labels is not None and labels[a] == labels[b] and labels[a] >= 0
 
 
 def anchors(z1, z2, variant, valid=None, labels=None, include_positive=False):

@@ -254,3 +254,155 @@ def test_parse_arg_rejects_values_it_would_otherwise_misread():
   with pytest.raises(ValueError, match=r"did you mean 'runlocal'\? this config takes "
                      r"`:runlocal,seed=0`"):
     config_defaults.parse_arg("run_local", runlocal=False, seed=0)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("loss.mu", float("inf"), r"config.loss.mu must be finite, got inf"),
+    ("loss.temperature", float("nan"), r"config.loss.temperature must be finite, got nan"),
+    ("total_epochs", float("inf"), r"config.total_epochs must be finite"),
+    ("augment.brightness", float("nan"), r"config.augment.brightness must be finite"),
+    ("augment.crop_scale", (0.08, float("inf")), r"config.augment.crop_scale must be finite"),
+    ("seed", -1, "config.seed must be >= 0, got -1"),
+    ("optim.weight_decay", -1.0, r"config.optim.weight_decay must be >= 0 \(0: none\)"),
+    ("optim.grad_clip_norm", -1.0, r"config.optim.grad_clip_norm must be >= 0"),
+    ("optim.min_lr_ratio", -1.0, r"config.optim.min_lr_ratio must be in \[0, 1\]"),
+    ("optim.momentum", 1.0, r"config.optim.momentum must be in \[0, 1\)"),
+    ("model.width", 0, "config.model.width must be >= 1, got 0"),
+    ("model.head_out", 0, "config.model.head_out must be >= 1"),
+    ("eval.knn_k", 0, "config.eval.knn_k must be >= 1, got 0"),
+    ("eval.batch_size", 0, "config.eval.batch_size must be >= 1"),
+    ("eval.linear_probe_epochs", 0, "config.eval.linear_probe_epochs must be >= 1"),
+    ("eval.knn_max_bank", -1, r"config.eval.knn_max_bank must be >= 0 \(0: every bank image\)"),
+    ("eval.probe_image_size", -3, r"config.eval.probe_image_size must be >= 0 \(0: the stored"),
+    ("eval.linear_probe_lr", 0.0, "config.eval.linear_probe_lr must be > 0"),
+    ("augment.crop_size", 0, "config.augment.crop_size must be a positive int, got 0"),
+    ("augment.hue", 0.7, r"config.augment.hue must be in \[0, 0.5\]"),
+    ("data.train_per_class", -1, r"config.data.train_per_class must be >= 1 \(or 0: every"),
+    ("data.split_seed", -1, "config.data.split_seed must be >= 0, got -1"),
+    ("data.test_fraction", 1.0, r"config.data.test_fraction must be in \(0, 1\)"),
+])
+def test_settings_that_cannot_work_are_named_before_anything_runs(field, value, message):
+  # Each of these trained (or failed after training) with a number no one asked for: a negative
+  # min_lr_ratio turned the cosine's second half into gradient ascent, probe_image_size=-3 put
+  # every score at chance, mu=inf failed deep inside the traced loss.
+  config = config_defaults.base_config("image")
+  group, _, name = field.rpartition(".")
+  (config[group] if group else config)[name] = value
+  with pytest.raises(ValueError, match=message):
+    config_defaults.validate_config(config)
+
+
+def test_probe_update_bn_with_the_features_probe_is_refused_and_runlocal_drops_it():
+  config = config_defaults.base_config("image")
+  config.eval.probe_update_bn = True
+  config_defaults.validate_config(config)   # the reference probe updates BatchNorm: fine
+  config.eval.linear_probe = "features"
+  with pytest.raises(ValueError, match="probe_update_bn=True applies to the reference linear "
+                                       "probe only.*--config.eval.linear_probe=reference"):
+    config_defaults.validate_config(config)
+  config_defaults.make_runlocal(config)   # runlocal probes features: the flag is dropped
+  config_defaults.validate_config(config)
+
+
+def _config_modules():
+  import importlib.util
+  for path in sorted((REPO_ROOT / "configs").glob("*.py")):
+    if path.name == "__init__.py":
+      continue
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    yield path.stem, module
+
+
+def test_every_shipped_config_uses_every_setting_it_changes():
+  # so that the "not used by this run" warning means something when it appears
+  seen = 0
+  for name, module in _config_modules():
+    for arg in (None, "runlocal"):
+      config = module.get_config(arg)
+      config_defaults.validate_config(config)
+      assert config_defaults.unused_settings(config) == [], (name, arg)
+      seen += 1
+  assert seen >= 30
+
+
+@pytest.mark.parametrize("name", config_defaults.LOSS_NAMES)
+def test_loss_hyperparameters_table_is_what_the_trainer_reads(name):
+  # The table behind the "not used by this run" warning, against the trainer's loss itself:
+  # changing a hyperparameter it lists changes the loss value, changing one it omits does not,
+  # and exactly the omitted ones are reported.
+  import jax
+  import numpy as np
+
+  from cldro_jax import train
+
+  rng = np.random.default_rng(0)
+  z1, z2 = rng.normal(size=(2, 10, 4)).astype(np.float32)
+  base = config_defaults.base_config("image")
+  base.loss.name = name
+
+  def value(loss_cfg):
+    return float(jax.jit(lambda a, b: train.make_loss_fn(loss_cfg, "image")(
+        a, b, None, None, None))(z1, z2))
+
+  reference = value(base.loss)
+  changed = {"temperature": 0.2, "mu": 0.1, "sigma": 0.3, "tau_plus": 0.3, "beta": 2.0,
+             "eta": 0.4}
+  for key, new in changed.items():
+    config = config_defaults.base_config("image")
+    config.loss.name = name
+    config.loss[key] = new
+    moved = value(config.loss) != reference
+    assert moved == (key in config_defaults.LOSS_HYPERPARAMETERS[name]), (name, key)
+    reported = any(note.startswith(f"loss.{key}=") for note in
+                   config_defaults.unused_settings(config))
+    assert reported == (not moved), (name, key)
+
+
+def test_unused_optimizer_and_data_settings_are_reported():
+  config = config_defaults.base_config("image")   # adam, constant lr, fashion_mnist_subset
+  assert config_defaults.unused_settings(config) == []
+  config.optim.momentum = 0.5
+  config.optim.min_lr_ratio = 0.1
+  config.data.name = "cifar10"
+  config.data.image_size = (64, 64)
+  config.data.train_per_class = 5   # read by this source: not reported
+  config.loss.mu_quantile = 0.5     # read only by mu_rule=quantile
+  assert config_defaults.unused_settings(config) == [
+      "loss.mu_quantile=0.5 (read only by mu_rule=quantile)",
+      "optim.momentum=0.5 (read by sgd and lars only, not --config.optim.name=adam)",
+      "optim.min_lr_ratio=0.1 (read by the warmup_cosine schedule only, not "
+      "--config.optim.schedule=constant)",
+      "data.image_size=(64, 64) (not read by --config.data.source=fashion_mnist_subset)",
+      "data.name='cifar10' (not read by --config.data.source=fashion_mnist_subset)"]
+  config.optim.name, config.optim.schedule = "sgd", "warmup_cosine"
+  config.loss.mu_rule = "quantile"
+  config.data.source = "tfds"
+  assert config_defaults.unused_settings(config) == [
+      "data.image_size=(64, 64) (not read by --config.data.source=tfds)"]
+
+
+def test_the_data_fields_a_source_does_not_read_change_nothing():
+  # images.SOURCE_FIELDS against the loaders: the digits, shipped-subset and npz sources load
+  # the same arrays whatever the fields they are said not to read hold.
+  import numpy as np
+
+  from cldro_jax.data import images
+
+  others = {"name": "cifar10", "image_size": (8, 8), "channels": 3, "test_dir": "/nonexistent",
+            "data_dir": "/nonexistent", "pretrain_split": "test", "download": True,
+            "in_memory": False, "read_threads": 1, "num_classes": 3, "test_fraction": 0.5,
+            "split_seed": 3}
+  for source in ("digits", "fashion_mnist_subset"):
+    plain = images.load_image_dataset({"source": source})
+    unread = {k: v for k, v in others.items() if k not in images.SOURCE_FIELDS[source]}
+    assert len(unread) >= 7
+    noted = images.unused_fields({"source": source, **unread})
+    assert sorted(n.partition("=")[0] for n in noted) == sorted(unread)
+    loaded = images.load_image_dataset({"source": source, **unread})
+    for split in ("pretrain", "probe_train", "test"):
+      np.testing.assert_array_equal(getattr(loaded, split).images,
+                                    getattr(plain, split).images)
+      np.testing.assert_array_equal(getattr(loaded, split).labels,
+                                    getattr(plain, split).labels)

@@ -193,7 +193,7 @@ def test_first_n_per_class():
     # They are the first 20 of each class in stored order.
     expected = np.concatenate([np.nonzero(full["y_train"] == c)[0][:20] for c in range(10)])
     np.testing.assert_array_equal(ds.probe_train.images[..., 0], full["x_train"][np.sort(expected)])
-    with pytest.raises(ValueError, match="per-class limit must be >= 1"):
+    with pytest.raises(ValueError, match=r"config.data.train_per_class must be >= 1 \(or 0"):
         images.load_image_dataset(cfg(train_per_class=-2))
     assert len(images.load_image_dataset(cfg(train_per_class=0)).probe_train) == 5000  # 0: all
 

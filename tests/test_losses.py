@@ -46,6 +46,7 @@ def masks(kind, batch=BATCH):
     valid[[1, batch - 1]] = False
   if kind in ("labels", "both"):
     labels = np.arange(batch) % 3
+    labels[2::3] = -1   # unlabelled rows: the same class as nothing, each other's negatives
   return valid, labels
 
 

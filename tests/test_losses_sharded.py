@@ -46,6 +46,7 @@ def inputs(seed=0):
   valid = np.ones(BATCH, bool)
   valid[[3, 10, 11]] = False  # device 5 holds only padding
   labels = rng.integers(0, 5, BATCH)
+  labels[[0, 6, 13]] = -1   # unlabelled rows (the same class as nothing) on three devices
   return z1, z2, valid, labels
 
 

@@ -202,7 +202,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   train.train_and_evaluate(tiny_config(total_steps=2), workdir)
   good, _ = saved_arrays(workdir)
   # A learning rate that blows the parameters up: from the second step on the loss is NaN.
-  config = tiny_config(total_steps=6, **{"optim.lr": float("inf"), "checkpoint_every_steps": 1})
+  config = tiny_config(total_steps=6, **{"optim.lr": 1e30, "checkpoint_every_steps": 1})
   # The learning rate is not a resumable field, so a changed one is refused first...
   with pytest.raises(checkpointing.CheckpointMismatchError, match="optim.lr"):
     train.train_and_evaluate(config, workdir)
@@ -224,7 +224,7 @@ def test_a_start_that_diverged_before_its_first_checkpoint_restarts_with_another
   with another length under a decaying schedule (refused only when a checkpoint would resume)."""
   workdir = str(tmp_path)
   diverging = tiny_config(total_steps=4, **{"optim.schedule": "warmup_cosine",
-                                            "optim.lr": float("inf"),
+                                            "optim.lr": 1e30,
                                             "checkpoint_every_steps": 100})
   with pytest.raises(train.NonFiniteLossError, match="No checkpoint was saved before it, so the "
                                                      "corrected command starts afresh"):
@@ -248,7 +248,7 @@ def test_a_warm_up_as_long_as_the_run_is_refused_before_training(tmp_path):
 def test_nan_parameters_are_never_evaluated_between_two_log_lines(tmp_path):
   # The monitor at step 5 (one epoch) comes before any log line (every 100 steps) or
   # checkpoint: it must not evaluate NaN parameters and log the result.
-  config = tiny_config(total_steps=8, **{"optim.lr": float("inf"), "log_every_steps": 100,
+  config = tiny_config(total_steps=8, **{"optim.lr": 1e30, "log_every_steps": 100,
                                          "checkpoint_every_steps": 100, "eval.every_epochs": 1})
   with pytest.raises(train.NonFiniteLossError, match="before step 5; .* without evaluating"):
     train.train_and_evaluate(config, str(tmp_path))
@@ -266,7 +266,10 @@ def test_a_collapsing_run_is_reported_at_the_step_its_logged_statistics_show(tmp
                   and r["s_neg_var"] < 1e-4)
   assert results["collapsed_at_step"] == expected
   assert read_json(tmp_path, "results.json")["collapsed_at_step"] == expected
-  assert f"Representation collapse by step {expected}" in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert f"Representation collapse by step {expected}" in err
+  # said once at the start: chi2_dro's objective has no temperature (the quick start's 0.2)
+  assert err.count("WARNING: these settings are not used by this run:\n  loss.temperature=") == 1
 
 
 def test_checkpoint_from_another_model_is_refused(tmp_path):
@@ -611,3 +614,22 @@ def test_evaluation_keeps_non_square_images_and_load_encoder_follows_the_probe_s
                                      step=0)
   np.testing.assert_array_equal(encoder.embed(pixels), encoder.embed(pixels, image_size=24))
   assert not np.allclose(encoder.embed(pixels), expected, atol=1e-3)
+
+
+def test_use_labels_with_unlabelled_pretraining_examples_is_said(tmp_path, capsys):
+  # Unlabelled examples (label -1) share a class with nothing: they stay everyone's negatives, so
+  # the "oracle" is partial; the run says so and how to get the full one.
+  rng = np.random.default_rng(0)
+  path = tmp_path / "partly_labelled.npz"
+  np.savez(path, x_train=rng.integers(0, 256, (16, 8, 8, 3), np.uint8),
+           y_train=np.arange(16) % 4, x_test=rng.integers(0, 256, (8, 8, 8, 3), np.uint8),
+           y_test=np.arange(8) % 4, x_unlabeled=rng.integers(0, 256, (24, 8, 8, 3), np.uint8))
+  config = tiny_config(**{"data.source": "npz", "data.path": str(path),
+                          "data.train_per_class": 0, "data.test_per_class": 0,
+                          "augment.crop_size": 8})
+  tasks_lib.build_task(config, train.make_mesh(1))
+  assert "WARNING" not in capsys.readouterr().err
+  config.loss.use_labels = True
+  tasks_lib.build_task(config, train.make_mesh(1))
+  assert ("config.loss.use_labels=True removes same-class negatives, but 24 of the 40 "
+          "pre-training examples are unlabelled (label -1)") in capsys.readouterr().err

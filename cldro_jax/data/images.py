@@ -167,6 +167,35 @@ _OPTIONAL_FIELDS = (
     "name", "data_dir", "test_dir", "path", "pretrain_split", "probe_split", "test_split",
     "image_size", "channels", "train_per_class", "test_per_class", "num_classes", "in_memory",
 )
+# The ``config.data`` fields each source reads, besides ``source`` and ``classes_per_batch``
+# (the batching, for every source): a field set for another source is reported, not used.
+_PER_CLASS_FIELDS = ("train_per_class", "test_per_class")
+SOURCE_FIELDS = {
+    "tfds": ("name", "data_dir", "pretrain_split", "probe_split", "test_split",
+             "unlabeled_splits", "download", "in_memory", "in_memory_max_mb", "read_threads",
+             *_PER_CLASS_FIELDS),   # (tfds refuses the per-class fields itself, by name)
+    "folder": ("data_dir", "path", "test_dir", "image_size", "channels", "test_fraction",
+               "split_seed", *_PER_CLASS_FIELDS),
+    "npz": ("path", "num_classes", *_PER_CLASS_FIELDS),
+    "fashion_mnist": ("data_dir", "path", *_PER_CLASS_FIELDS),
+    "fashion_mnist_subset": _PER_CLASS_FIELDS,
+    "digits": ("test_fraction", "split_seed", *_PER_CLASS_FIELDS),
+}
+
+
+def unused_fields(data_config: Any) -> list[str]:
+    """``config.data`` fields set to something other than their default that the configured
+    source does not read (e.g. ``name`` with ``source=npz``), as ``field=value``."""
+    given = resolve_data_config(data_config)
+    read = SOURCE_FIELDS.get(given["source"])
+    if read is None:   # an unknown source is refused by load_image_dataset
+        return []
+    defaults = resolve_data_config({})
+    return [f"{field}={given[field]!r}" for field in given
+            if field not in read and field not in ("source", "classes_per_batch")
+            and given[field] != defaults[field]]
+
+
 def resolve_data_config(data_config: Any) -> dict[str, Any]:
     """``config.data`` as a plain dict of every field: defaults filled in, ``""``/``0`` in
     optional fields read as unset (command-line spellings), an int ``image_size`` made (n, n)."""
@@ -183,6 +212,17 @@ def resolve_data_config(data_config: Any) -> dict[str, Any]:
             not isinstance(value, bool) and isinstance(value, int) and value == 0
         ):
             resolved[field] = None
+    for field in ("train_per_class", "test_per_class"):
+        if resolved[field] is not None and resolved[field] < 1:
+            raise ValueError(f"config.data.{field} must be >= 1 (or 0: every image), got "
+                             f"{resolved[field]}")
+    for field, low in (("split_seed", 0), ("in_memory_max_mb", 0), ("read_threads", 1),
+                       ("classes_per_batch", 0)):
+        if resolved[field] < low:
+            raise ValueError(f"config.data.{field} must be >= {low}, got {resolved[field]}")
+    if not 0 < resolved["test_fraction"] < 1:
+        raise ValueError(f"config.data.test_fraction must be in (0, 1), got "
+                         f"{resolved['test_fraction']}")
     size = resolved["image_size"]
     if size is not None:
         # One int, (n,) (what `--config.data.image_size=32` gives) or (H, W); positive ints only.

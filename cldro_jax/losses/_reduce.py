@@ -50,7 +50,10 @@ def candidate_mask(rows: Mapping[str, jax.Array], cols: Mapping[str, jax.Array])
   if "label" in rows:
     # Same-label candidates are false negatives (the oracle / supervised setting): removed,
     # except the anchor's own positive where the variant keeps it inside the set (SimCSE).
-    other_label = rows["label"][:, None] != cols["label"][None, :]
+    # A negative label marks an unlabelled row (-1, as the data sources write it): it shares a
+    # class with nothing, so two unlabelled rows stay each other's negatives.
+    other_label = ((rows["label"][:, None] != cols["label"][None, :])
+                   | (rows["label"][:, None] < 0))
     mask = mask & (other_label | (idx == rows["pos"][:, None]))
   return mask
 

@@ -100,7 +100,8 @@ def infonce(z1, z2, *, temperature, variant="image", valid=None, labels=None, ax
       range: the result and its gradient are NaN).
     variant: "image", "sentence" or "graph".
     valid: optional (B,) bool; invalid rows are neither anchors nor negatives.
-    labels: optional (B,) int; same-label candidates are removed from the negatives.
+    labels: optional (B,) int; same-label candidates are removed from the negatives (a
+      negative label marks an unlabelled row, the same class as nothing).
     axis_name: mesh axis (or tuple of axes) the batch is split over inside ``jax.shard_map``;
       negatives are then gathered from every device and every device returns the same global
       mean.

@@ -18,6 +18,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from cldro_jax import logs
 from cldro_jax.data import augment as augment_lib
 from cldro_jax.data import images as images_lib
 from cldro_jax.data import pipeline
@@ -43,14 +44,19 @@ def build_model(model_cfg: ml_collections.ConfigDict,
 
 
 def make_augment(aug_cfg: ml_collections.ConfigDict, out_size: int) -> augment_lib.SimCLRAugment:
-  return augment_lib.SimCLRAugment(
-      out_size=out_size, crop_scale=tuple(aug_cfg.crop_scale),
-      crop_ratio=tuple(aug_cfg.crop_ratio), flip_prob=aug_cfg.flip_prob,
-      jitter_prob=aug_cfg.jitter_prob, brightness=aug_cfg.brightness,
-      contrast=aug_cfg.contrast, saturation=aug_cfg.saturation, hue=aug_cfg.hue,
-      grayscale_prob=aug_cfg.grayscale_prob, blur_prob=aug_cfg.blur_prob,
-      blur_kernel=aug_cfg.blur_kernel, blur_sigma=tuple(aug_cfg.blur_sigma),
-      mean=tuple(aug_cfg.mean), std=tuple(aug_cfg.std))
+  """The SimCLR augmentation of `config.augment`; its errors name the config fields."""
+  try:
+    return augment_lib.SimCLRAugment(
+        out_size=out_size, crop_scale=tuple(aug_cfg.crop_scale),
+        crop_ratio=tuple(aug_cfg.crop_ratio), flip_prob=aug_cfg.flip_prob,
+        jitter_prob=aug_cfg.jitter_prob, brightness=aug_cfg.brightness,
+        contrast=aug_cfg.contrast, saturation=aug_cfg.saturation, hue=aug_cfg.hue,
+        grayscale_prob=aug_cfg.grayscale_prob, blur_prob=aug_cfg.blur_prob,
+        blur_kernel=aug_cfg.blur_kernel, blur_sigma=tuple(aug_cfg.blur_sigma),
+        mean=tuple(aug_cfg.mean), std=tuple(aug_cfg.std))
+  except ValueError as err:
+    # SimCLRAugment calls the crop size out_size; every other field has the config's name.
+    raise ValueError("config.augment." + str(err).replace("out_size", "crop_size")) from err
 
 
 class ImageTask:
@@ -67,6 +73,14 @@ class ImageTask:
     self.data_sharding = NamedSharding(mesh, P(AXIS))
     self.replicated = NamedSharding(mesh, P())
     self.dataset = dataset if dataset is not None else images_lib.load_image_dataset(config.data)
+    if config.loss.use_labels:
+      unlabelled = int(np.sum(pipeline.source_labels(self.dataset.pretrain) < 0))
+      if unlabelled:
+        logs.warn(
+            f"config.loss.use_labels=True removes same-class negatives, but {unlabelled} of the "
+            f"{len(self.dataset.pretrain)} pre-training examples are unlabelled (label -1): they "
+            "stay negatives of every anchor. For the full oracle pre-train on labelled examples "
+            "only (e.g. --config.data.pretrain_split=train).")
     if len(self.dataset.pretrain) < config.batch_size:
       raise ValueError(
           f"config.batch_size={config.batch_size} is larger than the {len(self.dataset.pretrain)} "
