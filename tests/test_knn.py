@@ -167,3 +167,15 @@ def test_accuracy_rejects_empty_mask_and_bad_query_labels():
         knn.knn_accuracy(bank, bank_y, queries[0], query_y, num_classes=2, temperature=0.5)
     with pytest.raises(ValueError, match="query_labels must lie in"):
         knn.knn_accuracy(bank, bank_y, queries, query_y + 5, num_classes=2, temperature=0.5)
+    # NaN features (a diverged encoder) scored 25 / 100 before: refused, on either side; a NaN
+    # padding row (query_mask False) is not a real query and is fine.
+    bad = np.array(queries, np.float32)
+    bad[1, 0] = np.nan
+    with pytest.raises(ValueError, match="query_features contain NaN or inf"):
+        knn.knn_accuracy(bank, bank_y, bad, query_y, num_classes=2, temperature=0.5)
+    with pytest.raises(ValueError, match="bank_features contain NaN or inf"):
+        knn.knn_accuracy(np.where(True, np.inf, bank), bank_y, queries, query_y, num_classes=2,
+                         temperature=0.5)
+    mask = np.ones(4, bool)
+    mask[1] = False
+    knn.knn_accuracy(bank, bank_y, bad, query_y, num_classes=2, temperature=0.5, query_mask=mask)

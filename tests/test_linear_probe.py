@@ -329,6 +329,7 @@ def test_extract_features_drops_padding_rows():
     (dict(epochs=0), "epochs must be >= 1"),
     (dict(batch_size=0), "batch_size must be >= 1"),
     (dict(learning_rate=0.0), "learning_rate must be > 0"),
+    (dict(x=np.full((5, 3), np.nan, np.float32)), "train_features contain NaN or inf"),
 ])
 def test_fit_rejects_bad_input(kwargs, message):
     args = dict(x=np.zeros((5, 3), np.float32), y=np.array([0, 1, 2, 3, 0]), epochs=1,
@@ -346,6 +347,11 @@ def test_evaluate_and_extract_reject_bad_input():
         lp.evaluate_linear_probe(probe, np.zeros((2, 3), np.float32), np.zeros(2, np.int32))
     with pytest.raises(ValueError, match="selects no example"):
         lp.evaluate_linear_probe(probe, np.eye(4, dtype=np.float32), np.arange(4), np.zeros(4))
+    nan_row = np.eye(4, dtype=np.float32)
+    nan_row[2] = np.nan
+    with pytest.raises(ValueError, match="features contain NaN or inf"):
+        lp.evaluate_linear_probe(probe, nan_row, np.arange(4))
+    assert lp.evaluate_linear_probe(probe, nan_row, np.arange(4), np.arange(4) != 2)["top1"] >= 0
     with pytest.raises(ValueError, match="yielded nothing"):
         lp.extract_features(lambda x: x, [])
     with pytest.raises(ValueError, match="no \\['label'\\] entry"):

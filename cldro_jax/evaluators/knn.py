@@ -50,6 +50,20 @@ def _concrete(x: Any) -> np.ndarray | None:
     return np.asarray(x)
 
 
+def check_finite(name: str, features: Any, rows: Any = None) -> None:
+    """Refuses NaN/inf features (of the `rows` marked True, default all) known at trace time:
+    they would score an accuracy anyway (a NaN row's neighbours and argmax are arbitrary). One
+    reduction on the device and one scalar read, not a copy of the features to the host."""
+    if isinstance(features, jax.core.Tracer):
+        return
+    finite = jnp.isfinite(jnp.asarray(features)).reshape(np.shape(features)[0], -1).all(axis=1)
+    if rows is not None:
+        finite = finite | ~jnp.asarray(rows, bool)
+    if not bool(jnp.all(finite)):
+        raise ValueError(f"{name} contain NaN or inf, so no accuracy can be computed from them "
+                         "(a diverged encoder? check the run's loss in metrics.jsonl).")
+
+
 def _check_labels(name: str, labels: Any, num_classes: int) -> None:
     values = _concrete(labels)
     if values is None or values.size == 0:
@@ -181,6 +195,8 @@ def knn_accuracy(bank_features: jax.Array, bank_labels: jax.Array, query_feature
         raise ValueError("query_mask selects no query; the accuracy of an empty set is undefined.")
     # Padding rows may carry any label (often -1); only real rows must be valid class ids.
     _check_labels("query_labels", np.asarray(query_labels)[mask], int(num_classes))
+    check_finite("bank_features", bank_features)
+    check_finite("query_features", query_features, mask)
 
     scores = knn_classify(bank_features, bank_labels, query_features, num_classes=num_classes,
                           k=k, temperature=temperature, chunk_size=chunk_size)

@@ -34,6 +34,7 @@ import optax
 from flax import struct
 from tqdm.auto import tqdm
 
+from cldro_jax.evaluators import knn
 from cldro_jax.evaluators.knn import l2_normalize
 
 __all__ = [
@@ -263,6 +264,7 @@ def fit_linear_probe(train_features: jax.Array, train_labels: jax.Array, *, num_
         raise ValueError("train_features is empty; extract features of the train split first.")
     _check_schedule(num_classes=num_classes, epochs=epochs, batch_size=batch_size,
                     learning_rate=learning_rate, weight_decay=weight_decay)
+    knn.check_finite("train_features", train_features)
     _check_labels(train_labels, num_examples, int(num_classes), "train")
     rngs = probe_rngs(seed)
     params, epoch_losses = _fit_on_features_jit(
@@ -310,6 +312,7 @@ def evaluate_linear_probe(probe: LinearProbe, features: jax.Array, labels: jax.A
         raise ValueError(f"labels must have shape ({num_examples},), got {np.shape(labels)}.")
     real_labels = np.asarray(labels)[mask]
     _check_labels(real_labels, real_labels.shape[0], probe.num_classes, "eval")
+    knn.check_finite("features", features, mask)
     top1, top5, loss_sum, count = _evaluation_sums(probe, jnp.asarray(features),
                                                    jnp.asarray(labels, jnp.int32),
                                                    jnp.asarray(mask))
