@@ -29,6 +29,15 @@ import numpy as np
 from cldro_jax import checkpointing
 
 
+def _check_sizes(*, batch_size, image_size=None) -> None:
+  """embed's sizes: a batch_size below 1 embedded nothing, an image_size below 1 gave NaN."""
+  if not (isinstance(batch_size, int) and batch_size >= 1):
+    raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+  if image_size is not None and not (isinstance(image_size, int) and image_size >= 1):
+    raise ValueError(f"image_size must be a positive int (or None: the run's own), got "
+                     f"{image_size!r}.")
+
+
 @dataclasses.dataclass
 class ImageEncoder:
   """A frozen encoder (BatchNorm in eval mode) and the preprocessing it was trained with."""
@@ -61,6 +70,7 @@ class ImageEncoder:
     """
     if image_size is None:
       image_size = self.config.eval.get("probe_image_size", 0) or None
+    _check_sizes(batch_size=batch_size, image_size=image_size)
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim not in (3, 4):
       raise ValueError(f"Expected uint8 images (N, H, W[, C]), got {images.dtype} {images.shape}.")
@@ -73,6 +83,14 @@ class ImageEncoder:
             "images[None]; for grayscale images that narrow, add the channel axis: "
             "images[..., None].")
       images = images[..., None]
+    if images.shape[-1] not in (1, 3):
+      raise ValueError(f"Expected 1 (grayscale) or 3 (RGB) channels, got images {images.shape}"
+                       + ("; drop the alpha channel with images[..., :3]."
+                          if images.shape[-1] in (2, 4) else "."))
+    if not len(images):   # (0, F): F from the model's output shape, nothing run
+      shape = jax.eval_shape(self._embed, self.params, self.model_state,
+                             jax.ShapeDtypeStruct((1, *images.shape[1:]), np.uint8), image_size)
+      return np.zeros((0, shape.shape[-1]), np.float32)
     # One compiled shape per image size: every batch is padded (edge copies, dropped after) to
     # batch_size, or for fewer images to the next power of two below it, so calls with other
     # counts do not compile again. Two batches in flight: the device never waits for the host,
@@ -89,7 +107,7 @@ class ImageEncoder:
         features, n = in_flight.pop(0)
         out.append(np.asarray(features)[:n])
     out += [np.asarray(features)[:n] for features, n in in_flight]
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+    return np.concatenate(out)
 
 
 @dataclasses.dataclass
@@ -130,6 +148,10 @@ class SentenceEncoder:
     from cldro_jax.evaluators import sts  # pylint: disable=import-outside-toplevel
     if isinstance(sentences, str):
       raise ValueError("embed takes a list of sentences; for one sentence pass [sentence].")
+    _check_sizes(batch_size=batch_size)
+    if max_length is not None and not (isinstance(max_length, int) and max_length >= 2):
+      raise ValueError(f"max_length must be an int >= 2 (special tokens included), got "
+                       f"{max_length!r}.")
     sentences = list(sentences)
     if not sentences:
       return np.zeros((0, self.trained.encoder_config.hidden_size), np.float32)
@@ -166,6 +188,7 @@ class GraphEncoder:
     graphs."""
     from cldro_jax.data import graphs as graphs_lib  # pylint: disable=import-outside-toplevel
     from cldro_jax.tasks import graph  # pylint: disable=import-outside-toplevel
+    _check_sizes(batch_size=batch_size)
     width = self.config.model.num_layers * self.config.model.hidden
     # faithful mode trained (and evaluated) on graphs with the reference's self-loops.
     views = [graphs_lib.view_one(g, self.config.data.aug_mode) for g in graphs]

@@ -77,6 +77,12 @@ def test_weights_in_other_formats_name_the_conversion(tmp_path, name, flag):
     (lambda c: c.pop("num_attention_heads"), r"lacks \['num_attention_heads'\]"),  # TypeError
     (lambda c: c.update(hidden_act="swish"), r"hidden_act 'swish' is not implemented"),
     (lambda c: c.update(position_embedding_type="relative_key"), r"'relative_key' is not impl"),
+    # hand edits that were a TypeError / AttributeError deep inside before
+    (lambda c: c.update(num_hidden_layers="six"), r"num_hidden_layers must be a positive "
+                                                  r"integer, got 'six'"),
+    (lambda c: c.update(hidden_size=0), r"hidden_size must be a positive integer, got 0"),
+    (lambda c: c.update(pad_token_id=1.5), r"pad_token_id must be an integer token id"),
+    (lambda c: c.update(layer_norm_eps="1e-12"), r"layer_norm_eps must be a number >= 0"),
 ])
 def test_config_json_problems_name_the_file(tmp_path, edit, message):
   folder = _copy(tmp_path)
@@ -84,6 +90,14 @@ def test_config_json_problems_name_the_file(tmp_path, edit, message):
   edit(config)
   (folder / "config.json").write_text(json.dumps(config))
   with pytest.raises(ValueError, match=rf"model/config.json: .*{message}"):
+    bert.load_pretrained(str(folder))
+
+
+def test_config_json_that_is_not_an_object_is_named(tmp_path):
+  folder = _copy(tmp_path)
+  (folder / "config.json").write_text("[1, 2]")
+  with pytest.raises(ValueError, match=r"model/config.json: config.json must hold a JSON object "
+                                       r"of the model's settings, got a list"):
     bert.load_pretrained(str(folder))
 
 

@@ -364,3 +364,13 @@ def test_a_wrong_workdir_is_named_before_missing_sts_data(tmp_path):
   with pytest.raises(FileNotFoundError,
                      match=r"not a cldro_jax workdir.*--config=configs/sts_minilm\.py"):
     sts.main([f"--workdir={tmp_path / 'no_run'}", f"--sts_root={tmp_path / 'no_sts'}"])
+
+
+@pytest.mark.parametrize("flag,message", [("--batch_size=0", "--batch_size must be >= 1"),
+                                          ("--batch_size=-1", "--batch_size must be >= 1"),
+                                          ("--max_length=1", "--max_length must be >= 2")])
+def test_command_line_sizes_that_cannot_work_are_refused(flag, message, capsys):
+  # batch_size 0 printed "range() arg 3 must not be zero", -1 an IndexError traceback
+  with pytest.raises(SystemExit) as stop:
+    sts.main([f"--model_dir={ROBERTA_DIR}", "--sts_root=unused", flag])
+  assert stop.value.code == 2 and message in capsys.readouterr().err

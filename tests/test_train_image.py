@@ -475,6 +475,16 @@ def test_probe_from_a_checkpoint_and_load_encoder_reproduce_the_run(tmp_path):
   with pytest.raises(ValueError, match=r"For one colour image pass images\[None\]"):
     encoder.embed(np.zeros((28, 28, 3), np.uint8))
   assert encoder.embed(np.zeros((28, 28, 3), np.uint8)[None]).shape[0] == 1
+  # Sizes that embedded nothing (batch_size=-1: a (0, 0) array) or gave NaN features
+  # (image_size=0) are refused; no images give (0, F); RGBA is named as such.
+  for kwargs, message in (({"batch_size": -1}, "batch_size must be a positive int"),
+                          ({"batch_size": 0}, "batch_size must be a positive int"),
+                          ({"image_size": 0}, "image_size must be a positive int")):
+    with pytest.raises(ValueError, match=message):
+      encoder.embed(test["image"][:2], **kwargs)
+  assert encoder.embed(test["image"][:0]).shape == (0, expected.shape[1])
+  with pytest.raises(ValueError, match=r"drop the alpha channel with images\[\.\.\., :3\]"):
+    encoder.embed(np.zeros((2, 28, 28, 4), np.uint8))
   # config.json lost: the copy every checkpoint carries describes the run.
   os.remove(tmp_path / "config.json")
   np.testing.assert_allclose(cldro_jax.load_encoder(workdir).embed(test["image"]), expected,

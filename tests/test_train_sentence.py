@@ -341,6 +341,10 @@ def test_dev_selection_final_sts_and_workdir_evaluation(tmp_path):
   assert best.embed([]).shape == (0, enc_config.hidden_size)
   with pytest.raises(ValueError, match="list of sentences"):
     best.embed("one sentence")
+  with pytest.raises(ValueError, match="batch_size must be a positive int"):
+    best.embed(sentences, batch_size=0)
+  with pytest.raises(ValueError, match="max_length must be an int >= 2"):
+    best.embed(sentences, max_length=1)
 
   # A run that evaluates at config.eval.max_length=5 tokens: load_encoder and the STS command
   # truncate there too by default, as the run's own evaluation does (they used the model's max).

@@ -488,10 +488,12 @@ def to_unit_float(images_uint8, *, gray_to_rgb: bool = True):
             "scales them to [0, 1] itself."
         )
     if images_uint8.ndim != 4 or images_uint8.shape[-1] not in (1, 3):
+        fix = ("drop the alpha channel with images[..., :3]" if images_uint8.ndim == 4
+               and images_uint8.shape[-1] in (2, 4) else
+               "add a channel axis to grayscale arrays with images[..., None]")
         raise ValueError(
             f"Expected images shaped (B, H, W, C) with C = 1 or 3 (NHWC), got "
-            f"{images_uint8.shape}; "
-            "add a channel axis to grayscale arrays with images[..., None]."
+            f"{images_uint8.shape}; {fix}."
         )
     images = images_uint8.astype(jnp.float32) / 255.0
     if gray_to_rgb and images.shape[-1] == 1:
@@ -550,6 +552,9 @@ def eval_preprocess(
     reference's test transform (ToTensor + Normalize). Otherwise the whole image is resized to
     (out_size, out_size) with PIL's antialiased bilinear filter (torchvision Resize((s, s))).
     """
+    if out_size is not None and not (isinstance(out_size, int) and out_size >= 1):
+        raise ValueError(f"out_size must be a positive int (or None: keep the size), got "
+                         f"{out_size!r}.")
     images = to_unit_float(images_uint8, gray_to_rgb=gray_to_rgb)
     _, height, width, channels = images.shape
     _check_channels(channels, mean, std)

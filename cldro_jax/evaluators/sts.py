@@ -532,6 +532,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   args = parser.parse_args(argv)
   if args.model_dir and args.sts_root is None:
     parser.error("--sts_root is required with --model_dir")
+  if args.batch_size < 1:
+    parser.error(f"--batch_size must be >= 1, got {args.batch_size}")
+  if args.max_length is not None and args.max_length < 2:
+    parser.error(f"--max_length must be >= 2 (special tokens included), got {args.max_length}")
   return args
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 from typing import Any, Mapping
@@ -46,6 +47,13 @@ Params = dict[str, Any]
 _MODEL_TYPE_DEFAULTS = {"roberta": {"pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2}}
 
 
+_SIZE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                "intermediate_size", "max_position_embeddings", "type_vocab_size")
+_ID_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id")
+_RATE_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "layer_norm_eps",
+                "initializer_range")
+
+
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
   """Architecture of a BERT/RoBERTa encoder, with Hugging Face's field names and defaults."""
@@ -67,6 +75,20 @@ class EncoderConfig:
   eos_token_id: int | None = None
 
   def __post_init__(self):
+    # A hand-edited config.json ("six" layers, a float size) failed later with a TypeError deep
+    # in the model code; each field's type and range is checked here, by name.
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if field.name in _SIZE_FIELDS:
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+          raise ValueError(f"{field.name} must be a positive integer, got {value!r}.")
+      elif field.name in _ID_FIELDS:
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool)):
+          raise ValueError(f"{field.name} must be an integer token id, got {value!r}.")
+      elif field.name in _RATE_FIELDS:
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and math.isfinite(value) and value >= 0):
+          raise ValueError(f"{field.name} must be a number >= 0, got {value!r}.")
     if self.model_type not in SUPPORTED_MODEL_TYPES:
       raise ValueError(
           f"Unknown model_type {self.model_type!r}: cldro_jax implements {SUPPORTED_MODEL_TYPES}. "
@@ -92,6 +114,9 @@ class EncoderConfig:
   @classmethod
   def from_hf_dict(cls, hf: Mapping[str, Any]) -> "EncoderConfig":
     """Builds the config from a parsed `config.json`; unknown architectures raise ValueError."""
+    if not isinstance(hf, Mapping):
+      raise ValueError(f"config.json must hold a JSON object of the model's settings, got a "
+                       f"{type(hf).__name__}; download the model folder again.")
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
       raise ValueError(
