@@ -30,6 +30,7 @@ from absl import app, flags
 from cldro_jax import checkpointing
 from cldro_jax import logs
 from cldro_jax import train
+from cldro_jax.data import images
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A cldro_jax image or graph workdir.")
 _PROTOCOL = flags.DEFINE_enum("protocol", None, ["reference", "features", "svm"],
@@ -99,6 +100,12 @@ def _task_and_encoder(workdir: str, config, task_class, *, step: int | None, unt
   """(mesh, task, params, model_state, step) of the run's encoder at `step` (the latest when
   None), or at its initialisation (step 0) with `untrained`."""
   if data_dir is not None:
+    if config.domain == "image" and "data_dir" not in images.SOURCE_FIELDS.get(
+        config.data.source, ("data_dir",)):
+      # It would be ignored, the probe scoring the run's own data as if it were the given one.
+      raise ValueError(f"--data_dir={data_dir}: the run reads its images from "
+                       f"config.data.source={config.data.source!r}, which has no data_dir; "
+                       "leave the flag out.")
     config.data.data_dir = data_dir
   if config.mesh.num_devices > jax.device_count():
     # Trained on more devices than this machine has: the probe runs on what is here.

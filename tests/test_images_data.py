@@ -609,6 +609,10 @@ def test_npz_source(tmp_path):
     ds = images.load_image_dataset(cfg(source="npz", path=str(tmp_path / "rgb.npz"),
                                        num_classes=7))
     assert ds.num_classes == 7 and len(ds.pretrain) == 15 and len(ds.probe_train) == 12
+    with pytest.raises(ValueError, match=r"rgb: label 3 >= num_classes=2; for source=npz set "
+                                         r"--config.data.num_classes=4 or leave it unset"):
+        images.load_image_dataset(cfg(source="npz", path=str(tmp_path / "rgb.npz"),
+                                      num_classes=2))
     pretrain = ds.pretrain[np.arange(15)]
     np.testing.assert_array_equal(pretrain["image"][12:], unlabeled)
     np.testing.assert_array_equal(pretrain["label"], np.r_[y_train, [-1, -1, -1]])

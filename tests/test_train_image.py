@@ -445,6 +445,10 @@ def test_probe_from_a_checkpoint_and_load_encoder_reproduce_the_run(tmp_path):
   assert json.loads((tmp_path / "probe_features_step3.json").read_text())["epochs"] == 3
   with pytest.raises(ValueError, match="--update_bn applies to the reference protocol only"):
     probe.run_probe(workdir, update_bn=True)
+  # The shipped subset has no data_dir: the flag would be ignored, so it is refused.
+  with pytest.raises(ValueError, match=r"--data_dir=/elsewhere: the run reads its images from "
+                                       r"config.data.source='fashion_mnist_subset'"):
+    probe.run_probe(workdir, data_dir="/elsewhere")
   # A run trained on more devices than this machine has is probed on the devices here.
   saved = read_json(tmp_path, "config.json")
   saved["mesh"]["num_devices"] = 64

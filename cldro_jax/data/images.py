@@ -602,7 +602,9 @@ def _labelled_dataset(
     inferred = int(max(train.labels.max(), test.labels.max())) + 1
     num_classes = num_classes or inferred
     if inferred > num_classes:
-        raise ValueError(f"{name}: label {inferred - 1} >= num_classes={num_classes}")
+        raise ValueError(
+            f"{name}: label {inferred - 1} >= num_classes={num_classes}; for source=npz set "
+            f"--config.data.num_classes={inferred} or leave it unset (the largest label + 1)")
     pretrain: ArraySource = train
     if x_unlabeled is not None:
         unlabeled = _with_channel_axis(x_unlabeled, "unlabelled images")
