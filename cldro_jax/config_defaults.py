@@ -377,6 +377,16 @@ def unused_settings(config: ml_collections.ConfigDict) -> list[str]:
     notes.append(f"optim.min_lr_ratio={optim.min_lr_ratio!r} (read by the warmup_cosine "
                  f"schedule only, not --config.optim.schedule={optim.schedule})")
   if config.domain == "image":
+    ev, ev_defaults = config.eval, defaults.eval
+    unread = []
+    if ev.linear_probe == "none":
+      unread += [(key, "no offline linear probe: --config.eval.linear_probe=none")
+                 for key in ("linear_probe_epochs", "linear_probe_lr", "linear_probe_weight_decay",
+                             "linear_probe_batch_size", "probe_update_bn", "untrained_baseline")]
+    if not ev.online_probe:
+      unread.append(("online_probe_lr", "no online probe: --config.eval.online_probe=False"))
+    notes.extend(f"eval.{key}={ev[key]!r} ({reason})" for key, reason in unread
+                 if ev[key] != ev_defaults[key])
     from cldro_jax.data import images  # pylint: disable=import-outside-toplevel
     notes.extend(f"data.{field} (not read by --config.data.source={config.data.source})"
                  for field in images.unused_fields(config.data))

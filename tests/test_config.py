@@ -376,6 +376,15 @@ def test_unused_optimizer_and_data_settings_are_reported():
       "--config.optim.schedule=constant)",
       "data.image_size=(64, 64) (not read by --config.data.source=fashion_mnist_subset)",
       "data.name='cifar10' (not read by --config.data.source=fashion_mnist_subset)"]
+  config.eval.linear_probe = "none"
+  config.eval.untrained_baseline = True
+  config.eval.online_probe = False
+  config.eval.online_probe_lr = 0.1
+  notes = config_defaults.unused_settings(config)
+  assert len(notes) == 7 and notes[3:5] == [
+      "eval.untrained_baseline=True (no offline linear probe: --config.eval.linear_probe=none)",
+      "eval.online_probe_lr=0.1 (no online probe: --config.eval.online_probe=False)"]
+  config.eval.linear_probe, config.eval.online_probe = "features", True
   config.optim.name, config.optim.schedule = "sgd", "warmup_cosine"
   config.loss.mu_rule = "quantile"
   config.data.source = "tfds"

@@ -17,6 +17,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -217,3 +218,22 @@ def test_gpu_script_runs_real_benchmarks_within_one_device_call():
     source = program_source(script)
     for flag in re.findall(r"--([\w-]+)", flags):
       assert flag_defined(flag, source), f"h200.sh run {name}: {script} has no --{flag}"
+
+
+def test_config_reference_documents_every_field():
+  # docs/config.md names every leaf of every domain's schema as `dotted.path`: a field added to
+  # base_config without a row there fails here.
+  text = (ROOT / "docs" / "config.md").read_text()
+
+  def leaf_paths(node, prefix=""):
+    for key, value in node.items():
+      if isinstance(value, ml_collections.ConfigDict):
+        yield from leaf_paths(value, f"{prefix}{key}.")
+      else:
+        yield f"{prefix}{key}"
+
+  for domain in config_defaults.DOMAINS:
+    paths = list(leaf_paths(config_defaults.base_config(domain)))
+    assert "loss.temperature" in paths
+    missing = [path for path in paths if f"`{path}`" not in text]
+    assert not missing, f"docs/config.md does not document these {domain} config fields: {missing}"
