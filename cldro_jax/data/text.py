@@ -178,7 +178,10 @@ def _pad_token(tok: tokenizers.Tokenizer, folder: str) -> tuple[str, int]:
   found = next(((name, tok.token_to_id(name)) for name in candidates
                 if name is not None and tok.token_to_id(name) is not None), None)
   if found is None:
-    raise ValueError(f"The tokenizer in {folder} has no padding token (tried {candidates}).")
+    tried = [name for name in candidates if name is not None]
+    raise ValueError(f"The tokenizer in {folder} has no padding token (tried {tried}): name the "
+                     "vocabulary's padding token as \"pad_token\" in special_tokens_map.json or "
+                     "tokenizer_config.json.")
   model_config = _read_json(os.path.join(folder, "config.json"))
   model_pad_id = model_config.get("pad_token_id")
   if model_config.get("model_type") == "roberta" and model_pad_id not in (None, found[1]):

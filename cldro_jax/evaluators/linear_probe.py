@@ -483,8 +483,10 @@ def _unpack_batch(batch: Any, image_key: str, label_key: str, mask_key: str):
         return batch[image_key], batch[label_key], batch.get(mask_key)
     if isinstance(batch, (tuple, list)) and len(batch) in (2, 3):
         return batch[0], batch[1], batch[2] if len(batch) == 3 else None
+    got = (f"a {type(batch).__name__} of {len(batch)} entries"
+           if isinstance(batch, (tuple, list)) else type(batch).__name__)
     raise ValueError("each batch must be a mapping with image/label[/mask] entries or a tuple "
-                     f"(images, labels[, mask]); got {type(batch).__name__}.")
+                     f"(images, labels[, mask]) of 2 or 3 entries; got {got}.")
 
 
 def extract_features(embed_fn: Callable, batches: Iterable[Any], *, encoder_variables: Any = None,
