@@ -54,8 +54,8 @@ def check_finite(name: str, features: Any, rows: Any = None) -> None:
     """Refuses NaN/inf features (of the `rows` marked True, default all) known at trace time:
     they would score an accuracy anyway (a NaN row's neighbours and argmax are arbitrary). One
     reduction on the device and one scalar read, not a copy of the features to the host."""
-    if isinstance(features, jax.core.Tracer):
-        return
+    if isinstance(features, jax.core.Tracer) or jnp.ndim(features) < 1:
+        return   # traced: unknown yet; a scalar: the shape checks name it
     finite = jnp.isfinite(jnp.asarray(features)).reshape(np.shape(features)[0], -1).all(axis=1)
     if rows is not None:
         finite = finite | ~jnp.asarray(rows, bool)
@@ -195,6 +195,8 @@ def knn_accuracy(bank_features: jax.Array, bank_labels: jax.Array, query_feature
         raise ValueError("query_mask selects no query; the accuracy of an empty set is undefined.")
     # Padding rows may carry any label (often -1); only real rows must be valid class ids.
     _check_labels("query_labels", np.asarray(query_labels)[mask], int(num_classes))
+    # To the device once (host features are copied there here, not again by knn_classify).
+    bank_features, query_features = jnp.asarray(bank_features), jnp.asarray(query_features)
     check_finite("bank_features", bank_features)
     check_finite("query_features", query_features, mask)
 

@@ -264,11 +264,12 @@ def fit_linear_probe(train_features: jax.Array, train_labels: jax.Array, *, num_
         raise ValueError("train_features is empty; extract features of the train split first.")
     _check_schedule(num_classes=num_classes, epochs=epochs, batch_size=batch_size,
                     learning_rate=learning_rate, weight_decay=weight_decay)
+    train_features = jnp.asarray(train_features)   # to the device once, checked there
     knn.check_finite("train_features", train_features)
     _check_labels(train_labels, num_examples, int(num_classes), "train")
     rngs = probe_rngs(seed)
     params, epoch_losses = _fit_on_features_jit(
-        jnp.asarray(train_features), jnp.asarray(train_labels), rngs.init, rngs.shuffle,
+        train_features, jnp.asarray(train_labels), rngs.init, rngs.shuffle,
         jnp.float32(learning_rate), jnp.float32(weight_decay), num_classes=int(num_classes),
         epochs=int(epochs), batch_size=min(int(batch_size), num_examples),
         normalize=bool(normalize))
@@ -312,8 +313,9 @@ def evaluate_linear_probe(probe: LinearProbe, features: jax.Array, labels: jax.A
         raise ValueError(f"labels must have shape ({num_examples},), got {np.shape(labels)}.")
     real_labels = np.asarray(labels)[mask]
     _check_labels(real_labels, real_labels.shape[0], probe.num_classes, "eval")
+    features = jnp.asarray(features)   # to the device once, checked there
     knn.check_finite("features", features, mask)
-    top1, top5, loss_sum, count = _evaluation_sums(probe, jnp.asarray(features),
+    top1, top5, loss_sum, count = _evaluation_sums(probe, features,
                                                    jnp.asarray(labels, jnp.int32),
                                                    jnp.asarray(mask))
     count = float(count)
