@@ -103,6 +103,7 @@ def main(argv):
       local_device_ids=_LOCAL_DEVICE_IDS.value)
   # First: nothing may touch a device before jax.distributed has started (imports do not).
   distributed.initialize(plan)
+  _warn_unread_run_length(_CONFIG.value)
   try:
     results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except train.PreemptedError as stop:
@@ -139,6 +140,17 @@ def main(argv):
     # (stderr, with the progress bar), the last thing the run prints.
     print(json.dumps(results, indent=2, sort_keys=True), flush=True)
     print("\n" + metrics.format_summary(results, _WORKDIR.value), file=sys.stderr)
+
+
+def _warn_unread_run_length(config) -> None:
+  """A `--config.total_epochs` override on a config that runs a fixed `total_steps` (sts_minilm,
+  every `:runlocal`) is not read; say so. Only the command line knows it was the user's: the
+  config files themselves may set both."""
+  overrides = config_flags.get_override_values(flags.FLAGS["config"])
+  if "total_epochs" in overrides and config.total_steps > 0:
+    logs.warn(f"--config.total_epochs={config.total_epochs} is not used: this config runs a fixed "
+              f"{config.total_steps} steps (config.total_steps > 0 takes precedence). Add "
+              "--config.total_steps=0 to train for total_epochs.")
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

@@ -93,6 +93,19 @@ def test_a_batch_that_does_not_divide_over_the_devices_is_one_message(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+def test_a_total_epochs_override_on_a_fixed_step_config_is_named(tmp_path):
+  # The batch that cannot divide stops the run right after the start-up warnings.
+  args = ("--config=configs/quickstart.py:runlocal", "--config.batch_size=12",
+          "--config.mesh.num_devices=-1", f"--workdir={tmp_path / 'run'}")
+  run = _main(*args, "--config.total_epochs=3")
+  _assert_clean_failure(run, 1, "WARNING: --config.total_epochs=3.0 is not used: this config "
+                        "runs a fixed 4 steps", "Add --config.total_steps=0 to train for "
+                        "total_epochs.", "does not divide over the 8 devices")
+  run = _main(*args, "--config.total_epochs=3", "--config.total_steps=0")
+  _assert_clean_failure(run, 1, "does not divide over the 8 devices")
+  assert "total_epochs" not in run.stderr, run.stderr[-2000:]
+
+
 def test_data_that_cannot_be_used_is_one_message_naming_the_fix(tmp_path):
   import numpy as np  # pylint: disable=import-outside-toplevel
   path = tmp_path / "floats.npz"   # images as floats in [0, 1]: refused with the conversion
