@@ -52,7 +52,7 @@ RESUMABLE_FIELDS = (
     "keep_checkpoints", "eval", "data.data_dir", "data.path", "data.test_dir", "data.sts_root",
     "data.read_threads", "data.in_memory", "data.in_memory_max_mb", "data.download",
     "data.prefetch", "progress_bar", "mesh", "model.views_in_one_pass", "loss.matmul_precision",
-    "profile_steps",
+    "profile_steps", "imports",
 )
 # Exceptions inside a resumable group: the online probe's parameters are part of the train state
 # and its learning rate shapes them.
@@ -133,7 +133,11 @@ def _completed(saved: dict[str, Any]) -> dict[str, Any]:
   """
   from cldro_jax import config_defaults  # pylint: disable=import-outside-toplevel
   schema = config_to_dict(config_defaults.base_config(saved.get("domain", "image")))
-  return _with_defaults(saved, schema)
+  completed = _with_defaults(saved, schema)
+  # The run's own losses, encoders and data sources register themselves on import: whatever
+  # reads the workdir (probe, load_encoder, a resume) needs them as the run did.
+  config_defaults.import_extensions(completed)
+  return completed
 
 
 def _saved_config_dict(path: str) -> dict[str, Any]:

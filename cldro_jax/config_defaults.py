@@ -12,32 +12,19 @@ tau_plus, beta`; the device mesh has one axis, `"data"`.
 from __future__ import annotations
 
 import difflib
+import importlib
 import math
 from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
 
+from cldro_jax import losses
+
 DOMAINS = ("image", "sentence", "graph")
-# The paper's losses, then the CL-DRO family of its Section 3 as training objectives (kl_dro:
-# the KL ball at multiplier t; chi2_dro: the chi-square ball of radius eta; mean_variance:
-# Theorem 3.5's approximation), so the theory's objectives can be trained and compared.
-LOSS_NAMES = ("infonce", "adnce", "dcl", "hcl", "kl_dro", "chi2_dro", "mean_variance")
-# DCL and HCL are defined in the image form only (as in the paper and their reference code).
-IMAGE_ONLY_LOSSES = ("dcl", "hcl")
-# Losses with the memory-bounded blockwise path (`config.loss.block_size`); the others are dense.
-BLOCKWISE_LOSSES = ("infonce", "adnce", "dcl", "hcl", "kl_dro")
-# The hyperparameters each loss's objective reads (the temperature also sets the logged
-# diagnostics and, for images, the kNN monitor's temperature, whatever the loss).
-LOSS_HYPERPARAMETERS = {
-    "infonce": ("temperature",),
-    "adnce": ("temperature", "mu", "sigma"),
-    "dcl": ("temperature", "tau_plus"),
-    "hcl": ("temperature", "tau_plus", "beta"),
-    "kl_dro": ("temperature",),
-    "chi2_dro": ("eta",),
-    "mean_variance": ("temperature",),
-}
+# The built-in training objectives of `--config.loss.name` (cldro_jax/losses/__init__.py); a
+# module named in `config.imports` may register more (docs/extending.md).
+LOSS_NAMES = losses.objective_names()
 # The names `jax.default_matmul_precision` accepts (both spellings).
 MATMUL_PRECISIONS = ("highest", "high", "default", "float32", "tensorfloat32", "bfloat16")
 
@@ -172,6 +159,10 @@ def base_config(domain: str = "image") -> ml_collections.ConfigDict:
   # WORKDIR/profile/ and print the step's device time by phase (augmentation, encoder forward and
   # backward, loss, optimizer) with its heaviest operations (cldro_jax/profiling.py). 0 = off.
   config.profile_steps = 0
+  # Comma-separated Python modules imported before the config is checked, by the run and by
+  # everything that later reads its workdir (probe, load_encoder, resume): where your own losses,
+  # encoders and data sources register themselves (docs/extending.md). "" = none.
+  config.imports = ""
   config.loss = _loss_defaults()
   config.optim = _optim_defaults()
   config.mesh = ml_collections.ConfigDict(dict(num_devices=-1))   # -1 = all devices
@@ -223,6 +214,11 @@ def _image_problems(config: ml_collections.ConfigDict) -> list[str]:
   model, ev = config.model, config.eval
   _check(model.dtype in ("float32", "bfloat16"), "config.model.dtype must be float32 or bfloat16",
          problems)
+  from cldro_jax.models import resnet  # pylint: disable=import-outside-toplevel
+  _check(model.name in resnet.encoder_names(),
+         f"config.model.name={model.name!r} is not one of {resnet.encoder_names()} (an encoder "
+         "of your own: resnet.register_encoder in a module named by --config.imports, "
+         "docs/extending.md)", problems)
   _check(model.stem_init in ("torchvision", "conv_default"),
          f"config.model.stem_init={model.stem_init!r} is not torchvision or conv_default", problems)
   for field in ("width", "head_hidden", "head_out"):
@@ -267,18 +263,38 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   domain = config.get("domain", None)
   if domain not in DOMAINS:
     raise ValueError(f"config.domain must be one of {DOMAINS}, got {domain!r}.")
-  problems = _unknown_keys(config, base_config(domain))
+  import_extensions(config)
+  schema = base_config(domain)
+  loss = config.loss
+  names = losses.objective_names()
+  objective = losses.get_objective(loss.name) if loss.name in names else None
+  problems = []
+  if objective is not None:
+    # A registered loss's own hyperparameters are fields its config file adds to config.loss.
+    for key in objective.hyperparameters:
+      if key in loss:
+        schema.loss[key] = loss[key]
+      else:
+        problems.append(f"config.loss.name={loss.name!r} reads config.loss.{key}, which this "
+                        f"config does not have: add `config.loss.{key} = VALUE` to its config "
+                        "file")
+  problems += _unknown_keys(config, schema)
   if problems:   # the checks below read the schema's fields
     raise ValueError("Invalid config:\n  " + "\n  ".join(problems))
   problems = _non_finite(config)
-  loss = config.loss
-  _check(loss.name in LOSS_NAMES,
-         f"config.loss.name={loss.name!r} is not one of {LOSS_NAMES}", problems)
-  if loss.name in IMAGE_ONLY_LOSSES and domain != "image":
+  _check(objective is not None,
+         f"config.loss.name={loss.name!r} is not one of {names} (a loss of your own: "
+         "losses.register_objective in a module named by --config.imports, docs/extending.md)",
+         problems)
+  if objective is not None and domain not in objective.variants:
+    why = (f" (as in the paper: DCL and HCL have no {domain} form)"
+           if loss.name in ("dcl", "hcl") else "")
     problems.append(
-        f"config.loss.name={loss.name!r} is defined for images only (as in the paper: DCL and HCL "
-        f"have no {domain} form); use one of "
-        + ", ".join(f"--config.loss.name={n}" for n in LOSS_NAMES if n not in IMAGE_ONLY_LOSSES))
+        f"config.loss.name={loss.name!r} is defined for "
+        f"{' and '.join(v + 's' for v in objective.variants)} only{why}; use one of "
+        + ", ".join(
+            f"--config.loss.name={n}" for n in names
+            if domain in losses.get_objective(n).variants))
   _check(loss.temperature > 0, f"config.loss.temperature must be > 0, got {loss.temperature}",
          problems)
   _check(loss.sigma > 0, f"config.loss.sigma must be > 0, got {loss.sigma}", problems)
@@ -289,10 +305,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check(loss.matmul_precision in MATMUL_PRECISIONS,
          f"config.loss.matmul_precision={loss.matmul_precision!r} is not one of "
          f"{MATMUL_PRECISIONS}", problems)
-  if loss.block_size and loss.name not in BLOCKWISE_LOSSES:
+  if loss.block_size and objective is not None and not objective.blockwise:
     problems.append(
-        f"config.loss.name={loss.name!r} has no blockwise path (it needs the full row of "
-        f"negative cosines for their variance); set --config.loss.block_size=0")
+        f"config.loss.name={loss.name!r} has no memory-bounded blockwise path (its function "
+        f"takes no block_size); set --config.loss.block_size=0")
   _check(loss.mu_rule in ("fixed", "quantile"),
          f"config.loss.mu_rule={loss.mu_rule!r} is not one of fixed, quantile", problems)
   _check(loss.sigma_rule in ("fixed", "std"),
@@ -347,6 +363,19 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError("Invalid config:\n  " + "\n  ".join(problems))
 
 
+def import_extensions(config: Any) -> None:
+  """Imports the modules `config.imports` names (comma-separated), where a run's own losses,
+  encoders and data sources register themselves; a clear error when one cannot be imported."""
+  for name in filter(None, (part.strip() for part in str(config.get("imports", "")).split(","))):
+    try:
+      importlib.import_module(name)
+    except ImportError as err:
+      raise ValueError(
+          f"config.imports names the module {name!r}, which cannot be imported ({err}). Install "
+          "it, or add the folder that holds it to PYTHONPATH (e.g. PYTHONPATH=$PWD python -m "
+          "cldro_jax.main ...)") from err
+
+
 def unused_settings(config: ml_collections.ConfigDict) -> list[str]:
   """Settings changed from the schema's defaults that this run does not read, with the reason:
   another loss's hyperparameters, an optimizer or schedule option of another optimizer or
@@ -354,7 +383,8 @@ def unused_settings(config: ml_collections.ConfigDict) -> list[str]:
   notes = []
   defaults = base_config(config.domain)
   loss = config.loss
-  used = set(LOSS_HYPERPARAMETERS.get(loss.name, ()))
+  used = set(losses.get_objective(loss.name).hyperparameters
+             if loss.name in losses.objective_names() else ())
   unused = [key for key in ("temperature", "mu", "sigma", "tau_plus", "beta", "eta")
             if key not in used and loss[key] != defaults.loss[key]]
   if loss.mu_rule != "quantile" and loss.mu_quantile != defaults.loss.mu_quantile:

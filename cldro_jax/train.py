@@ -324,27 +324,15 @@ def make_optimizer(optim: ml_collections.ConfigDict,
 
 
 def make_loss_fn(loss_cfg: ml_collections.ConfigDict, variant: str) -> Callable[..., jax.Array]:
-  """`fn(z1, z2, valid, labels, axis_name) -> scalar` for `config.loss`."""
-  block = {"block_size": loss_cfg.block_size} if loss_cfg.block_size else {}
-  common = dict(temperature=loss_cfg.temperature)
-  if loss_cfg.name == "infonce":
-    fn = functools.partial(losses.infonce, variant=variant, **common, **block)
-  elif loss_cfg.name == "adnce":
-    fn = functools.partial(losses.adnce, variant=variant, mu=loss_cfg.mu, sigma=loss_cfg.sigma,
-                           **common, **block)
-  elif loss_cfg.name == "dcl":
-    fn = functools.partial(losses.dcl, tau_plus=loss_cfg.tau_plus, **common, **block)
-  elif loss_cfg.name == "hcl":
-    fn = functools.partial(losses.hcl, tau_plus=loss_cfg.tau_plus, beta=loss_cfg.beta, **common,
-                           **block)
-  elif loss_cfg.name == "kl_dro":
-    fn = functools.partial(losses.kl_dro, variant=variant, **common, **block)
-  elif loss_cfg.name == "chi2_dro":
-    fn = functools.partial(losses.chi2_dro, variant=variant, eta=loss_cfg.eta)
-  elif loss_cfg.name == "mean_variance":
-    fn = functools.partial(losses.mean_variance, variant=variant, **common)
-  else:
-    raise ValueError(f"Unknown loss {loss_cfg.name!r}")
+  """`fn(z1, z2, valid, labels, axis_name) -> scalar` for `config.loss`: the registered
+  objective `loss_cfg.name` (cldro_jax/losses/registry.py) with its hyperparameters bound."""
+  objective = losses.get_objective(loss_cfg.name)
+  bound = {key: loss_cfg[key] for key in objective.hyperparameters}
+  if objective.takes_variant:
+    bound["variant"] = variant
+  if loss_cfg.block_size:
+    bound["block_size"] = loss_cfg.block_size
+  fn = functools.partial(objective.fn, **bound)
 
   def loss_fn(z1, z2, valid, labels, axis_name, **hyper):
     # `hyper` overrides bound hyperparameters per step (adaptive ADNCE's traced mu and sigma).

@@ -71,11 +71,12 @@ def _mean_over_anchors(per_anchor):
 
 
 def weighted_nce(z1, z2, *, t, variant, mu=None, sigma=None, valid=None, labels=None,
-                 weights_from=None):
+                 weights_from=None, weight_fn=None):
   """InfoNCE (mu=None) or ADNCE of LOSSES.md, in the variant's form.
 
   weights_from: optional (z1, z2) at which ADNCE's weights are computed (default: the inputs).
   Finite differences of the stop-gradient weights hold them at the unperturbed point.
+  weight_fn: optional cosines -> unnormalised weights, replacing ADNCE's Gaussian.
   """
   losses = []
   in_set = variant == "sentence"
@@ -86,7 +87,10 @@ def weighted_nce(z1, z2, *, t, variant, mu=None, sigma=None, valid=None, labels=
     n_negatives = len(cands) - (1 if in_set else 0)
     if n_negatives == 0:
       continue
-    w = np.ones_like(cands) if mu is None else gaussian(weight_cands, mu, sigma)
+    if weight_fn is not None:
+      w = weight_fn(weight_cands)
+    else:
+      w = np.ones_like(cands) if mu is None else gaussian(weight_cands, mu, sigma)
     w = w / w.mean()
     pos = np.exp(s_pos / t)
     weighted = w * np.exp(cands / t)

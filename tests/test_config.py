@@ -10,6 +10,7 @@ import pytest
 
 from cldro_jax import checkpointing
 from cldro_jax import config_defaults
+from cldro_jax import losses
 from helpers import read_json
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -168,7 +169,7 @@ def test_mesh_of_part_of_the_devices_is_refused_in_a_multi_process_run(monkeypat
 def test_dense_only_losses_refuse_a_block_size(name):
   config = config_defaults.base_config("image")
   config.loss.name, config.loss.block_size = name, 64
-  with pytest.raises(ValueError, match=f"{name}.*has no blockwise path.*block_size=0"):
+  with pytest.raises(ValueError, match=f"{name}.*has no memory-bounded blockwise path.*block_size=0"):
     config_defaults.validate_config(config)
 
 
@@ -354,7 +355,7 @@ def test_loss_hyperparameters_table_is_what_the_trainer_reads(name):
     config.loss.name = name
     config.loss[key] = new
     moved = value(config.loss) != reference
-    assert moved == (key in config_defaults.LOSS_HYPERPARAMETERS[name]), (name, key)
+    assert moved == (key in losses.get_objective(name).hyperparameters), (name, key)
     reported = any(note.startswith(f"loss.{key}=") for note in
                    config_defaults.unused_settings(config))
     assert reported == (not moved), (name, key)

@@ -62,7 +62,19 @@ FAMILIES = {
     # DCL is HCL with beta = 0
     "hcl-image": [dict(tau_plus=0.1, beta=0.0), dict(tau_plus=0.1, beta=1.0),
                   dict(tau_plus=0.05, beta=0.5)],
+    # weighted_nce with a user weighting: Cauchy weights 1 / (1 + ((s - mu) / sigma)^2)
+    "cauchy-image": [dict(mu=0.7, sigma=0.5)],
+    "cauchy-sentence": [dict(mu=0.4, sigma=1.0)],
+    "cauchy-graph": [dict(mu=-0.2, sigma=0.3)],
 }
+
+
+def cauchy_log_weight(sim, params):
+  return -jnp.log1p(jnp.square((sim - params["mu"]) / params["sigma"]))
+
+
+def cauchy_weight(mu, sigma):
+  return lambda s: 1.0 / (1.0 + ((s - mu) / sigma) ** 2)
 
 
 def library_loss(family, z1, z2, t, hp, valid=None, labels=None, block_size=None):
@@ -73,6 +85,9 @@ def library_loss(family, z1, z2, t, hp, valid=None, labels=None, block_size=None
   if name == "adnce":
     return losses.adnce(z1, z2, temperature=t, variant=variant, mu=hp["mu"], sigma=hp["sigma"],
                         **kw)
+  if name == "cauchy":
+    return losses.weighted_nce(z1, z2, temperature=t, variant=variant,
+                               log_weight=cauchy_log_weight, weight_params=hp, **kw)
   return losses.hcl(z1, z2, temperature=t, tau_plus=hp["tau_plus"], beta=hp["beta"], **kw)
 
 
@@ -83,6 +98,9 @@ def reference_loss(family, t, hp, valid=None, labels=None, weights_at=None):
   if name == "adnce":
     return lambda a, b: ref.weighted_nce(a, b, t=t, variant=variant, valid=valid, labels=labels,
                                          weights_from=weights_at, **hp)
+  if name == "cauchy":
+    return lambda a, b: ref.weighted_nce(a, b, t=t, variant=variant, valid=valid, labels=labels,
+                                         weights_from=weights_at, weight_fn=cauchy_weight(**hp))
   return lambda a, b: ref.hcl(a, b, t=t, valid=valid, labels=labels, **hp)
 
 

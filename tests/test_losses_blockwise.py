@@ -29,7 +29,14 @@ def family_loss(family, z1, z2, t, beta, valid, labels, block_size):
     return losses.hcl(z1, z2, temperature=t, tau_plus=0.1, beta=beta, **kw)
   if name == "dcl":
     return losses.dcl(z1, z2, temperature=t, tau_plus=0.1, **kw)
+  if name == "cauchy":   # weighted_nce with a user weighting; `beta` is its (traced) mu
+    return losses.weighted_nce(z1, z2, temperature=t, log_weight=_cauchy_log_weight,
+                               weight_params=dict(mu=beta, sigma=0.5), variant=variant, **kw)
   return losses.kl_dro(z1, z2, temperature=t, variant=variant, **kw)
+
+
+def _cauchy_log_weight(sim, params):
+  return -jnp.log1p(jnp.square((sim - params["mu"]) / params["sigma"]))
 
 
 def block_sizes(family):
@@ -51,7 +58,8 @@ def dense_and_blockwise(family):
 
 
 # one-statistic (infonce, kl_dro) and two-statistic (adnce, hcl) kernels, every variant
-FAMILIES = ["infonce-sentence", "adnce-image", "adnce-graph", "hcl-image", "kl_dro-sentence"]
+FAMILIES = ["infonce-sentence", "adnce-image", "adnce-graph", "hcl-image", "kl_dro-sentence",
+            "cauchy-sentence"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

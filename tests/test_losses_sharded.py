@@ -31,7 +31,14 @@ CASES = {
                                                  **kw),
     "chi2_dro-graph": lambda z1, z2, **kw: losses.chi2_dro(z1, z2, eta=0.3, variant="graph",
                                                            **kw),
+    "cauchy-graph": lambda z1, z2, **kw: losses.weighted_nce(
+        z1, z2, temperature=0.2, log_weight=_cauchy_log_weight,
+        weight_params=dict(mu=0.5, sigma=0.4), variant="graph", **kw),
 }
+
+
+def _cauchy_log_weight(sim, params):
+  return -jnp.log1p(jnp.square((sim - params["mu"]) / params["sigma"]))
 
 
 @functools.lru_cache(maxsize=None)
@@ -108,6 +115,13 @@ def test_shard_map_matches_one_device(case):
     np.testing.assert_allclose(
         value, ref.weighted_nce(z1, z2, t=0.4, variant="image", mu=0.7, sigma=0.5, valid=valid,
                                 labels=labels), rtol=1e-5)
+
+
+def test_weighted_nce_with_a_user_weighting_blockwise_inside_shard_map():
+  z1, z2, valid, labels, value = check_case("cauchy-graph", 3, seed=1)
+  np.testing.assert_allclose(value, ref.weighted_nce(
+      z1, z2, t=0.2, variant="graph", valid=valid, labels=labels,
+      weight_fn=lambda s: 1.0 / (1.0 + ((s - 0.5) / 0.4) ** 2)), rtol=1e-5)
 
 
 @pytest.mark.parametrize("case", ["adnce-image", "hcl-image", "adnce-sentence"])

@@ -569,7 +569,7 @@ def load_fashion_mnist_arrays(
 # Sources
 
 
-def _labelled_dataset(
+def labelled_dataset(
     name: str,
     x_train: np.ndarray,
     y_train: np.ndarray,
@@ -581,7 +581,9 @@ def _labelled_dataset(
     class_names: tuple[str, ...] | None = None,
     x_unlabeled: np.ndarray | None = None,
 ) -> ImageDataset:
-    """Builds an in-memory ImageDataset; pre-training uses the train split (+ unlabelled)."""
+    """An in-memory ImageDataset from uint8 arrays (N, H, W[, C]) and int labels, with the
+    shipped sources' checks and `cfg`'s per-class limits; pre-training uses the train split
+    (+ the unlabelled images, labelled -1). For a data source of your own (`register_source`)."""
     train = _limit_per_class(
         InMemorySource(_with_channel_axis(x_train, "train images"), y_train),
         _get(cfg, "train_per_class"),
@@ -629,7 +631,7 @@ def _labelled_dataset(
 
 def _load_fashion_mnist(cfg: Any) -> ImageDataset:
     arrays = load_fashion_mnist_arrays(_get(cfg, "data_dir") or _get(cfg, "path"))
-    return _labelled_dataset(
+    return labelled_dataset(
         "fashion_mnist", **arrays, cfg=cfg, num_classes=10,
         class_names=FASHION_MNIST_CLASSES,
     )
@@ -656,7 +658,7 @@ def load_fashion_mnist_subset_arrays() -> dict[str, np.ndarray]:
 
 def _load_fashion_mnist_subset(cfg: Any) -> ImageDataset:
     arrays = load_fashion_mnist_subset_arrays()
-    return _labelled_dataset(
+    return labelled_dataset(
         "fashion_mnist_subset",
         arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"],
         cfg=cfg, num_classes=10, class_names=FASHION_MNIST_CLASSES,
@@ -673,7 +675,7 @@ def _load_digits(cfg: Any) -> ImageDataset:
     train_idx, test_idx = _stratified_split(
         labels, float(_get(cfg, "test_fraction")), int(_get(cfg, "split_seed")), "digits"
     )
-    return _labelled_dataset(
+    return labelled_dataset(
         "digits",
         images[train_idx], labels[train_idx], images[test_idx], labels[test_idx],
         cfg=cfg, num_classes=10, class_names=tuple(str(d) for d in range(10)),
@@ -812,7 +814,7 @@ def _load_npz(cfg: Any) -> ImageDataset:
         raise ValueError("source=npz needs --config.data.path=/path/to/data.npz")
     arrays = load_npz_arrays(path)
     name = os.path.splitext(os.path.basename(path))[0]
-    dataset = _labelled_dataset(name, **arrays, cfg=cfg, num_classes=_get(cfg, "num_classes"))
+    dataset = labelled_dataset(name, **arrays, cfg=cfg, num_classes=_get(cfg, "num_classes"))
     # Labels not 0..C-1 trained without a word: 1-based labels made an extra class no image has,
     # and test labels in another encoding than train's counted as errors no probe could avoid.
     train_classes = np.unique(arrays["y_train"])
@@ -1027,7 +1029,7 @@ def _load_folder(cfg: Any) -> ImageDataset:
         )
         x_train, y_train = images[train_idx], labels[train_idx]
         x_test, y_test = images[test_idx], labels[test_idx]
-    return _labelled_dataset(
+    return labelled_dataset(
         os.path.basename(os.path.normpath(root)),
         x_train, y_train, x_test, y_test,
         cfg=cfg, num_classes=len(class_names), class_names=class_names,
@@ -1248,12 +1250,41 @@ _LOADERS: dict[str, Callable[[Any], ImageDataset]] = {
 }
 
 
+def register_source(name: str, loader: Callable[[dict[str, Any]], ImageDataset], *,
+                    fields: tuple[str, ...] = (), replace: bool = False) -> None:
+    """Makes a data source of your own usable as `--config.data.source=name`.
+
+    `loader(data)` gets `config.data` as a plain dict of every field (defaults filled in,
+    `resolve_data_config`) and returns an `ImageDataset`; `labelled_dataset(...)` builds one
+    from uint8 arrays with the shipped sources' checks. `fields` are the `config.data` fields it
+    reads (the others, when changed, are named as unused at start-up). Register it in a module
+    named by `--config.imports` so that the probe and a resume find it too
+    (docs/extending.md).
+    """
+    if name in _LOADERS and not replace and _LOADERS[name] is not loader:
+        raise ValueError(f"a data source named {name!r} is already registered; pick another "
+                         "name, or pass replace=True")
+    unknown = sorted(set(fields) - set(_DEFAULTS))
+    if unknown:
+        raise ValueError(f"register_source({name!r}): unknown config.data fields {unknown}; "
+                         f"known: {sorted(_DEFAULTS)}")
+    _LOADERS[name] = loader
+    SOURCE_FIELDS[name] = (*tuple(fields), *_PER_CLASS_FIELDS)
+
+
+def source_names() -> tuple[str, ...]:
+    return tuple(_LOADERS)
+
+
 def load_image_dataset(data_config: Any) -> ImageDataset:
     """Loads the dataset that ``config.data`` describes (fields in the module docstring)."""
     cfg = resolve_data_config(data_config)
     source = cfg["source"]
     if source not in _LOADERS:
-        raise ValueError(f"config.data.source={source!r}; choose one of {SOURCES}")
+        raise ValueError(
+            f"config.data.source={source!r}; choose one of {source_names()} (a source of your "
+            "own: images.register_source in a module named by --config.imports, "
+            "docs/extending.md)")
     return _LOADERS[source](cfg)
 
 

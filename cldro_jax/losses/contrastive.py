@@ -15,7 +15,9 @@ with w = 1 for InfoNCE and, for ADNCE, ``w_ij = sg(g_ij / mean_{k in set(i)} g_i
 """
 from __future__ import annotations
 
+import functools
 import math
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +44,16 @@ def _adnce_stats(sim, params):
   return (sim * params["inv_t"] + log_g, log_g)
 
 
+@functools.lru_cache(maxsize=None)
+def _weighted_stats(log_weight):
+  """The statistics of `weighted_nce` for one user log-weight function; cached, so that the
+  blockwise custom_vjp sees the same (static) function object on every call."""
+  def stats(sim, params):
+    log_w = jax.lax.stop_gradient(log_weight(jax.lax.stop_gradient(sim), params))
+    return (sim * params["inv_t"] + log_w, log_w)
+  return stats
+
+
 def _hcl_stats(sim, params):
   # imp_ij = exp(beta s_ij / t) is differentiated, as in the reference (no detach).
   scaled = sim * params["inv_t"]
@@ -49,24 +61,29 @@ def _hcl_stats(sim, params):
 
 
 def _log_weighted_sum(z1, z2, *, temperature, mu, sigma, variant, valid, labels, axis_name,
-                      block_size):
-  """Shared core of InfoNCE and ADNCE: per-anchor log sum_j w_ij exp(s_ij/t) and the layout."""
+                      block_size, log_weight=None, weight_params=None):
+  """Shared core of InfoNCE, ADNCE and `weighted_nce`: per-anchor log sum_j w_ij exp(s_ij/t)
+  and the layout."""
   layout = _layout.build(z1, z2, variant=variant, valid=valid, labels=labels,
                          axis_name=axis_name, mode="loss")
   dtype = layout.q.dtype
   params = {"inv_t": 1.0 / _layout.as_param(temperature, dtype)}
-  if mu is None:
-    (lse,), count = row_reduce(_logits, ("lse",), layout.q, layout.k, layout.rows, layout.cols,
-                               params, block_size)
-    log_sum = lse
-  else:
+  if log_weight is not None:
+    params.update({key: _layout.as_param(value, dtype) for key, value in weight_params.items()})
+    stats = _weighted_stats(log_weight)
+  elif mu is not None:
     sigma = _layout.as_param(sigma, dtype)
     params["mu"] = _layout.as_param(mu, dtype)
     params["half_inv_var"] = 0.5 / jnp.square(sigma)
-    (lse, lse_g), count = row_reduce(_adnce_stats, ("lse", "lse"), layout.q, layout.k,
-                                     layout.rows, layout.cols, params, block_size)
-    # w = g / mean(g): log of the row-mean normaliser is LSE(log g) - log N.
-    log_sum = lse - (lse_g - jnp.log(jnp.maximum(count, 1.0)))
+    stats = _adnce_stats
+  else:
+    (lse,), count = row_reduce(_logits, ("lse",), layout.q, layout.k, layout.rows, layout.cols,
+                               params, block_size)
+    return layout, params, lse, count
+  (lse, lse_w), count = row_reduce(stats, ("lse", "lse"), layout.q, layout.k, layout.rows,
+                                   layout.cols, params, block_size)
+  # w = g / mean(g): log of the row-mean normaliser is LSE(log g) - log N.
+  log_sum = lse - (lse_w - jnp.log(jnp.maximum(count, 1.0)))
   return layout, params, log_sum, count
 
 
@@ -137,6 +154,44 @@ def adnce(z1, z2, *, temperature, mu, sigma, variant="image", valid=None, labels
   layout, params, log_sum, count = _log_weighted_sum(
       z1, z2, temperature=temperature, mu=mu, sigma=sigma, variant=variant, valid=valid,
       labels=labels, axis_name=axis_name, block_size=block_size)
+  return _nce_from_log_sum(layout, params, log_sum, count, variant, axis_name)
+
+
+@_common.nan_when_traced_out_of_range
+def weighted_nce(z1, z2, *, temperature, log_weight: Callable[[jax.Array, Mapping], jax.Array],
+                 weight_params: Mapping[str, Any] | None = None, variant="image", valid=None,
+                 labels=None, axis_name=None, block_size=None):
+  """InfoNCE with stop-gradient candidate weights of your choosing: ADNCE's form, any weighting.
+
+  ``w_ij = sg(g_ij / mean_{k in set(i)} g_ik)`` with ``log g_ij = log_weight(s_ij, params)``,
+  ``s_ij`` the raw cosine and ``params`` holding ``weight_params`` (scalars, as arrays in the
+  loss's dtype) and ``"inv_t"`` (1/t). The set, the positive's place and the reduction are the
+  variant's, as :func:`adnce`; so are ``valid``, ``labels``, ``axis_name`` (negatives from every
+  device) and ``block_size`` (the memory-bounded path). ADNCE is ``log_weight = lambda s, p:
+  -(s - p["mu"]) ** 2 / (2 * p["sigma"] ** 2)`` with ``weight_params=dict(mu=mu, sigma=sigma)``.
+
+  Args:
+    log_weight: elementwise ``(cosines (R, c), params) -> log weights (R, c)``; it sees one block
+      of columns at a time on the blockwise path. Define it at module level (not a lambda made
+      per call): the blockwise path compiles per function object. It need not be normalised (a
+      constant cancels) and must be finite where the cosines are.
+    weight_params: the scalars ``log_weight`` reads (Python numbers or arrays; arrays can be
+      traced, e.g. a schedule, without recompiling).
+    Others as :func:`infonce`.
+  """
+  _layout.validate(z1, z2, variant, valid, labels, axis_name)
+  _common.check_positive(temperature, "temperature")
+  _common.check_block_size(block_size)
+  if not callable(log_weight):
+    raise ValueError(f"log_weight must be a function (cosines, params) -> log weights, got "
+                     f"{type(log_weight).__name__}")
+  weight_params = dict(weight_params or {})
+  if "inv_t" in weight_params:
+    raise ValueError('weight_params may not be named "inv_t": the loss passes 1/t under it')
+  layout, params, log_sum, count = _log_weighted_sum(
+      z1, z2, temperature=temperature, mu=None, sigma=None, variant=variant, valid=valid,
+      labels=labels, axis_name=axis_name, block_size=block_size, log_weight=log_weight,
+      weight_params=weight_params)
   return _nce_from_log_sum(layout, params, log_sum, count, variant, axis_name)
 
 

@@ -231,12 +231,37 @@ _ENCODERS: dict[str, Callable[..., ResNet]] = {
 }
 
 
+def register_encoder(name: str, constructor: Callable[..., nn.Module], *,
+                     replace: bool = False) -> None:
+    """Makes an image encoder of your own trainable as `--config.model.name=name`.
+
+    `constructor(stem=, width=, dtype=, stem_init=)` (the `config.model` fields, which it may
+    ignore) returns a Flax Linen module whose `__call__(x, *, train, num_views=1)` maps uint8-
+    normalised images (N, H, W, C) to features (N, F): at any image size (evaluation may run at
+    another size than training, e.g. STL10 trains at 32 and probes at 96), with BatchNorm (if
+    any) in the `batch_stats` collection. `num_views` is the number of views stacked along N
+    (BatchNorm per view needs it). Register it in a module named by `--config.imports` so that
+    the probe, `load_encoder` and a resume find it too (docs/extending.md).
+    """
+    if name in _ENCODERS and not replace and _ENCODERS[name] is not constructor:
+        raise ValueError(f"an encoder named {name!r} is already registered; pick another name, "
+                         "or pass replace=True")
+    _ENCODERS[name] = constructor
+
+
+def encoder_names() -> tuple[str, ...]:
+    return tuple(_ENCODERS)
+
+
 def get_encoder(name: str, **kwargs) -> ResNet:
     """A registered encoder, e.g. `get_encoder("resnet50", stem="cifar", dtype=jnp.bfloat16)`."""
     try:
         constructor = _ENCODERS[name]
     except KeyError:
-        raise ValueError(f"Unknown encoder {name!r}; available: {sorted(_ENCODERS)}.") from None
+        raise ValueError(
+            f"Unknown encoder {name!r}; available: {sorted(_ENCODERS)}. An encoder of your own "
+            "is registered with cldro_jax.models.resnet.register_encoder in a module that "
+            "--config.imports=MODULE names (docs/extending.md).") from None
     return constructor(**kwargs)
 
 
