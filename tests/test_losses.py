@@ -39,9 +39,11 @@ def make_views(kind, batch=BATCH, dim=DIM, seed=0):
 
 
 def masks(kind, batch=BATCH):
-  """(valid, labels) arrays; "none" uses all-valid rows and distinct labels (no masking)."""
+  """(valid, labels): "none" all rows valid and labels=None, "valid" padding rows and no labels
+  (the default path, which counts candidates without a label mask), "labels" and "both" labels
+  with unlabelled rows (and padding)."""
   valid = np.ones(batch, bool)
-  labels = np.arange(batch)
+  labels = None
   if kind in ("valid", "both"):
     valid[[1, batch - 1]] = False
   if kind in ("labels", "both"):
@@ -111,12 +113,16 @@ def value_and_grads(family):
   return jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2)))
 
 
+def _maybe_array(x):
+  return None if x is None else jnp.asarray(x)
+
+
 def run(family, z1, z2, t, hp, mask="none", dtype=None):
   valid, labels = masks(mask, z1.shape[0])
   dtype = dtype or jnp.float32
   args = (jnp.asarray(z1, dtype), jnp.asarray(z2, dtype), jnp.asarray(t, jnp.float32),
           {k: jnp.asarray(v, jnp.float32) for k, v in hp.items()}, jnp.asarray(valid),
-          jnp.asarray(labels))
+          _maybe_array(labels))
   return value_and_grads(family)(*args)
 
 
@@ -126,7 +132,7 @@ def run_x64(family, z1, z2, t, hp, mask="none"):
     value, grads = value_and_grads(family)(
         jnp.asarray(z1), jnp.asarray(z2), jnp.asarray(t, jnp.float64),
         {k: jnp.asarray(v, jnp.float64) for k, v in hp.items()}, jnp.asarray(valid),
-        jnp.asarray(labels))
+        _maybe_array(labels))
     assert value.dtype == jnp.float64
     return float(value), [np.asarray(g) for g in grads]
 

@@ -26,12 +26,18 @@ def views(seed, batch=BATCH, dim=DIM, close=False):
 
 
 def masks(kind, batch=BATCH):
-  valid, labels = np.ones(batch, bool), np.arange(batch)
+  # "none" and "valid" pass labels=None: the default path, which counts candidates without a
+  # label mask (distinct labels would take the masked path and leave it untested)
+  valid, labels = np.ones(batch, bool), None
   if kind in ("valid", "both"):
     valid[[0, 3]] = False
   if kind in ("labels", "both"):
     labels = np.arange(batch) % 2
   return valid, labels
+
+
+def _maybe_array(x):
+  return None if x is None else jnp.asarray(x)
 
 
 def _library(name, variant, z1, z2, hp, valid, labels):
@@ -60,7 +66,7 @@ def _x64_value(name, variant, z1, z2, hp):
   valid, labels = masks("none")
   with jax.enable_x64(True):
     value, _ = _value_and_grads(name, variant)(jnp.asarray(z1), jnp.asarray(z2), jnp.asarray(hp),
-                                               jnp.asarray(valid), jnp.asarray(labels))
+                                               jnp.asarray(valid), _maybe_array(labels))
   return float(value)
 
 
@@ -74,7 +80,7 @@ def test_dro_losses_match_reference_x64(name, variant):
     with jax.enable_x64(True):
       value, (g1, g2, g_hp) = _value_and_grads(name, variant)(
           jnp.asarray(z1), jnp.asarray(z2), jnp.asarray(hp), jnp.asarray(valid),
-          jnp.asarray(labels))
+          _maybe_array(labels))
     reference = _reference(name, variant, hp, valid, labels)
     np.testing.assert_allclose(float(value), reference(z1, z2), rtol=1e-10, atol=1e-12)
     expected = ref.numeric_grad(reference, z1, z2)
@@ -94,7 +100,7 @@ def test_identical_negatives_give_finite_chi2_gradient():
     with jax.enable_x64(True):
       value, grads = _value_and_grads(name, "image")(
           jnp.asarray(z), jnp.asarray(z), jnp.asarray(hp), jnp.asarray(valid),
-          jnp.asarray(labels))
+          _maybe_array(labels))
     np.testing.assert_allclose(float(value), _reference(name, "image", hp, None, None)(z, z),
                                atol=1e-6)
     assert all(np.all(np.isfinite(g)) for g in grads)
@@ -108,7 +114,7 @@ def test_kl_dro_is_scaled_infonce_without_positive(variant):
   with jax.enable_x64(True):
     got, _ = _value_and_grads("kl_dro", variant)(jnp.asarray(z1), jnp.asarray(z2),
                                                  jnp.asarray(t), jnp.asarray(valid),
-                                                 jnp.asarray(labels))
+                                                 _maybe_array(labels))
     got = float(got)
   if variant == "graph":  # the mean form: exactly t times graph InfoNCE
     np.testing.assert_allclose(got, t * ref.weighted_nce(z1, z2, t=t, variant="graph"),
@@ -207,7 +213,7 @@ def test_mean_variance_is_second_order_kl_dro():
   for spread in (0.1, 0.05, 0.025):
     args = (base + spread * noise1, base + spread * noise2, 0.5, valid, labels)
     with jax.enable_x64(True):
-      args = [jnp.asarray(a) for a in args]
+      args = [_maybe_array(a) for a in args]
       kl, _ = _value_and_grads("kl_dro", "image")(*args)
       mv, _ = _value_and_grads("mean_variance", "image")(*args)
     gaps.append(abs(float(kl) - float(mv)))
@@ -237,7 +243,7 @@ def test_diagnostics_match_reference(variant):
     expected = ref.diagnostics(z1, z2, t=t, mu=0.6, sigma=0.5, variant=variant, valid=valid,
                                labels=labels)
     args = [jnp.asarray(x, jnp.float32) for x in (z1, z2, t, 0.6, 0.5)]
-    for got in _diagnostics(variant, True)(*args, jnp.asarray(valid), jnp.asarray(labels)):
+    for got in _diagnostics(variant, True)(*args, jnp.asarray(valid), _maybe_array(labels)):
       assert set(got) == set(expected)
       for key, value in expected.items():
         np.testing.assert_allclose(float(got[key]), value, rtol=2e-5, atol=2e-6, err_msg=key)
@@ -245,7 +251,7 @@ def test_diagnostics_match_reference(variant):
     k = 2 * BATCH - 1 if variant == "image" else BATCH
     assert expected["mi_lower_bound"] <= np.log(k)
   if variant == "image":  # without mu/sigma: only the InfoNCE statistics
-    got = _diagnostics(variant, False)(*args, jnp.asarray(valid), jnp.asarray(labels))[0]
+    got = _diagnostics(variant, False)(*args, jnp.asarray(valid), _maybe_array(labels))[0]
     assert "ess_adnce" not in got
     np.testing.assert_allclose(float(got["eta_hat"]), expected["eta_hat"], rtol=2e-5)
 
@@ -259,7 +265,7 @@ def test_diagnostics_radius_stays_accurate_near_collapse(variant):
   expected = ref.diagnostics(z1, z2, t=0.05, variant=variant)
   assert expected["s_neg_mean"] > 0.99 and expected["eta_hat"] < 1e-5
   args = [jnp.asarray(x, jnp.float32) for x in (z1, z2, 0.05, 0.6, 0.5)]
-  no_masks = [jnp.asarray(m) for m in masks("none")]
+  no_masks = [_maybe_array(m) for m in masks("none")]
   for got in _diagnostics(variant, False)(*args, *no_masks):
     np.testing.assert_allclose(float(got["eta_hat"]), expected["eta_hat"], rtol=1e-2)
     np.testing.assert_allclose(float(got["s_neg_mean"]), expected["s_neg_mean"], rtol=1e-6)
