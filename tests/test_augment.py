@@ -302,6 +302,22 @@ def test_crop_boxes_fit_and_follow_torchvision_distribution(sampled_params):
     assert abs(h.mean() - ref[:, 2].mean()) < 0.6 and abs(w.mean() - ref[:, 3].mean()) < 0.6
 
 
+def test_normalisation_is_the_references():
+    # the reference's transforms.Normalize (image/utils.py), written out
+    assert A.CIFAR_MEAN == (0.4914, 0.4822, 0.4465) and A.CIFAR_STD == (0.2023, 0.1994, 0.2010)
+    aug = A.SimCLRAugment(out_size=32)
+    assert (aug.mean, aug.std) == (A.CIFAR_MEAN, A.CIFAR_STD)
+
+
+def test_crop_offsets_are_uniform_on_every_position_including_the_far_edge():
+    # torch.randint(0, H - h + 1): a 16x16 crop of 32x32 may start at 0..16, so the last row and
+    # column are cropped too (a KS test on sampled boxes cannot see that one position).
+    for u, want in ((0.0, 0), (0.5, 8), (1.0 - 1e-7, 16)):
+        uniforms = jnp.array([[0.0], [0.0], [u], [u]])
+        box = A._crop_box_from_uniforms(uniforms, 32, 32, scale=(0.25, 0.25), ratio=(1.0, 1.0))
+        assert tuple(np.asarray(box)) == (want, want, 16, 16)
+
+
 @pytest.mark.parametrize(
     "height,width,want",
     [

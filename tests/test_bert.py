@@ -275,6 +275,18 @@ def test_loader_maps_simcse_mlp_to_pooler(tmp_path, roberta):
                                 np.asarray(params["pooler"]["dense"]["kernel"]))
 
 
+def test_a_checkpoint_with_a_pooler_and_a_simcse_mlp_is_refused_by_name(tmp_path):
+  # The MLP replaces the pooler only where there is none; with both, neither is picked silently.
+  def edit(t):
+    t["mlp.dense.weight"] = np.full_like(t["pooler.dense.weight"], 0.5)
+    t["mlp.dense.bias"] = np.full_like(t["pooler.dense.bias"], 0.5)
+    return t
+
+  with pytest.raises(ValueError, match=r"both a pooler \(pooler.dense\) and SimCSE's training "
+                     r"MLP \(mlp.dense\).*Remove the one you do not want"):
+    bert.load_pretrained(_write_variant(tmp_path, edit))
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda t: {k: v for k, v in t.items() if k != "encoder.layer.1.output.dense.bias"},
      r"missing weights \(1\): encoder.layer.1.output.dense.bias"),

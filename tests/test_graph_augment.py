@@ -54,6 +54,12 @@ def big_molecule(mutag) -> Graph:
 # ---------------------------------------------------------------------------------------------
 # proper mode
 # ---------------------------------------------------------------------------------------------
+def test_default_ratios_are_graphcls():
+    # LOSSES.md / GraphCL's aug.py, written out: augment_graph (what training calls) reads these
+    assert ga.DEFAULT_RATIOS == {"drop_nodes": 0.1, "subgraph": 0.2, "perturb_edges": 0.1,
+                                 "mask_attributes": 0.1}
+
+
 def test_proper_drop_nodes_removes_nodes_and_their_edges(mutag):
     graph = big_molecule(mutag)
     out = ga.drop_nodes(graph, np.random.default_rng(0), ratio=0.1)

@@ -50,9 +50,11 @@ def reference_accuracy(ranked, labels):
 
 @pytest.mark.parametrize("chunk_size", [8, 37, 64, 256])
 def test_scores_and_predictions_match_reference(chunk_size):
-    bank, bank_y, queries, query_y = clustered_data(0, 300, 37, 16, 7, noise=1.5)
+    bank, bank_y, queries, query_y = clustered_data(4, 300, 37, 16, 7, noise=2.5)
     k, t = 25, 0.1
     ref_scores, ref_ranked = reference_knn(bank, bank_y, queries, 7, k, t)
+    # queries whose class ranks exactly 5th and some ranked lower: top-5 means five, not four
+    assert (ref_ranked[:, 4] == query_y).any() and (ref_ranked[:, 5:] == query_y[:, None]).any()
     scores = np.asarray(knn.knn_classify(bank, bank_y, queries, num_classes=7, k=k,
                                          temperature=t, chunk_size=chunk_size))
     np.testing.assert_allclose(scores, ref_scores, rtol=2e-5, atol=1e-6)

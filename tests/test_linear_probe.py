@@ -359,3 +359,12 @@ def test_evaluate_and_extract_reject_bad_input():
     with pytest.raises(ValueError, match="needs encoder_variables"):
         lp.train_linear_probe_on_images(flatten, identity_augment, np.zeros((4, 2, 2), np.uint8),
                                         np.arange(4), num_classes=4, update_encoder_state=True)
+
+
+def test_the_reference_protocol_defaults_are_the_references():
+    # LOSSES.md: Linear(F, C), Adam 1e-3, wd 1e-6, batch 512, 100 epochs
+    import inspect  # pylint: disable=import-outside-toplevel
+    defaults = {name: p.default for name, p in
+                inspect.signature(lp.train_linear_probe_on_images).parameters.items()}
+    assert (defaults["epochs"], defaults["batch_size"], defaults["learning_rate"],
+            defaults["weight_decay"]) == (100, 512, 1e-3, 1e-6)

@@ -23,6 +23,11 @@ def seed4_result(mutag_histograms):
     return svm_cv_accuracy(*mutag_histograms, seed=4)
 
 
+def test_the_c_grid_is_graphcls():
+    # LOSSES.md: "SVC with C in {1e-3..1e3}", written out (the tests below use the module's grid)
+    assert DEFAULT_C_GRID == (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
+
+
 def test_equals_cross_val_score_with_grid_search(mutag_histograms, seed4_result):
     x, y = mutag_histograms
     mean, std = seed4_result

@@ -2,6 +2,7 @@
 
 import json
 import os
+import types
 
 import jax
 import numpy as np
@@ -382,6 +383,17 @@ def test_full_configs_match_the_paper(tmp_path):
     assert (config.model.name, config.model.stem, config.model.stem_init, config.model.head_hidden,
             config.model.head_out) == ("resnet50", "cifar", "conv_default", 512, 128)
     assert config.augment.crop_size == 32 and config.eval.knn_k == 200
+    # LOSSES.md's SimCLR augmentation, written out here rather than read from the code
+    aug = config.augment
+    assert (tuple(aug.crop_scale), tuple(aug.crop_ratio), aug.flip_prob, aug.jitter_prob,
+            aug.brightness, aug.contrast, aug.saturation, aug.hue, aug.grayscale_prob,
+            aug.blur_prob, aug.blur_kernel, tuple(aug.blur_sigma)) == (
+                (0.08, 1.0), (3 / 4, 4 / 3), 0.5, 0.8, 0.4, 0.4, 0.4, 0.1, 0.2, 0.5, 3, (0.1, 2.0))
+    # the reference's transforms.Normalize (image/utils.py), for every dataset
+    assert tuple(aug.mean) == (0.4914, 0.4822, 0.4465)
+    assert tuple(aug.std) == (0.2023, 0.1994, 0.2010)
+    # the kNN monitor votes at the training temperature, as the reference's test()
+    assert config.eval.knn_temperature == 0
     shapes = image.model_variables_shape(config)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))
     # torchvision ResNet-50 without fc, CIFAR stem (23,500,352) + the reference head
@@ -391,6 +403,24 @@ def test_full_configs_match_the_paper(tmp_path):
   assert stl10_config.get_config().eval.probe_image_size == 96
   # The unlabelled split's 100k decoded 96x96 images (2.8 GB) fit the in-memory limit.
   assert stl10_config.get_config().data.in_memory_max_mb * 2**20 >= 105_000 * 96 * 96 * 3
+
+
+def test_the_knn_monitor_votes_at_the_loss_temperature_unless_set(monkeypatch):
+  from cldro_jax.tasks import image  # pylint: disable=import-outside-toplevel
+  seen = []
+  real = image.knn.knn_accuracy
+
+  def spy(*args, temperature, **kwargs):
+    seen.append(temperature)
+    return real(*args, temperature=temperature, **kwargs)
+
+  monkeypatch.setattr(image.knn, "knn_accuracy", spy)
+  for knn_temperature, expected in ((0.0, 0.3), (0.07, 0.07)):
+    config = tiny_config(**{"loss.temperature": 0.3, "eval.knn_temperature": knn_temperature})
+    task = image.ImageTask(config, train.make_mesh(1))
+    params, model_state = jax.jit(task.init)(train.model_init_key(0))
+    task.monitor(types.SimpleNamespace(params={"model": params}, model_state=model_state))
+    assert seen[-1] == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("update_bn", [False, True])

@@ -294,6 +294,12 @@ def hf_tensors_to_params(tensors: Mapping[str, np.ndarray], config: EncoderConfi
   wrong_shape = sorted(
       f"{n}: checkpoint {tuple(tensors[n].shape)}, config.json implies {expected[n]}"
       for n in expected if n in tensors and tuple(tensors[n].shape) != expected[n])
+  if has_pooler and {"mlp.dense.weight", "mlp.dense.bias"} & set(unexpected):
+    # Which dense layer is "the" pooler is the user's call, not a guess of the loader's.
+    raise ValueError(
+        "The checkpoint holds both a pooler (pooler.dense) and SimCSE's training MLP "
+        "(mlp.dense), which takes the pooler's place only in a checkpoint without one. Remove "
+        "the one you do not want from model.safetensors.")
   if missing or unexpected or wrong_shape:
     lines = [f"The checkpoint does not match its {config.model_type} config.json:"]
     if missing:
