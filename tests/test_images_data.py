@@ -423,7 +423,8 @@ def test_tfds_config_errors():
     with pytest.raises(ValueError, match=r"test_split='test\+unlabelled\[:10\]' includes"):
         images.load_image_dataset(cfg(source="tfds", name="stl10",
                                       test_split="test+unlabelled[:10]"))
-    with pytest.raises(ValueError, match="not supported for source=tfds"):
+    with pytest.raises(ValueError, match="not supported for source=tfds; unset them with "
+                       "--config.data.train_per_class=0, and"):
         images.load_image_dataset(cfg(source="tfds", name="cifar10", train_per_class=5))
     with pytest.raises(ValueError, match="choose one of"):
         images.load_image_dataset(cfg(source="imagenet"))

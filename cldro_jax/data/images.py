@@ -1214,10 +1214,15 @@ def _load_tfds(cfg: Any) -> ImageDataset:
                 "labelled split (e.g. 'train' / 'test'); unlabelled images belong in "
                 "config.data.pretrain_split"
             )
-    if _get(cfg, "train_per_class") is not None or _get(cfg, "test_per_class") is not None:
+    limited = [f"--config.data.{field}=0" for field in _PER_CLASS_FIELDS
+               if _get(cfg, field) is not None]
+    if limited:
+        # A config made for another source (the quick start's train_per_class=200) switched to
+        # tfds: say how to unset the field, not only what tfds offers instead.
         raise ValueError(
-            "train_per_class/test_per_class are not supported for source=tfds; use tfds split "
-            "slicing instead, e.g. --config.data.probe_split='train[:10%]'"
+            "train_per_class/test_per_class are not supported for source=tfds; unset them with "
+            f"{' '.join(limited)}, and subsample with tfds split slicing instead, e.g. "
+            "--config.data.probe_split='train[:10%]'"
         )
     features = tfds.builder(name, data_dir=_get(cfg, "data_dir")).info.features
     for key in ("image", "label"):
