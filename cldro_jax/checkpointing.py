@@ -133,11 +133,7 @@ def _completed(saved: dict[str, Any]) -> dict[str, Any]:
   """
   from cldro_jax import config_defaults  # pylint: disable=import-outside-toplevel
   schema = config_to_dict(config_defaults.base_config(saved.get("domain", "image")))
-  completed = _with_defaults(saved, schema)
-  # The run's own losses, encoders and data sources register themselves on import: whatever
-  # reads the workdir (probe, load_encoder, a resume) needs them as the run did.
-  config_defaults.import_extensions(completed)
-  return completed
+  return _with_defaults(saved, schema)
 
 
 def _saved_config_dict(path: str) -> dict[str, Any]:
@@ -209,14 +205,24 @@ def read_saved_config(workdir: str, *, example_config: str = "configs/quickstart
   example_config: the config the error for a missing run suggests training (one of the caller's
   domain)."""
   path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  if os.path.exists(path):
+    config = ml_collections.ConfigDict(_saved_config_dict(path))
+  else:
     recovered = _config_from_checkpoints(workdir)
-    if recovered is not None:
-      return ml_collections.ConfigDict(_completed(recovered))
-    raise FileNotFoundError(
-        f"{path} not found: {workdir} is not a cldro_jax workdir. Train one with "
-        f"`python -m cldro_jax.main --config={example_config} --workdir=DIR`.")
-  return ml_collections.ConfigDict(_saved_config_dict(path))
+    if recovered is None:
+      raise FileNotFoundError(
+          f"{path} not found: {workdir} is not a cldro_jax workdir. Train one with "
+          f"`python -m cldro_jax.main --config={example_config} --workdir=DIR`.")
+    config = ml_collections.ConfigDict(_completed(recovered))
+  # The run's own losses, encoders and data sources register themselves on import: what reads
+  # the run's model or data (probe, load_encoder) needs them as the run did. (A resume imports
+  # the modules of the command's own config instead: `imports` may change then.)
+  from cldro_jax import config_defaults  # pylint: disable=import-outside-toplevel
+  try:
+    config_defaults.import_extensions(config)
+  except ValueError as err:
+    raise ValueError(f"{path}: {err}") from err
+  return config
 
 
 def saved_config_or_none(workdir: str) -> ml_collections.ConfigDict | None:

@@ -269,23 +269,25 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   names = losses.objective_names()
   objective = losses.get_objective(loss.name) if loss.name in names else None
   problems = []
-  if objective is not None:
-    # A registered loss's own hyperparameters are fields its config file adds to config.loss.
-    for key in objective.hyperparameters:
-      if key in loss:
+  if objective is None:   # first: a loss registered by a module not imported explains the rest
+    problems.append(
+        f"config.loss.name={loss.name!r} is not one of {names} (a loss of your own: "
+        "losses.register_objective in a module named by --config.imports, docs/extending.md)")
+  # Registered losses' own hyperparameters are fields config files add to config.loss; a file
+  # may add one and still train another loss (then the start-up warning names it as unread).
+  for name in names:
+    for key in losses.get_objective(name).hyperparameters:
+      if key in loss and key not in schema.loss:
         schema.loss[key] = loss[key]
-      else:
-        problems.append(f"config.loss.name={loss.name!r} reads config.loss.{key}, which this "
-                        f"config does not have: add `config.loss.{key} = VALUE` to its config "
-                        "file")
+  for key in objective.hyperparameters if objective is not None else ():
+    if key not in loss:
+      problems.append(f"config.loss.name={loss.name!r} reads config.loss.{key}, which this "
+                      f"config does not have: add `config.loss.{key} = VALUE` to its config "
+                      "file")
   problems += _unknown_keys(config, schema)
   if problems:   # the checks below read the schema's fields
     raise ValueError("Invalid config:\n  " + "\n  ".join(problems))
   problems = _non_finite(config)
-  _check(objective is not None,
-         f"config.loss.name={loss.name!r} is not one of {names} (a loss of your own: "
-         "losses.register_objective in a module named by --config.imports, docs/extending.md)",
-         problems)
   if objective is not None and domain not in objective.variants:
     why = (f" (as in the paper: DCL and HCL have no {domain} form)"
            if loss.name in ("dcl", "hcl") else "")
@@ -370,6 +372,10 @@ def import_extensions(config: Any) -> None:
     try:
       importlib.import_module(name)
     except ImportError as err:
+      if err.name is not None and not name.startswith(err.name):
+        # the module exists but something it imports does not
+        raise ValueError(f"importing {name!r} (config.imports) failed: {err}; install what it "
+                         "needs") from err
       raise ValueError(
           f"config.imports names the module {name!r}, which cannot be imported ({err}). Install "
           "it, or add the folder that holds it to PYTHONPATH (e.g. PYTHONPATH=$PWD python -m "
@@ -391,6 +397,7 @@ def unused_settings(config: ml_collections.ConfigDict) -> list[str]:
     unused.append("mu_quantile")
   if loss.sigma_rule != "std" and loss.sigma_scale != defaults.loss.sigma_scale:
     unused.append("sigma_scale")
+  unused += [key for key in loss if key not in defaults.loss and key not in used]
   for key in unused:
     reason = f"not read by --config.loss.name={loss.name}"
     if key == "temperature":

@@ -95,14 +95,15 @@ def _check_writable(workdir: str) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  _check_inputs(_CONFIG.value, _WORKDIR.value)
   logs.quiet_library_info()
   plan = distributed.plan_initialization(
       multiprocess=_MULTIPROCESS.value, coordinator_address=_COORDINATOR.value,
       num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
       local_device_ids=_LOCAL_DEVICE_IDS.value)
-  # First: nothing may touch a device before jax.distributed has started (imports do not).
+  # First: nothing may touch a device before jax.distributed has started. cldro_jax's imports
+  # do not, but the config's own modules (config.imports, imported by its validation) may.
   distributed.initialize(plan)
+  _check_inputs(_CONFIG.value, _WORKDIR.value)
   _warn_unread_run_length(_CONFIG.value)
   try:
     results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -2,6 +2,7 @@
 reference, the registries' checks, and a run with `--config.imports` whose workdir a new process
 (the probe) reads with the same registrations."""
 
+import functools
 import importlib
 import json
 import os
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cldro_jax import checkpointing
 from cldro_jax import config_defaults
 from cldro_jax import losses
 from cldro_jax import train
@@ -91,18 +93,58 @@ def test_registries_refuse_what_cannot_work(example):
   with pytest.raises(ValueError, match=r"takes no keyword\(s\) \['gamma'"):
     losses.register_objective("broken", losses.infonce, hyperparameters=("gamma",))
   with pytest.raises(ValueError, match="takes no `variant`.*variants=\\('image',\\)"):
-    losses.register_objective("broken", losses.dcl, hyperparameters=("temperature",))
-  with pytest.raises(ValueError, match="already registered"):
+    losses.register_objective("broken", losses.dcl, hyperparameters=("temperature", "tau_plus"))
+  with pytest.raises(ValueError, match="a loss named 'cauchy_nce' is already registered"):
+    losses.register_objective("cauchy_nce", losses.infonce, hyperparameters=("temperature",))
+  with pytest.raises(ValueError, match="'adnce' is a built-in loss"):
     losses.register_objective("adnce", losses.infonce, hyperparameters=("temperature",))
-  with pytest.raises(ValueError, match="already registered"):
+  with pytest.raises(ValueError, match="'resnet18' is a built-in encoder"):
     resnet.register_encoder("resnet18", lambda **_: None)
+  with pytest.raises(ValueError, match="'npz' is a built-in data source"):
+    images.register_source("npz", lambda data: None)
   with pytest.raises(ValueError, match="unknown config.data fields \\['pathh'\\]"):
     images.register_source("broken", lambda data: None, fields=("pathh",))
+  with pytest.raises(ValueError, match=r"\['block_size'\] are passed by the trainer"):
+    losses.register_objective("broken", losses.infonce,
+                              hyperparameters=("temperature", "block_size"))
+
+  def needs_gamma(z1, z2, *, temperature, gamma, variant="image", valid=None, labels=None,
+                  axis_name=None):
+    return 0.0
+
+  with pytest.raises(ValueError, match=r"needs_gamma requires \['gamma'\], which the trainer "
+                     "would not pass"):
+    losses.register_objective("broken", needs_gamma, hyperparameters=("temperature",))
+  with pytest.raises(ValueError, match=r"functools.partial.*takes no `variant`"):
+    losses.register_objective("broken", functools.partial(losses.dcl, tau_plus=0.1),
+                              hyperparameters=("temperature",))
+  with pytest.raises(ValueError, match="'adnce' is a built-in loss"):
+    losses.register_objective("adnce", losses.infonce, hyperparameters=("temperature",),
+                              replace=True)
   assert "broken" not in losses.objective_names() + images.source_names()
   with pytest.raises(ValueError, match="no loss named 'nope'.*--config.imports=MODULE"):
     losses.get_objective("nope")
   with pytest.raises(ValueError, match="log_weight must be a function"):
     losses.weighted_nce(np.ones((3, 2)), np.ones((3, 2)), temperature=0.5, log_weight=0.5)
+
+
+def test_a_reloaded_module_registers_again(example):
+  # importlib.reload makes new function objects with the same definitions (notebooks do this)
+  _, module = example
+  old_loss = losses.get_objective("cauchy_nce").fn
+  importlib.reload(module)
+  assert losses.get_objective("cauchy_nce").fn is module.cauchy_nce is not old_loss
+
+
+def test_a_weighting_is_one_static_argument_per_function_not_per_call():
+  from cldro_jax.losses import contrastive  # pylint: disable=import-outside-toplevel
+  first, again = (contrastive._WeightedStats(ref_log_weight) for _ in range(2))
+  assert first == again and hash(first) == hash(again)
+  assert first != contrastive._WeightedStats(lambda s, p: s)
+
+
+def ref_log_weight(sim, params):
+  return -sim
 
 
 def test_validation_names_missing_hyperparameters_unknown_names_and_imports():
@@ -126,6 +168,17 @@ def test_validation_names_missing_hyperparameters_unknown_names_and_imports():
   sentence.loss.gamma = 0.2
   with pytest.raises(ValueError, match="is defined for images and graphs only"):
     config_defaults.validate_config(sentence)
+  # a config file that adds gamma may still train another loss: gamma is named as unread
+  config.loss.name = "infonce"
+  config_defaults.validate_config(config)
+  assert config_defaults.unused_settings(config) == [
+      "loss.gamma=0.2 (not read by --config.loss.name=infonce)"]
+  # a loss that no imported module registered is named first, before its unknown fields
+  config.loss.name = "cauchy_nce_not_imported"
+  with pytest.raises(ValueError, match=r"Invalid config:\n  config.loss.name="
+                     "'cauchy_nce_not_imported' is not one of"):
+    config_defaults.validate_config(config)
+  config.loss.name = "gamma_test_loss"
   config.model.name = "vit_tiny"
   config.imports = "no_such_module_xyz"
   with pytest.raises(ValueError, match="config.imports names the module 'no_such_module_xyz', "
@@ -134,6 +187,31 @@ def test_validation_names_missing_hyperparameters_unknown_names_and_imports():
   config.imports = ""
   with pytest.raises(ValueError, match="config.model.name='vit_tiny' is not one of"):
     config_defaults.validate_config(config)
+
+
+def test_a_module_whose_own_import_fails_is_named_as_such(tmp_path, monkeypatch):
+  (tmp_path / "plugin_with_missing_dep.py").write_text("import no_such_dependency_xyz\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  config = config_defaults.base_config("image")
+  config.imports = "plugin_with_missing_dep"
+  with pytest.raises(ValueError, match="importing 'plugin_with_missing_dep' \\(config.imports\\) "
+                     "failed: No module named 'no_such_dependency_xyz'; install what it needs"):
+    config_defaults.validate_config(config)
+
+
+def test_imports_may_change_on_resume_and_readers_name_the_workdir(tmp_path):
+  # A renamed plugin module: the resume imports the command's modules, not the stored ones.
+  config = config_defaults.base_config("image")
+  config.imports = "plugin_renamed_away_xyz"
+  workdir = tmp_path / "run"
+  (workdir / "checkpoints" / "5").mkdir(parents=True)
+  checkpointing.write_json_atomically(str(workdir / "config.json"),
+                                      checkpointing.config_to_dict(config))
+  config.imports = ""
+  checkpointing.check_or_save_config(str(workdir), config, save=False)
+  with pytest.raises(ValueError, match=re.escape(str(workdir / "config.json")) +
+                     ": config.imports names the module 'plugin_renamed_away_xyz'"):
+    checkpointing.read_saved_config(str(workdir))
 
 
 def _write_npy_folder(folder: pathlib.Path) -> None:

@@ -87,6 +87,7 @@ import ml_collections
 import numpy as np
 from ml_collections import config_dict
 
+from cldro_jax import _registering
 from cldro_jax import logs
 
 SOURCES = ("tfds", "folder", "npz", "fashion_mnist", "fashion_mnist_subset", "digits")
@@ -1266,9 +1267,8 @@ def register_source(name: str, loader: Callable[[dict[str, Any]], ImageDataset],
     named by `--config.imports` so that the probe and a resume find it too
     (docs/extending.md).
     """
-    if name in _LOADERS and not replace and _LOADERS[name] is not loader:
-        raise ValueError(f"a data source named {name!r} is already registered; pick another "
-                         "name, or pass replace=True")
+    _registering.check_new_entry("data source", _LOADERS, name, loader, replace,
+                                 builtin=SOURCES)
     unknown = sorted(set(fields) - set(_DEFAULTS))
     if unknown:
         raise ValueError(f"register_source({name!r}): unknown config.data fields {unknown}; "

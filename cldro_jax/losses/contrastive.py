@@ -15,7 +15,7 @@ with w = 1 for InfoNCE and, for ADNCE, ``w_ij = sg(g_ij / mean_{k in set(i)} g_i
 """
 from __future__ import annotations
 
-import functools
+import dataclasses
 import math
 from typing import Any, Callable, Mapping
 
@@ -44,14 +44,16 @@ def _adnce_stats(sim, params):
   return (sim * params["inv_t"] + log_g, log_g)
 
 
-@functools.lru_cache(maxsize=None)
-def _weighted_stats(log_weight):
-  """The statistics of `weighted_nce` for one user log-weight function; cached, so that the
-  blockwise custom_vjp sees the same (static) function object on every call."""
-  def stats(sim, params):
-    log_w = jax.lax.stop_gradient(log_weight(jax.lax.stop_gradient(sim), params))
+@dataclasses.dataclass(frozen=True)
+class _WeightedStats:
+  """The statistics of `weighted_nce` for one user log-weight function. Equal (and hashing
+  equal) for the same function, so the blockwise path's static argument hits JAX's caches on
+  every call without a cache of ours holding the functions."""
+  log_weight: Callable[[jax.Array, Mapping], jax.Array]
+
+  def __call__(self, sim, params):
+    log_w = jax.lax.stop_gradient(self.log_weight(jax.lax.stop_gradient(sim), params))
     return (sim * params["inv_t"] + log_w, log_w)
-  return stats
 
 
 def _hcl_stats(sim, params):
@@ -70,7 +72,7 @@ def _log_weighted_sum(z1, z2, *, temperature, mu, sigma, variant, valid, labels,
   params = {"inv_t": 1.0 / _layout.as_param(temperature, dtype)}
   if log_weight is not None:
     params.update({key: _layout.as_param(value, dtype) for key, value in weight_params.items()})
-    stats = _weighted_stats(log_weight)
+    stats = _WeightedStats(log_weight)
   elif mu is not None:
     sigma = _layout.as_param(sigma, dtype)
     params["mu"] = _layout.as_param(mu, dtype)
@@ -172,9 +174,10 @@ def weighted_nce(z1, z2, *, temperature, log_weight: Callable[[jax.Array, Mappin
 
   Args:
     log_weight: elementwise ``(cosines (R, c), params) -> log weights (R, c)``; it sees one block
-      of columns at a time on the blockwise path. Define it at module level (not a lambda made
-      per call): the blockwise path compiles per function object. It need not be normalised (a
-      constant cancels) and must be finite where the cosines are.
+      of columns at a time on the blockwise path. Define it once (at module level, not a lambda
+      made per call): the blockwise path compiles per function, so it must also be hashable (a
+      function, or a frozen dataclass). It need not be normalised (a constant cancels) and must
+      be finite where the cosines are.
     weight_params: the scalars ``log_weight`` reads (Python numbers or arrays; arrays can be
       traced, e.g. a schedule, without recompiling).
     Others as :func:`infonce`.

@@ -14,6 +14,7 @@ import dataclasses
 import inspect
 from typing import Callable
 
+from cldro_jax import _registering
 from cldro_jax.losses._common import VARIANTS
 
 
@@ -37,7 +38,11 @@ class Objective:
 
 
 _OBJECTIVES: dict[str, Objective] = {}
+# Keywords the trainer passes itself: not hyperparameter names.
+_TRAINER_KEYWORDS = ("variant", "valid", "labels", "axis_name", "block_size")
 _REQUIRED_KEYWORDS = ("valid", "labels", "axis_name")
+# Names whose trainer logic (adaptive mu/sigma, logged weight statistics) goes by name.
+_BUILTIN = ("infonce", "adnce", "dcl", "hcl", "kl_dro", "chi2_dro", "mean_variance")
 
 
 def register_objective(name: str, fn: Callable, *, hyperparameters: tuple[str, ...] | list[str],
@@ -45,34 +50,47 @@ def register_objective(name: str, fn: Callable, *, hyperparameters: tuple[str, .
                        replace: bool = False) -> Objective:
   """Makes ``fn`` trainable as ``--config.loss.name=name``; returns its entry.
 
-  ``blockwise`` and ``takes_variant`` are read from ``fn``'s signature. A hyperparameter that is
-  not a field of the default `config.loss` (e.g. ``gamma``) must be added by the config file
+  ``blockwise`` and ``takes_variant`` are read from ``fn``'s signature: it takes ``block_size``
+  and ``variant`` only if it names them (a function taking only ``**kwargs`` gets ``variant``
+  unless registered with ``variants=("image",)``, and no ``block_size``). A hyperparameter that
+  is not a field of the default `config.loss` (e.g. ``gamma``) must be added by the config file
   (``config.loss.gamma = 2.0``) before it can be overridden on the command line.
   """
   if not isinstance(name, str) or not name.isidentifier():
     raise ValueError(f"an objective's name must be an identifier, got {name!r}")
-  if name in _OBJECTIVES and not replace and _OBJECTIVES[name].fn is not fn:
-    raise ValueError(f"a loss named {name!r} is already registered ({_OBJECTIVES[name].fn}); "
-                     "pick another name, or pass replace=True")
   if not callable(fn):
     raise ValueError(f"register_objective({name!r}, fn): fn must be callable, got {fn!r}")
+  _registering.check_new_entry("loss", {n: o.fn for n, o in _OBJECTIVES.items()}, name, fn,
+                               replace, builtin=_BUILTIN)
+  label = getattr(fn, "__name__", repr(fn))
+  hyperparameters = tuple(hyperparameters)
+  reserved = [k for k in hyperparameters if k in _TRAINER_KEYWORDS]
+  if reserved:
+    raise ValueError(f"register_objective({name!r}): {reserved} are passed by the trainer, not "
+                     "config.loss hyperparameters")
   parameters = inspect.signature(fn).parameters
   accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-  hyperparameters = tuple(hyperparameters)
   missing = [k for k in (*hyperparameters, *_REQUIRED_KEYWORDS)
              if k not in parameters and not accepts_any]
   if missing:
-    raise ValueError(f"register_objective({name!r}): {fn.__name__} takes no keyword(s) "
+    raise ValueError(f"register_objective({name!r}): {label} takes no keyword(s) "
                      f"{missing}; the trainer calls fn(z1, z2, *, <hyperparameters>, variant, "
                      "valid, labels, axis_name)")
+  unfilled = [k for k, p in list(parameters.items())[2:]
+              if p.default is inspect.Parameter.empty
+              and p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+              and k not in hyperparameters and k not in _TRAINER_KEYWORDS]
+  if unfilled:
+    raise ValueError(f"register_objective({name!r}): {label} requires {unfilled}, which the "
+                     "trainer would not pass; list them in hyperparameters=")
   variants = tuple(variants)
   unknown = [v for v in variants if v not in VARIANTS]
   if unknown or not variants:
     raise ValueError(f"register_objective({name!r}): variants must be a non-empty subset of "
                      f"{VARIANTS}, got {variants}")
-  takes_variant = "variant" in parameters or accepts_any
+  takes_variant = "variant" in parameters or (accepts_any and variants != ("image",))
   if not takes_variant and variants != ("image",):
-    raise ValueError(f"register_objective({name!r}): {fn.__name__} takes no `variant`, so it "
+    raise ValueError(f"register_objective({name!r}): {label} takes no `variant`, so it "
                      "can only be registered with variants=('image',)")
   objective = Objective(name=name, fn=fn, hyperparameters=hyperparameters, variants=variants,
                         blockwise="block_size" in parameters, takes_variant=takes_variant)

@@ -41,6 +41,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cldro_jax import _registering
 from cldro_jax.models import view_norm
 
 ModuleDef = Any
@@ -243,9 +244,8 @@ def register_encoder(name: str, constructor: Callable[..., nn.Module], *,
     (BatchNorm per view needs it). Register it in a module named by `--config.imports` so that
     the probe, `load_encoder` and a resume find it too (docs/extending.md).
     """
-    if name in _ENCODERS and not replace and _ENCODERS[name] is not constructor:
-        raise ValueError(f"an encoder named {name!r} is already registered; pick another name, "
-                         "or pass replace=True")
+    _registering.check_new_entry("encoder", _ENCODERS, name, constructor, replace,
+                                 builtin=("resnet18", "resnet34", "resnet50"))
     _ENCODERS[name] = constructor
 
 
