@@ -20,11 +20,12 @@ import ml_collections
 from ml_collections import config_dict
 
 from cldro_jax import losses
+from cldro_jax.losses import registry
 
 DOMAINS = ("image", "sentence", "graph")
 # The built-in training objectives of `--config.loss.name` (cldro_jax/losses/__init__.py); a
 # module named in `config.imports` may register more (docs/extending.md).
-LOSS_NAMES = losses.objective_names()
+LOSS_NAMES = registry.BUILTIN_OBJECTIVES
 # The names `jax.default_matmul_precision` accepts (both spellings).
 MATMUL_PRECISIONS = ("highest", "high", "default", "float32", "tensorfloat32", "bfloat16")
 
@@ -372,7 +373,7 @@ def import_extensions(config: Any) -> None:
     try:
       importlib.import_module(name)
     except ImportError as err:
-      if err.name is not None and not name.startswith(err.name):
+      if err.name is not None and not (name == err.name or name.startswith(err.name + ".")):
         # the module exists but something it imports does not
         raise ValueError(f"importing {name!r} (config.imports) failed: {err}; install what it "
                          "needs") from err

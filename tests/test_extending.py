@@ -128,6 +128,11 @@ def test_registries_refuse_what_cannot_work(example):
     losses.weighted_nce(np.ones((3, 2)), np.ones((3, 2)), temperature=0.5, log_weight=0.5)
 
 
+def test_the_builtin_objectives_come_first_in_their_order():
+  assert losses.objective_names()[:7] == config_defaults.LOSS_NAMES == (
+      "infonce", "adnce", "dcl", "hcl", "kl_dro", "chi2_dro", "mean_variance")
+
+
 def test_a_reloaded_module_registers_again(example):
   # importlib.reload makes new function objects with the same definitions (notebooks do this)
   _, module = example

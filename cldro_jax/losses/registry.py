@@ -42,7 +42,7 @@ _OBJECTIVES: dict[str, Objective] = {}
 _TRAINER_KEYWORDS = ("variant", "valid", "labels", "axis_name", "block_size")
 _REQUIRED_KEYWORDS = ("valid", "labels", "axis_name")
 # Names whose trainer logic (adaptive mu/sigma, logged weight statistics) goes by name.
-_BUILTIN = ("infonce", "adnce", "dcl", "hcl", "kl_dro", "chi2_dro", "mean_variance")
+BUILTIN_OBJECTIVES = ("infonce", "adnce", "dcl", "hcl", "kl_dro", "chi2_dro", "mean_variance")
 
 
 def register_objective(name: str, fn: Callable, *, hyperparameters: tuple[str, ...] | list[str],
@@ -61,7 +61,7 @@ def register_objective(name: str, fn: Callable, *, hyperparameters: tuple[str, .
   if not callable(fn):
     raise ValueError(f"register_objective({name!r}, fn): fn must be callable, got {fn!r}")
   _registering.check_new_entry("loss", {n: o.fn for n, o in _OBJECTIVES.items()}, name, fn,
-                               replace, builtin=_BUILTIN)
+                               replace, builtin=BUILTIN_OBJECTIVES)
   label = getattr(fn, "__name__", repr(fn))
   hyperparameters = tuple(hyperparameters)
   reserved = [k for k in hyperparameters if k in _TRAINER_KEYWORDS]
