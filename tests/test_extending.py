@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from cldro_jax import losses
 from cldro_jax import train
 from cldro_jax.data import images
 from cldro_jax.models import resnet
+from helpers import tiny_image_config
 import reference_losses as ref
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -217,6 +219,29 @@ def test_imports_may_change_on_resume_and_readers_name_the_workdir(tmp_path):
   with pytest.raises(ValueError, match=re.escape(str(workdir / "config.json")) +
                      ": config.imports names the module 'plugin_renamed_away_xyz'"):
     checkpointing.read_saved_config(str(workdir))
+
+
+class _FixedSizeEncoder(nn.Module):
+  """Flattens the image: works only at the size it was built for."""
+
+  @nn.compact
+  def __call__(self, x, *, train, num_views=1):
+    return nn.Dense(8)(x.reshape(x.shape[0], -1))
+
+
+def test_an_encoder_that_needs_one_image_size_is_named_before_training(example):
+  from cldro_jax.tasks import image  # pylint: disable=import-outside-toplevel
+  resnet.register_encoder("fixed_size_test", lambda **_: _FixedSizeEncoder())
+  config = tiny_image_config(**{"model.name": "fixed_size_test"})
+  image.ImageTask(config, train.make_mesh(1))   # evaluated at the crop size: fine
+  config = tiny_image_config(**{"model.name": "fixed_size_test",
+                                "eval.probe_image_size": config.augment.crop_size + 4})
+  with pytest.raises(ValueError, match="config.model.name='fixed_size_test' cannot embed the "
+                     "evaluation's 32x32 images \\(it trains on 28x28 crops\\).*any image size"):
+    image.ImageTask(config, train.make_mesh(1))
+  # the doc's example encoder pools: fine at any size
+  config = tiny_image_config(**{"model.name": "small_convnet", "eval.probe_image_size": 40})
+  image.ImageTask(config, train.make_mesh(1))
 
 
 def _write_npy_folder(folder: pathlib.Path) -> None:

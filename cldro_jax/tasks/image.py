@@ -122,7 +122,32 @@ class ImageTask:
       out = jax.eval_shape(
           lambda v: self.model.apply(v, self._dummy(self.augment.out_size), train=False), shapes)
       self._feature_dim = int(out[0].shape[-1])
+      self._check_evaluation_size(shapes)
     return self._feature_dim
+
+  def _check_evaluation_size(self, variable_shapes) -> None:
+    """The encoder must also embed the evaluation's image size (STL10 trains on 32x32 crops and
+    probes at 96x96); an encoder of one's own that cannot is named now, not after training."""
+    crop = self.augment.out_size
+    height, width = ((self.probe_size,) * 2 if self.probe_size
+                     else tuple(self.dataset.image_shape[:2]))
+    if (height, width) == (crop, crop):
+      return
+    images = jnp.zeros((2, height, width, 3), jnp.float32)
+    try:
+      out = jax.eval_shape(lambda v: self.eval_model.apply(v, images, train=False),
+                           variable_shapes)
+    except Exception as err:   # whatever the module raises (Flax: ScopeParamShapeError, ...)
+      raise ValueError(
+          f"config.model.name={self.config.model.name!r} cannot embed the evaluation's "
+          f"{height}x{width} images (it trains on {crop}x{crop} crops): {err}. An encoder must "
+          "accept any image size (docs/extending.md); or evaluate at the crop size, "
+          f"--config.eval.probe_image_size={crop}") from err
+    if out[0].shape[-1] != self._feature_dim:
+      raise ValueError(
+          f"config.model.name={self.config.model.name!r} gives {out[0].shape[-1]} features at "
+          f"the evaluation's {height}x{width} images but {self._feature_dim} at the {crop}x{crop} "
+          "training crops; its features must not depend on the image size (pool them)")
 
   def init(self, rng):
     variables = self.model.init(rng, self._dummy(self.augment.out_size), train=False)
