@@ -58,7 +58,7 @@ def _usage_error(message: str) -> None:
 
 
 def _check_inputs(config, workdir: str) -> None:
-  """Rejects a bad config or workdir before any device or data work, in a few lines.
+  """Rejects a bad config or workdir before any data or model work, in a few lines.
 
   train_and_evaluate validates too, but its ValueError would come under a traceback.
   """

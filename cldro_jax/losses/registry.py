@@ -4,7 +4,8 @@ The trainer, config validation and the start-up "not used by this run" warning a
 table, so a loss registered here (from a module named in `--config.imports`) is a training
 objective like the built-in ones:
 
-    losses.register_objective("cauchy_nce", cauchy_nce, hyperparameters=("temperature", "gamma"))
+    losses.register_objective("cauchy_nce", cauchy_nce,
+                              hyperparameters=("temperature", "mu", "sigma"))
 
 See docs/extending.md.
 """

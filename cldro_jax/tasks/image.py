@@ -110,8 +110,8 @@ class ImageTask:
 
   # -- model ------------------------------------------------------------------------------------
 
-  def _dummy(self, size: int) -> jax.Array:
-    return jnp.zeros((2, size, size, 3), jnp.float32)
+  def _dummy(self, size: int, width: int | None = None) -> jax.Array:
+    return jnp.zeros((2, size, width or size, 3), jnp.float32)
 
   @property
   def feature_dim(self) -> int:
@@ -133,7 +133,7 @@ class ImageTask:
                      else tuple(self.dataset.image_shape[:2]))
     if (height, width) == (crop, crop):
       return
-    images = jnp.zeros((2, height, width, 3), jnp.float32)
+    images = self._dummy(height, width)
     try:
       out = jax.eval_shape(lambda v: self.eval_model.apply(v, images, train=False),
                            variable_shapes)
