@@ -1,7 +1,11 @@
 """Small helpers shared by the trainer tests (configs with overrides, saved arrays, tree checks)."""
 
+import collections
+import contextlib
 import json
+import logging
 import os
+import re
 import shutil
 
 import jax
@@ -123,3 +127,28 @@ def assert_updates_close(workdir_a, workdir_b, step_from, step_to, *, rel, rel_p
   overall = np.sqrt(squared_difference / squared_norm)
   assert overall <= rel, f"the updates differ by {overall:.2e} of their norm"
   assert worst <= rel_per_array, f"the updates of {worst_path} differ by {worst:.2e} of its norm"
+
+
+class _CompileCounter(logging.Handler):
+  def __init__(self):
+    super().__init__()
+    self.counts = collections.Counter()
+
+  def emit(self, record):
+    match = re.match(r"Compiling (\S+)", record.getMessage())
+    if match:
+      self.counts[match.group(1)] += 1
+
+
+@contextlib.contextmanager
+def counted_compiles():
+  """A Counter of the XLA compilations inside the block by jitted function name, e.g.
+  `counts["jit(_embed_images)"]` (JAX's own compile log, whatever jit object compiled)."""
+  counter = _CompileCounter()
+  logger = logging.getLogger("jax")
+  logger.addHandler(counter)
+  try:
+    with jax.log_compiles():
+      yield counter.counts
+  finally:
+    logger.removeHandler(counter)

@@ -106,6 +106,14 @@ def test_runlocal_end_to_end_and_svm_wiring(tmp_path):
   np.testing.assert_array_equal(encoder.embed(dataset), encoder.embed(dataset.graphs))
   assert repr(encoder) == f"GraphEncoder(step={config.total_steps})"   # not every weight
   assert encoder.embed([]).shape == (0, 96)
+  # Calls with other graphs of similar sizes reuse the compiled shapes: four 16-graph slices of
+  # MUTAG need 272 to 320 node rows and 592 to 704 edge rows (four budgets, four compilations,
+  # when padded to exactly that); rounded up to powers of two they share one.
+  compiled = graph_task.jitted_apply._cache_size()  # pylint: disable=protected-access
+  for lo in range(0, 64, 16):
+    np.testing.assert_allclose(encoder.embed(dataset.graphs[lo:lo + 16]),
+                               np.asarray(direct)[lo:lo + 16], rtol=1e-5, atol=1e-5)
+  assert graph_task.jitted_apply._cache_size() <= compiled + 1  # pylint: disable=protected-access
   other = dataset.graphs[0]._replace(node_features=np.zeros((17, 3), np.float32))
   with pytest.raises(ValueError, match=r"trained on 7 node features per node; these graphs have"):
     encoder.embed([other])
@@ -343,3 +351,18 @@ def test_dcl_is_rejected_for_graphs():
   config = mutag_config("loss=dcl")
   with pytest.raises(ValueError, match="dcl.*defined for images only"):
     config_defaults.validate_config(config)
+
+
+def test_the_last_monitor_and_the_final_evaluation_embed_the_trained_graphs_once(tmp_path,
+                                                                               monkeypatch):
+  config = mutag_config(**{"total_steps": 5, "eval.every_epochs": 1, "eval.folds": 2,
+                           "eval.inner_folds": 2})
+  calls = []
+  embeddings = graph_task.GraphTask.embeddings
+  monkeypatch.setattr(graph_task.GraphTask, "embeddings",
+                      lambda self, *args: calls.append(1) or embeddings(self, *args))
+  results = train.train_and_evaluate(config, str(tmp_path))
+  # One epoch (188 graphs / 32): the monitor after it, then the final SVM: the trained encoder
+  # is embedded once for both, the untrained baseline once.
+  assert len(calls) == 2
+  assert results["final_svm_accuracy"] == pytest.approx(results["svm_accuracy"])

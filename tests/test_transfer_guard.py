@@ -45,3 +45,42 @@ def test_train_steps_make_no_implicit_transfers(tmp_path, guarded_steps, domain)
   config.total_steps = 3
   train.train_and_evaluate(config, str(tmp_path / "run"))
   assert len(guarded_steps) == 3
+
+
+@pytest.mark.parametrize("domain", ["image", "sentence", "graph"])
+def test_the_loop_reads_nothing_back_between_log_lines(tmp_path, monkeypatch, domain):
+  """A value read back from the device every step (a `float(loss)`, an `np.asarray` of a
+  metric) makes the host wait for each step, and the accelerator for the host. The transfer
+  guard cannot see those on a CPU (device and host memory are the same), so this counts them:
+  every first read of a device array's value goes through `ArrayImpl._value`."""
+  from jax._src import array as array_lib  # pylint: disable=import-outside-toplevel
+  steps_run, reads_at = [0], []
+  value = array_lib.ArrayImpl._value  # pylint: disable=protected-access
+
+  def counted(self):
+    reads_at.append(steps_run[0])
+    return value.fget(self)
+
+  loop = train._loop  # pylint: disable=protected-access
+
+  def counting_loop(config, task, state, train_step, *args, **kwargs):
+    def step(state, batch):
+      steps_run[0] += 1
+      return train_step(state, batch)
+    with monkeypatch.context() as patch:
+      patch.setattr(array_lib.ArrayImpl, "_value", property(counted))
+      return loop(config, task, state, step, *args, **kwargs)
+
+  monkeypatch.setattr(train, "_loop", counting_loop)
+  overrides = {"total_steps": 6, "log_every_steps": 3, "checkpoint_every_steps": 100}
+  if domain == "image":
+    config = image_config(**overrides)
+  elif domain == "sentence":
+    config = sentence_config(tmp_path, **overrides)
+  else:
+    config = mutag_config(**overrides)
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert steps_run[0] == 6
+  # Reads only at the log steps (the metrics line; at the last one also the final checkpoint
+  # and the evaluation), none after steps 1, 2, 4, 5.
+  assert reads_at and set(reads_at) <= {3, 6}, sorted(set(reads_at))

@@ -34,6 +34,7 @@ import optax
 from flax import struct
 from tqdm.auto import tqdm
 
+from cldro_jax.evaluators import device_outputs
 from cldro_jax.evaluators import knn
 from cldro_jax.evaluators.knn import l2_normalize
 
@@ -508,11 +509,17 @@ def extract_features(embed_fn: Callable, batches: Iterable[Any], *, encoder_vari
     Returns:
       features (M, F) float32 and labels (M,), M = the number of real rows, in iterator order.
     """
+    def dispatched():
+        for batch in batches:
+            images, labels, mask = _unpack_batch(batch, image_key, label_key, mask_key)
+            features = embed_fn(images) if encoder_variables is None else embed_fn(
+                encoder_variables, images)
+            yield features, labels, mask
+
     all_features, all_labels = [], []
-    for batch in batches:
-        images, labels, mask = _unpack_batch(batch, image_key, label_key, mask_key)
-        features = embed_fn(images) if encoder_variables is None else embed_fn(
-            encoder_variables, images)
+    # The next batch is embedded while this one is copied to the host.
+    for features, labels, mask in device_outputs.fetched_in_order(dispatched(),
+                                                                  lambda item: item):
         features = np.asarray(features, np.float32)  # host copy; also waits for the device
         labels = np.asarray(labels)
         if features.ndim != 2 or features.shape[0] != labels.shape[0]:

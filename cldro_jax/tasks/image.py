@@ -15,13 +15,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cldro_jax import logs
 from cldro_jax.data import augment as augment_lib
 from cldro_jax.data import images as images_lib
 from cldro_jax.data import pipeline
+from cldro_jax.evaluators import device_outputs
 from cldro_jax.evaluators import knn
 from cldro_jax.evaluators import linear_probe
 from cldro_jax.models import heads
@@ -219,13 +219,17 @@ class ImageTask:
 
   def extract_features(self, params, model_state, source) -> tuple[np.ndarray, np.ndarray]:
     """Frozen-encoder features (BatchNorm in eval mode) of every example of `source`."""
-    feats, labels = [], []
     # Rounded up to a multiple of the device count; padding rows are masked out.
     size = -(-self.config.eval.batch_size // self.mesh.size) * self.mesh.size
-    for batch in pipeline.eval_batches(source, global_batch_size=size):
-      global_batch = self.to_global(batch)
-      out = self._embed(params, model_state, global_batch["image"])
-      out, lab, mask = (_to_host(x) for x in (out, global_batch["label"], global_batch["mask"]))
+
+    def dispatched():
+      for batch in pipeline.eval_batches(source, global_batch_size=size):
+        global_batch = self.to_global(batch)
+        out = self._embed(params, model_state, global_batch["image"])
+        yield out, global_batch["label"], global_batch["mask"]
+
+    feats, labels = [], []
+    for out, lab, mask in device_outputs.fetched_in_order(dispatched(), device_outputs.to_host):
       feats.append(out[mask])
       labels.append(lab[mask])
     return np.concatenate(feats), np.concatenate(labels)
@@ -310,13 +314,6 @@ class ImageTask:
       base = self.linear_probe_scores(params, model_state, self.config.seed)
       results.update({f"untrained_linear_probe_{k}": v for k, v in base.items()})
     return results
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-  """All rows of a global array on every process (multi-host safe)."""
-  if jax.process_count() > 1:
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
 
 
 def model_variables_shape(config: ml_collections.ConfigDict) -> Any:
