@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from cldro_jax import checkpointing
+from cldro_jax.evaluators import device_outputs
 
 
 def _check_sizes(*, batch_size, image_size=None) -> None:
@@ -36,6 +37,18 @@ def _check_sizes(*, batch_size, image_size=None) -> None:
   if image_size is not None and not (isinstance(image_size, int) and image_size >= 1):
     raise ValueError(f"image_size must be a positive int (or None: the run's own), got "
                      f"{image_size!r}.")
+
+
+def _embed_images(model, mean, std, params, model_state, images, *, out_size):
+  from cldro_jax.data import augment  # pylint: disable=import-outside-toplevel
+  views = augment.eval_preprocess(images, out_size=out_size, mean=mean, std=std)
+  features, _ = model.apply({"params": params, **model_state}, views, train=False)
+  return features
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_embed_images():
+  return jax.jit(_embed_images, static_argnums=(0, 1, 2), static_argnames="out_size")
 
 
 @dataclasses.dataclass
@@ -50,16 +63,11 @@ class ImageEncoder:
 
   def __post_init__(self):
     from cldro_jax.tasks import image  # pylint: disable=import-outside-toplevel
-    from cldro_jax.data import augment  # pylint: disable=import-outside-toplevel
     model = image.build_model(self.config.model, dtype="float32")   # as the run's evaluation
     mean, std = tuple(self.config.augment.mean), tuple(self.config.augment.std)
-
-    def embed(params, model_state, images, out_size):
-      views = augment.eval_preprocess(images, out_size=out_size, mean=mean, std=std)
-      features, _ = model.apply({"params": params, **model_state}, views, train=False)
-      return features
-
-    self._embed = jax.jit(embed, static_argnums=3)
+    # One jitted function for every instance, the model and preprocessing static: loading the
+    # same run (or another run of the same model) again reuses the compiled code.
+    self._embed = functools.partial(_jitted_embed_images(), model, mean, std)
 
   def embed(self, images: np.ndarray, *, batch_size: int = 512,
             image_size: int | None = None) -> np.ndarray:
@@ -88,26 +96,25 @@ class ImageEncoder:
                        + ("; drop the alpha channel with images[..., :3]."
                           if images.shape[-1] in (2, 4) else "."))
     if not len(images):   # (0, F): F from the model's output shape, nothing run
-      shape = jax.eval_shape(self._embed, self.params, self.model_state,
-                             jax.ShapeDtypeStruct((1, *images.shape[1:]), np.uint8), image_size)
+      shape = jax.eval_shape(functools.partial(self._embed, out_size=image_size), self.params,
+                             self.model_state,
+                             jax.ShapeDtypeStruct((1, *images.shape[1:]), np.uint8))
       return np.zeros((0, shape.shape[-1]), np.float32)
     # One compiled shape per image size: every batch is padded (edge copies, dropped after) to
     # batch_size, or for fewer images to the next power of two below it, so calls with other
     # counts do not compile again. Two batches in flight: the device never waits for the host,
     # and device memory holds two batches whatever the number of images.
     size = min(batch_size, 1 << max(len(images) - 1, 0).bit_length())
-    out, in_flight = [], []
-    for i in range(0, len(images), size):
-      chunk = images[i:i + size]
-      padded = np.pad(chunk, ((0, size - len(chunk)),) + ((0, 0),) * (chunk.ndim - 1),
-                      mode="edge")
-      in_flight.append((self._embed(self.params, self.model_state, padded, image_size),
-                        len(chunk)))
-      if len(in_flight) > 1:
-        features, n = in_flight.pop(0)
-        out.append(np.asarray(features)[:n])
-    out += [np.asarray(features)[:n] for features, n in in_flight]
-    return np.concatenate(out)
+
+    def dispatched():
+      for i in range(0, len(images), size):
+        chunk = images[i:i + size]
+        padded = np.pad(chunk, ((0, size - len(chunk)),) + ((0, 0),) * (chunk.ndim - 1),
+                        mode="edge")
+        yield self._embed(self.params, self.model_state, padded, out_size=image_size), len(chunk)
+
+    return np.concatenate([np.asarray(features)[:n] for features, n in
+                           device_outputs.fetched_in_order(dispatched(), lambda item: item)])
 
 
 @dataclasses.dataclass
@@ -200,14 +207,26 @@ class GraphEncoder:
           f"The encoder was trained on {self.feature_dim} node features per node; these graphs "
           f"have {widths}. Encode them as the run did, e.g. with cldro_jax.data.graphs."
           f"load_tu_dataset({self.config.data.name!r}) and the run's data settings.")
-    budget = graphs_lib.budget_for_graphs(views, min(batch_size, len(views)))
-    out = []
-    for start in range(0, len(views), budget.max_graphs):
-      batch = graphs_lib.pack_graphs(views[start:start + budget.max_graphs], budget)
-      emb, _, _ = graph.jitted_apply(self._model, self._mesh, self._params, self._model_state,
-                                     jax.device_put(batch, self._sharding), train=False)
-      out.append(np.asarray(emb)[np.asarray(batch.graph_mask)])
-    return np.concatenate(out).astype(np.float32)
+    # The padded sizes (graphs, nodes, edges per batch) rounded up to powers of two: calls with
+    # other graphs mostly reuse the compiled shapes instead of compiling for each new budget.
+    per_batch = min(batch_size, len(views))
+    budget = graphs_lib.budget_for_graphs(views, per_batch)   # fits any per_batch of them
+    budget = type(budget)(*(_next_power_of_two(n) for n in budget))
+
+    def dispatched():
+      for start in range(0, len(views), per_batch):
+        batch = graphs_lib.pack_graphs(views[start:start + per_batch], budget)
+        emb, _, _ = graph.jitted_apply(self._model, self._mesh, self._params, self._model_state,
+                                       jax.device_put(batch, self._sharding), train=False)
+        yield emb, batch.graph_mask
+
+    return np.concatenate([np.asarray(emb)[mask] for emb, mask in
+                           device_outputs.fetched_in_order(dispatched(), lambda item: item)]
+                          ).astype(np.float32)
+
+
+def _next_power_of_two(n: int) -> int:
+  return 1 << max(int(n) - 1, 0).bit_length()
 
 
 def load_encoder(workdir: str, *, step: int | None = None

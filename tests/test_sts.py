@@ -311,6 +311,31 @@ def test_command_line_prints_the_pooler_and_matches_the_api(sts_data):
   assert with_mlp["STSBenchmark"] != pytest.approx(results["STSBenchmark"], abs=1e-3)
 
 
+def test_the_final_evaluation_reuses_the_dev_evaluations_compiled_encoder():
+  """In training, the dev evaluation embeds with the state's on-device params and the final one
+  with the kept best model's host copy, both inside the trainer's mesh: the same compiled code
+  must serve both (a copy placed over the mesh compiled every length bucket again)."""
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from cldro_jax import train
+  from cldro_jax.models import bert
+  from cldro_jax.tasks import sentence
+  config, host_params = bert.load_pretrained(str(ROBERTA_DIR))
+  model = bert.SentenceEncoder(config, pooling="cls")
+  tokenizer = SentenceTokenizer(str(ROBERTA_DIR))
+  sentences = ["a man plays a guitar", "two dogs run in the park on a sunny day", "hello"]
+  mesh = train.make_mesh(1)
+  with jax.set_mesh(mesh):
+    state_params = jax.device_put(host_params, NamedSharding(mesh, P()))
+    dev = sts.encoder_embed_fn(model, sentence._local_shard(state_params), tokenizer,
+                               batch_size=2)(sentences)
+    compiled = sts._jitted_encode()._cache_size()
+    best = sentence._host_copy(sentence._local_shard(state_params))
+    final = sts.encoder_embed_fn(model, best, tokenizer, batch_size=2)(sentences)
+  np.testing.assert_allclose(final, dev, rtol=1e-6, atol=1e-6)
+  assert sts._jitted_encode()._cache_size() == compiled
+
+
 def _folder_with(tmp_path, name, files):
   folder = tmp_path / name
   shutil.copytree(ROBERTA_DIR, folder)

@@ -17,8 +17,8 @@ from cldro_jax import tasks as tasks_lib
 from cldro_jax import train
 from configs import cifar10 as cifar10_config
 from configs import stl10 as stl10_config
-from helpers import (LINEAR_OPTIMIZER, assert_trees_close, assert_updates_close, read_json,
-                     saved_arrays, step_two_from_one_checkpoint, tiny_image_config,
+from helpers import (LINEAR_OPTIMIZER, assert_trees_close, assert_updates_close,
+                     counted_compiles, read_json, saved_arrays, step_two_from_one_checkpoint, tiny_image_config,
                      with_overrides)
 
 
@@ -496,13 +496,19 @@ def test_probe_from_a_checkpoint_and_load_encoder_reproduce_the_run(tmp_path):
   np.testing.assert_array_equal(test["label"], labels)
   # Other image counts reuse the compiled shapes (padded batches): 5 and 6 images pad to the
   # batch of 7 already compiled (the power of two above them, 8, capped at batch_size).
-  compiled = encoder._embed._cache_size()  # pylint: disable=protected-access
-  np.testing.assert_allclose(encoder.embed(test["image"][:5], batch_size=7), expected[:5],
-                             rtol=1e-5, atol=1e-5)
-  assert encoder.embed(test["image"][:6], batch_size=7).shape == expected[:6].shape
-  assert encoder._embed._cache_size() == compiled  # pylint: disable=protected-access
-  assert encoder.embed(test["image"][:3], batch_size=7).shape[0] == 3   # 4 rows: one more shape
-  assert encoder._embed._cache_size() == compiled + 1  # pylint: disable=protected-access
+  with counted_compiles() as compiles:
+    np.testing.assert_allclose(encoder.embed(test["image"][:5], batch_size=7), expected[:5],
+                               rtol=1e-5, atol=1e-5)
+    assert encoder.embed(test["image"][:6], batch_size=7).shape == expected[:6].shape
+  assert not compiles, compiles
+  with counted_compiles() as compiles:
+    assert encoder.embed(test["image"][:3], batch_size=7).shape[0] == 3   # 4 rows: a new shape
+  assert sum(compiles.values()) == 1, compiles
+  # Loading the run again (a notebook cell rerun) reuses the compiled code.
+  with counted_compiles() as compiles:
+    again = cldro_jax.load_encoder(workdir).embed(test["image"], batch_size=7)
+  np.testing.assert_allclose(again, expected, rtol=1e-5, atol=1e-5)
+  assert not compiles, compiles
   with pytest.raises(FileNotFoundError, match="not a cldro_jax workdir"):
     cldro_jax.load_encoder(str(tmp_path / "nothing"))
   # One colour image without its batch axis is refused, not embedded as 28 narrow images.

@@ -490,10 +490,12 @@ def encoder_embed_fn(model, params, tokenizer, *, use_mlp: bool = False,
                      max_length: int | None = None, batch_size: int = 64) -> EmbedFn:
   """embed_fn for a `SentenceEncoder` with `params` (evaluation: dropout off, no MLP by default)."""
   import jax
-  import jax.numpy as jnp
 
   encode = jit_encode_fn(model, use_mlp=use_mlp)
-  params = jax.tree.map(jnp.asarray, params)  # on device once, not per batch
+  # On the device once, not per batch; on this process's first device, committed, as the dev
+  # evaluation's params (sentence._local_shard): inside the trainer's mesh, an uncommitted copy
+  # would be placed over the whole mesh, and the encoder compiled again for that placement.
+  params = jax.device_put(params, jax.local_devices()[0])
   return make_embed_fn(functools.partial(encode, params), tokenizer,
                        max_length=max_length or model.config.max_tokens, batch_size=batch_size)
 
