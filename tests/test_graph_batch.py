@@ -141,3 +141,13 @@ def test_epoch_batches_static_shapes_and_epoch_dependence(mutag):
     np.testing.assert_array_equal(dropped[0][0].node_features, dropped[0][1].node_features)
     # "none" in proper mode is the identity, consistent with augment_graph.
     assert augment_graph(mutag.graphs[0], "none", np.random.default_rng(0)) is mutag.graphs[0]
+
+
+# graph_batch docstring: a quantile budget is ceil(batch_size * quantile(sizes)).
+def test_a_quantile_budget_is_the_ceiling_of_batch_size_times_the_quantile():
+  from cldro_jax.data.graph_batch import budget_for_graphs  # pylint: disable=import-outside-toplevel
+  from cldro_jax.data.tu_dataset import Graph  # pylint: disable=import-outside-toplevel
+  def graph(n):
+    return Graph(np.ones((n, 1), np.float32), np.zeros((2, 0), np.int64), 0)
+  budget = budget_for_graphs([graph(1), graph(2)], 3, quantile=0.5, round_to=1)
+  assert budget.max_nodes == 5   # ceil(3 * 1.5), by hand

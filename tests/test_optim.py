@@ -4,6 +4,7 @@ import math
 
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from cldro_jax import config_defaults, train
@@ -127,3 +128,26 @@ def test_unknown_optimizer_is_refused():
   config.optim.name = "adagrad"
   with pytest.raises(ValueError, match="optim.name='adagrad' is not one of"):
     config_defaults.validate_config(config)
+
+
+# docs/config.md: optim.warmup_epochs is "rounded to steps".
+def test_warmup_epochs_round_to_the_nearest_step():
+  # 0.1 epoch of 12 steps = 1.2 -> 1 warm-up step: the full rate from step 1 on.
+  schedule = train.make_schedule(optim_config(lr=0.3, warmup_epochs=0.1), 20, 12)
+  assert float(schedule(0)) == 0.0
+  assert float(schedule(1)) == pytest.approx(0.3)
+
+
+# torch.optim.SGD / SimCLR's LARS (dampening 0): buf_t = m * buf_{t-1} + g_t,
+# update_t = -lr * buf_t. The first step (all test_optim checks) cannot see the momentum.
+@pytest.mark.parametrize("name", ["sgd", "lars"])
+def test_momentum_carries_the_previous_gradient_into_the_second_step(name):
+  config = optim_config(name=name, lr=0.1, weight_decay=0.0, momentum=0.9)
+  tx = train.make_optimizer(config, train.make_schedule(config, 10, 10))
+  params = {"b": jnp.asarray([1.0, -2.0, 0.5])}   # 1-D: no trust ratio, no decay under LARS
+  g1, g2 = np.array([0.1, 0.3, -0.2]), np.array([-0.4, 0.2, 0.05])
+  state = tx.init(params)
+  u1, state = tx.update({"b": jnp.asarray(g1, jnp.float32)}, state, params)
+  params = optax.apply_updates(params, u1)
+  u2, _ = tx.update({"b": jnp.asarray(g2, jnp.float32)}, state, params)
+  np.testing.assert_allclose(np.asarray(u2["b"]), -0.1 * (g2 + 0.9 * g1), rtol=1e-6)

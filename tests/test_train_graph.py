@@ -366,3 +366,43 @@ def test_the_last_monitor_and_the_final_evaluation_embed_the_trained_graphs_once
   # is embedded once for both, the untrained baseline once.
   assert len(calls) == 2
   assert results["final_svm_accuracy"] == pytest.approx(results["svm_accuracy"])
+
+
+def _mutag_task(**overrides):
+  import importlib  # pylint: disable=import-outside-toplevel
+  from helpers import with_overrides  # pylint: disable=import-outside-toplevel
+  from cldro_jax.tasks import graph as graph_task  # pylint: disable=import-outside-toplevel
+  config = importlib.import_module("configs.tu_mutag").get_config("runlocal")
+  config.mesh.num_devices = 1
+  return graph_task.GraphTask(with_overrides(config, **overrides), train.make_mesh(1))
+
+
+# faithful mode keeps epoch 0's batches but "only the augmentations are new" each epoch
+# (GraphCL draws a graph's augmentation afresh every time the loader yields it).
+def test_graph_views_are_augmented_afresh_each_epoch():
+  task = _mutag_task(**{"batch_size": 64, "data.aug_mode": "faithful"})
+  first, later = task.host_batch(0), task.host_batch(task.steps_per_epoch)
+  np.testing.assert_array_equal(first["view1"].labels, later["view1"].labels)   # same graphs
+  assert any(not np.array_equal(a, b) for a, b in zip(first["view2"], later["view2"]))
+
+
+# padded graph slots stay out of the loss: the last batch of an epoch of MUTAG's 188
+# graphs (LOSSES.md) at batch 128 holds 188 - 128 = 60 real graphs, and only they are valid.
+def test_padded_graph_slots_are_not_valid_in_the_loss():
+  import functools  # pylint: disable=import-outside-toplevel
+  task = _mutag_task(**{"batch_size": 128})
+  params, state = task.init(train.model_init_key(0))
+  batch = task.to_global(task.host_batch(1))
+  out = jax.jit(functools.partial(task.forward, train=True))(params, state, batch,
+                                                             jax.random.key(0))
+  assert int(np.asarray(out.valid).sum()) == 60
+
+
+# graph eval config: "svm_seeds: CV repetitions; repetition r shuffles the outer folds
+# with seed+r".
+def test_svm_repetitions_shuffle_with_seed_plus_r():
+  import types  # pylint: disable=import-outside-toplevel
+  from cldro_jax.tasks import graph as graph_task  # pylint: disable=import-outside-toplevel
+  fake = types.SimpleNamespace(config=types.SimpleNamespace(
+      seed=3, eval=types.SimpleNamespace(svm_seeds=3)))
+  assert graph_task.GraphTask.cv_seeds(fake) == [3, 4, 5]

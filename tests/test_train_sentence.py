@@ -528,3 +528,26 @@ def test_bad_sentence_settings_are_refused(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"does not exist\. Fetch the model once.*"
                      r"huggingface-cli download roberta-base --local-dir .*models/roberta-base"):
     train.train_and_evaluate(config, str(tmp_path / "run3"))
+
+
+# SimCSE's unsupervised recipe (configs/sts_bert.py, pooler "cls_mlp"): the two training
+# views go through the MLP (it is dropped only at evaluation). Without dropout both views must
+# equal the deterministic CLS + MLP embedding.
+def test_simcse_training_views_go_through_the_mlp():
+  from configs import sts_bert  # pylint: disable=import-outside-toplevel
+  from cldro_jax.models.hf_checkpoint import EncoderConfig  # pylint: disable=import-outside-toplevel
+  from cldro_jax.tasks import sentence  # pylint: disable=import-outside-toplevel
+  config = sts_bert.get_config()
+  assert config.model.pooler == "cls_mlp"
+  config.model.hidden_dropout = config.model.attention_dropout = 0.0
+  arch = EncoderConfig(model_type="bert", vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                       num_attention_heads=2, intermediate_size=32)
+  task = sentence.SentenceTask(config, train.make_mesh(1), encoder_config=arch)
+  params, state = task.init(jax.random.key(0))
+  ids = jnp.asarray([[1, 5, 7, 2, 0, 0], [1, 9, 2, 0, 0, 0]], jnp.int32)
+  mask = (ids > 0).astype(jnp.int32)
+  out = task.forward(params, state, {"input_ids": ids, "attention_mask": mask},
+                     jax.random.key(1), train=True)
+  with_mlp = task.model.apply({"params": params}, ids, mask, train=False, use_mlp=True)
+  np.testing.assert_allclose(np.asarray(out.z1), np.asarray(with_mlp), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(out.z2), np.asarray(with_mlp), atol=1e-6)
