@@ -503,7 +503,8 @@ def test_probe_from_a_checkpoint_and_load_encoder_reproduce_the_run(tmp_path):
   assert not compiles, compiles
   with counted_compiles() as compiles:
     assert encoder.embed(test["image"][:3], batch_size=7).shape[0] == 3   # 4 rows: a new shape
-  assert sum(compiles.values()) == 1, compiles
+  # (no compilation at all when an earlier test in this process embedded 4 rows of this model)
+  assert sum(compiles.values()) <= 1, compiles
   # Loading the run again (a notebook cell rerun) reuses the compiled code.
   with counted_compiles() as compiles:
     again = cldro_jax.load_encoder(workdir).embed(test["image"], batch_size=7)
