@@ -4,8 +4,7 @@ An evaluation loop that copies each batch's embeddings to the host before dispat
 batch leaves an accelerator idle during every copy and every host-side step in between (reading
 and padding the next batch). `fetched_in_order` dispatches the next batch first, so the device
 computes batch i+1 while the host copies batch i. On a CPU, where "device" and host share the
-cores, the gain is small (the quick start's kNN features: 1.02x, 2026-12-07, 2-core VM); on a
-GPU it is the host time per batch, not yet measured there.
+cores, there is little to gain; on a GPU the saving is the host time per batch (not yet measured).
 """
 
 from __future__ import annotations
