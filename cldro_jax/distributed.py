@@ -4,11 +4,12 @@ JAX's own multi-process runtime is the distributed engine: the same program runs
 (or once per GPU), every process sees all devices of the job through one mesh, and collectives
 cross processes. A run spans processes when one of these says so (checked in this order):
 
-  1. explicit flags: `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`
+  1. `--multiprocess`: let JAX detect everything (Cloud TPU pod slices, SLURM `srun`, Open MPI
+     `mpirun`, Kubernetes); any of the explicit flags below given alongside override what it
+     would detect;
+  2. explicit flags: `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`
      (optionally `--local_device_ids=0,1`), e.g. several processes on one machine or a cluster
-     without a scheduler JAX knows;
-  2. `--multiprocess`: let JAX detect everything (Cloud TPU pod slices, SLURM `srun`, Open MPI
-     `mpirun`, Kubernetes); flags given alongside override what it would detect;
+     without a scheduler JAX knows; all three are needed without `--multiprocess`;
   3. the environment, without any flag: `JAX_COORDINATOR_ADDRESS` together with
      `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`; a SLURM job step with more than one task
      (`srun`, `SLURM_NTASKS` > 1); an Open MPI launch with more than one rank

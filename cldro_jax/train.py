@@ -400,6 +400,13 @@ def _online_probe_loss(probe_params, features, labels):
   return loss, acc
 
 
+def evaluate_command(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The command that evaluates a run's latest checkpoint again (sentence runs have their own)."""
+  if config.domain == "sentence":
+    return f"python -m cldro_jax.evaluators.sts --workdir={workdir} --checkpoint=latest"
+  return f"python -m cldro_jax.probe --workdir={workdir}"
+
+
 def make_train_step(task: "tasks_lib.Task", config: ml_collections.ConfigDict, tx, schedule,
                     mesh) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   loss_cfg = config.loss
@@ -588,8 +595,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           raise checkpointing.CheckpointMismatchError(
               f"The latest checkpoint in {workdir} is at step {start_step}, past this run's "
               f"{total_steps} steps. Nothing was changed. Raise --config.total_steps (or "
-              f"total_epochs) to at least {start_step}, or evaluate that checkpoint: python -m "
-              f"cldro_jax.probe --workdir={workdir}")
+              f"total_epochs) to at least {start_step}, or evaluate that checkpoint: "
+              f"{evaluate_command(config, workdir)}")
         checkpointing.check_or_save_config(workdir, config)
         finished, reevaluate = _finished_results(workdir, config, start_step, total_steps)
         if finished is not None:

@@ -166,3 +166,18 @@ def test_the_online_probe_sees_both_views():
   f2, _, _ = task._apply(params, state1, view2, train=True)   # pylint: disable=protected-access
   np.testing.assert_allclose(np.asarray(out.probe_features), np.concatenate([f1, f2]),
                              rtol=1e-5, atol=1e-5)
+
+
+# A resume past the end names the command that evaluates the checkpoint instead; the probe
+# refuses sentence runs, so theirs is the STS evaluator's, and its arguments must parse.
+@pytest.mark.parametrize("domain", ["image", "sentence", "graph"])
+def test_past_the_end_names_the_evaluation_command_of_the_runs_domain(domain):
+  from cldro_jax.evaluators import sts
+  command = train.evaluate_command(config_defaults.base_config(domain), "/runs/x").split()
+  assert command[:3] == ["python", "-m", {"sentence": "cldro_jax.evaluators.sts"}.get(
+      domain, "cldro_jax.probe")]
+  if domain == "sentence":
+    args = sts._parse_args(command[3:])  # pylint: disable=protected-access
+    assert (args.workdir, args.checkpoint) == ("/runs/x", "latest")
+  else:
+    assert command[3:] == ["--workdir=/runs/x"]

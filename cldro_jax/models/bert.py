@@ -13,12 +13,13 @@ Training vs evaluation (SimCSE's `cls` / `cls_before_pooler`): the MLP (Dense h-
 as HF's `pooler.dense`) is used in training and NOT at evaluation; `SentenceEncoder.__call__`
 takes `use_mlp` explicitly so every call site says which one it is.
 
-Typical use (the trainer):
+Typical use on its own (the trainer does the same through `tasks/sentence.py`: `SentenceTask.init`
+and `dropout_views`, whose 2i / 2i+1 row layout keeps both views of a sentence on one device):
 
     config, pretrained = load_pretrained(folder)
     model = SentenceEncoder(config, pooling="cls", dtype=jnp.bfloat16)
     params = init_from_pretrained(model, pretrained, rng, mlp_init="fresh")   # SimCSE
-    z1, z2 = two_views(model, params, input_ids, attention_mask, dropout_rng)  # train step
+    z1, z2 = two_views(model, params, input_ids, attention_mask, dropout_rng)  # one device
     emb = model.apply({"params": params}, ids, mask, train=False, use_mlp=False)  # evaluation
 """
 from __future__ import annotations
@@ -308,7 +309,9 @@ def two_views(model: SentenceEncoder, params: Params, input_ids: Array, attentio
   """SimCSE's positive pairs: every sentence encoded twice with independent dropout.
 
   One forward pass over the batch stacked twice (2B rows; SimCSE also runs 2B rows in one pass,
-  interleaved as 2i, 2i + 1 rather than i, B + i, which makes no difference): Flax dropout draws
+  interleaved as 2i, 2i + 1 rather than i, B + i: the same on one device, but with the batch
+  sharded, rows i and B + i sit on different devices, so the trainer interleaves, see
+  `tasks.sentence.dropout_views`): Flax dropout draws
   an independent mask per element, so rows i and B + i are two dropout views of sentence i; one
   pass of 2B keeps the matmuls large. Returns z1, z2 of shape (B, h), float32.
   """

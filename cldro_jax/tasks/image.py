@@ -244,7 +244,7 @@ class ImageTask:
     return source
 
   def monitor(self, state) -> dict[str, float]:
-    """Weighted kNN (k=200, as the reference) and the online probe's test accuracy."""
+    """Weighted kNN (k = eval.knn_k: 200, as the reference) and the online probe's test accuracy."""
     params, model_state = state.params["model"], state.model_state
     bank, bank_labels = self.extract_features(params, model_state, self._bank_source())
     test, test_labels = self.extract_features(params, model_state, self.dataset.test)
