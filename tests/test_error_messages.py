@@ -15,6 +15,7 @@ import shutil
 import struct
 import zipfile
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -29,6 +30,7 @@ from cldro_jax.evaluators import knn
 from cldro_jax.evaluators import linear_probe as lp
 from cldro_jax.evaluators import sts
 from cldro_jax.models import hf_checkpoint
+import reference_losses as ref
 
 ROBERTA_DIR = pathlib.Path(__file__).parent / "fixtures" / "sentence" / "roberta_tiny"
 
@@ -66,6 +68,40 @@ Z = jnp.ones((6, 4), jnp.float32)
 def test_loss_arguments_of_the_wrong_type(call, match):
   with pytest.raises(ValueError, match=match):
     call()
+
+
+# A Python number is checked as the loss computes it, rounded to the inputs' dtype (float32
+# here): each of these passes a float64 check, and in float32 gave inf or a wrong finite loss.
+@pytest.mark.parametrize("call, match", [
+    (lambda: losses.dcl(Z, Z, temperature=0.5, tau_plus=1 - 1e-9),
+     r"tau_plus .* must lie in \[0, 1\), got 0.999999999, which is 1.0 in float32"),
+    (lambda: losses.infonce(Z, Z, temperature=1e-46),
+     r"temperature must be > 0, got 1e-46, which is 0.0 in float32"),
+    (lambda: losses.kl_dro(Z, Z, temperature=1e-39),
+     r"temperature=1e-39 is too small: 1/t overflows float32"),
+    (lambda: losses.adnce(Z, Z, temperature=0.5, mu=0.7, sigma=1e-50),
+     r"sigma must be > 0, got 1e-50, which is 0.0 in float32"),
+    (lambda: losses.chi2_dro(Z, Z, eta=1e39), r"eta=1e\+39 overflows float32"),
+    (lambda: losses.hcl(Z, Z, temperature=0.5, tau_plus=0.1, beta=-1e39),
+     r"beta=-1e\+39 overflows float32"),
+    (lambda: losses.diagnostics(Z, Z, temperature=0.5, mu=1e39, sigma=1.0),
+     r"mu=1e\+39 overflows float32"),
+])
+def test_hyperparameters_that_round_out_of_range_in_the_compute_dtype(call, match):
+  with pytest.raises(ValueError, match=match):
+    call()
+
+
+def test_the_same_hyperparameters_are_fine_in_float64():
+  """Under x64, float64 inputs compute in float64, where these values are in range: the
+  reference value (NumPy, float64) of DCL at tau_plus = 1 - 1e-9 (Ng clamps at N e^{-1/t})."""
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(0)
+    z1 = rng.normal(size=(6, 4))
+    z2 = -z1 + 0.3 * rng.normal(size=(6, 4))
+    got = float(losses.dcl(jnp.asarray(z1), jnp.asarray(z2), temperature=0.5, tau_plus=1 - 1e-9))
+    assert np.isfinite(float(losses.infonce(jnp.asarray(z1), jnp.asarray(z2), temperature=1e-39)))
+  assert got == pytest.approx(ref.hcl(z1, z2, t=0.5, tau_plus=1 - 1e-9, beta=0.0), rel=1e-9)
 
 
 # ------------------------------------------------------------------------------------ augment

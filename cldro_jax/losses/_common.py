@@ -63,8 +63,12 @@ def is_traced(x: Any) -> bool:
   return isinstance(x, jax.core.Tracer)
 
 
-def concrete_scalar(x: Any, name: str) -> float | None:
-  """The value of a hyperparameter when known at trace time, else None (traced)."""
+def concrete_scalar(x: Any, name: str, dtype=None) -> float | None:
+  """The value of a hyperparameter when known at trace time, else None (traced).
+
+  With ``dtype`` (the loss's compute dtype) the value as the loss will use it, rounded to that
+  dtype: the range checks then see what is computed (1e-46 is 0 in float32, 1 - 1e-9 is 1).
+  """
   if is_traced(x):
     return None
   if isinstance(x, bool):
@@ -77,31 +81,59 @@ def concrete_scalar(x: Any, name: str) -> float | None:
   value = float(arr)
   if not np.isfinite(value):
     raise ValueError(f"{name} must be finite, got {value}.")
-  return value
+  if dtype is None:
+    return value
+  with np.errstate(over="ignore"):
+    rounded = float(np.asarray(value, dtype=np.dtype(dtype)))
+  if not np.isfinite(rounded):
+    raise ValueError(f"{name}={value} overflows {np.dtype(dtype).name}, the dtype the loss "
+                     "computes in (its inputs' dtype, at least float32).")
+  return rounded
 
 
-def check_positive(x: Any, name: str) -> None:
-  value = concrete_scalar(x, name)
+def _as_computed(x: Any, value: float, dtype) -> str:
+  """`value` for a message, saying when it is the rounding of what the caller passed."""
+  exact = float(np.asarray(x))
+  if value == exact:
+    return f"{value}"
+  return (f"{exact}, which is {value} in {np.dtype(dtype).name} (the dtype the loss computes "
+          "in: its inputs' dtype, at least float32)")
+
+
+def check_positive(x: Any, name: str, dtype=None) -> None:
+  value = concrete_scalar(x, name, dtype)
   if value is not None and value <= 0:
-    raise ValueError(f"{name} must be > 0, got {value}. Pass a positive number, e.g. "
-                     f"{name}=0.5.")
+    raise ValueError(f"{name} must be > 0, got {_as_computed(x, value, dtype)}. Pass a positive "
+                     f"number, e.g. {name}=0.5.")
 
 
-def check_nonnegative(x: Any, name: str) -> None:
-  value = concrete_scalar(x, name)
+def check_temperature(x: Any, dtype=None) -> None:
+  """t > 0 with a finite 1/t in the compute dtype (the logits are cos * (1/t))."""
+  check_positive(x, "temperature", dtype)
+  value = concrete_scalar(x, "temperature", dtype)
+  if value is not None and dtype is not None:
+    with np.errstate(over="ignore", divide="ignore"):
+      inverse = np.asarray(1.0, np.dtype(dtype)) / np.asarray(value, np.dtype(dtype))
+    if not np.isfinite(inverse):
+      raise ValueError(f"temperature={float(np.asarray(x))} is too small: 1/t overflows "
+                       f"{np.dtype(dtype).name}, the dtype the loss computes in.")
+
+
+def check_nonnegative(x: Any, name: str, dtype=None) -> None:
+  value = concrete_scalar(x, name, dtype)
   if value is not None and value < 0:
-    raise ValueError(f"{name} must be >= 0, got {value}.")
+    raise ValueError(f"{name} must be >= 0, got {_as_computed(x, value, dtype)}.")
 
 
-def check_tau_plus(x: Any) -> None:
-  value = concrete_scalar(x, "tau_plus")
+def check_tau_plus(x: Any, dtype=None) -> None:
+  value = concrete_scalar(x, "tau_plus", dtype)
   if value is not None and not 0.0 <= value < 1.0:
-    raise ValueError(f"tau_plus (the class prior of DCL/HCL) must lie in [0, 1), got {value}; "
-                     "the reference default is tau_plus=0.1.")
+    raise ValueError(f"tau_plus (the class prior of DCL/HCL) must lie in [0, 1), got "
+                     f"{_as_computed(x, value, dtype)}; the reference default is tau_plus=0.1.")
 
 
-def check_real(x: Any, name: str) -> None:
-  concrete_scalar(x, name)
+def check_real(x: Any, name: str, dtype=None) -> None:
+  concrete_scalar(x, name, dtype)
 
 
 def check_variant(variant: str) -> None:

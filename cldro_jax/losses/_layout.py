@@ -68,13 +68,15 @@ def axis_size(axis_name) -> int:
         "axis, or pass axis_name=None on one device.") from err
 
 
-def validate(z1, z2, variant, valid, labels, axis_name) -> None:
+def validate(z1, z2, variant, valid, labels, axis_name) -> jnp.dtype:
+  """Checks the inputs; returns the dtype the loss computes in (for the hyperparameter checks)."""
   _common.check_views(z1, z2)
   _common.check_variant(variant)
   batch = z1.shape[0]
   _common.check_row_array(valid, "valid", batch, "bool")
   _common.check_row_array(labels, "labels", batch, "int")
   _common.check_enough_rows(batch, axis_size(axis_name), valid)
+  return _common.compute_dtype(jnp.promote_types(z1.dtype, z2.dtype))
 
 
 def build(z1, z2, *, variant: str, valid=None, labels=None, axis_name=None,

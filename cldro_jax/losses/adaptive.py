@@ -76,10 +76,10 @@ def adaptive_mu_sigma(z1, z2, *, mu, sigma, mu_rule="fixed", mu_quantile=0.9,
   Returns:
     (mu, sigma) as stop-gradient scalar arrays, identical on every device under ``axis_name``.
   """
-  _layout.validate(z1, z2, variant, valid, labels, axis_name)
+  dtype = _layout.validate(z1, z2, variant, valid, labels, axis_name)
   check_rules(mu_rule, sigma_rule, mu_quantile, sigma_scale)
-  _common.check_real(mu, "mu")
-  _common.check_positive(sigma, "sigma")
+  _common.check_real(mu, "mu", dtype)
+  _common.check_positive(sigma, "sigma", dtype)
   z1, z2 = jax.lax.stop_gradient(z1), jax.lax.stop_gradient(z2)
   layout = _layout.build(z1, z2, variant=variant, valid=valid, labels=labels,
                          axis_name=axis_name, mode="negatives")

@@ -129,8 +129,8 @@ def infonce(z1, z2, *, temperature, variant="image", valid=None, labels=None, ax
   Returns:
     Scalar mean loss over valid anchors that have at least one negative (0 if none).
   """
-  _layout.validate(z1, z2, variant, valid, labels, axis_name)
-  _common.check_positive(temperature, "temperature")
+  dtype = _layout.validate(z1, z2, variant, valid, labels, axis_name)
+  _common.check_temperature(temperature, dtype)
   _common.check_block_size(block_size)
   layout, params, log_sum, count = _log_weighted_sum(
       z1, z2, temperature=temperature, mu=None, sigma=None, variant=variant, valid=valid,
@@ -148,10 +148,10 @@ def adnce(z1, z2, *, temperature, mu, sigma, variant="image", valid=None, labels
   negatives (positive added with weight 1), sentence all B columns (positive included), graph
   the B-1 negatives (mean form). A huge sigma gives InfoNCE. Other arguments as :func:`infonce`.
   """
-  _layout.validate(z1, z2, variant, valid, labels, axis_name)
-  _common.check_positive(temperature, "temperature")
-  _common.check_positive(sigma, "sigma")
-  _common.check_real(mu, "mu")
+  dtype = _layout.validate(z1, z2, variant, valid, labels, axis_name)
+  _common.check_temperature(temperature, dtype)
+  _common.check_positive(sigma, "sigma", dtype)
+  _common.check_real(mu, "mu", dtype)
   _common.check_block_size(block_size)
   layout, params, log_sum, count = _log_weighted_sum(
       z1, z2, temperature=temperature, mu=mu, sigma=sigma, variant=variant, valid=valid,
@@ -182,8 +182,8 @@ def weighted_nce(z1, z2, *, temperature, log_weight: Callable[[jax.Array, Mappin
       traced, e.g. a schedule, without recompiling).
     Others as :func:`infonce`.
   """
-  _layout.validate(z1, z2, variant, valid, labels, axis_name)
-  _common.check_positive(temperature, "temperature")
+  dtype = _layout.validate(z1, z2, variant, valid, labels, axis_name)
+  _common.check_temperature(temperature, dtype)
   _common.check_block_size(block_size)
   if not callable(log_weight):
     raise ValueError(f"log_weight must be a function (cosines, params) -> log weights, got "
@@ -228,10 +228,10 @@ def hcl(z1, z2, *, temperature, tau_plus, beta, valid=None, labels=None, axis_na
   ``L_i = -log(pos_i / (pos_i + Ng_i))``, all in the log domain. N_i counts the anchor's negatives
   (2B-2 without masks). beta = 0 is DCL. Arguments as :func:`infonce`; tau_plus in [0, 1).
   """
-  _layout.validate(z1, z2, "image", valid, labels, axis_name)
-  _common.check_positive(temperature, "temperature")
-  _common.check_tau_plus(tau_plus)
-  _common.check_real(beta, "beta")
+  dtype = _layout.validate(z1, z2, "image", valid, labels, axis_name)
+  _common.check_temperature(temperature, dtype)
+  _common.check_tau_plus(tau_plus, dtype)
+  _common.check_real(beta, "beta", dtype)
   _common.check_block_size(block_size)
   layout = _layout.build(z1, z2, variant="image", valid=valid, labels=labels,
                          axis_name=axis_name, mode="loss")

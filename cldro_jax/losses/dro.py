@@ -33,8 +33,8 @@ def kl_dro(z1, z2, *, temperature, variant="image", valid=None, labels=None, axi
   Equals ``t * InfoNCE-without-positive - t log N`` (and ``t *`` graph InfoNCE exactly). The
   worst-case distribution is ``softmax(f_neg / t)``: InfoNCE's implicit negative weights.
   """
-  _layout.validate(z1, z2, variant, valid, labels, axis_name)
-  _common.check_positive(temperature, "temperature")
+  dtype = _layout.validate(z1, z2, variant, valid, labels, axis_name)
+  _common.check_temperature(temperature, dtype)
   _common.check_block_size(block_size)
   layout = _layout.build(z1, z2, variant=variant, valid=valid, labels=labels,
                          axis_name=axis_name, mode="negatives")
@@ -69,8 +69,8 @@ def chi2_dro(z1, z2, *, eta, variant="image", valid=None, labels=None, axis_name
   The closed form of ``sup {E_Q f : E_Q0 (dQ/dQ0 - 1)^2 <= eta}``, valid while the worst-case
   weights ``1 + sqrt(eta / Var) (f - mean)`` stay non-negative (small eta). Dense only.
   """
-  _layout.validate(z1, z2, variant, valid, labels, axis_name)
-  _common.check_nonnegative(eta, "eta")
+  dtype = _layout.validate(z1, z2, variant, valid, labels, axis_name)
+  _common.check_nonnegative(eta, "eta", dtype)
   layout = _layout.build(z1, z2, variant=variant, valid=valid, labels=labels,
                          axis_name=axis_name, mode="negatives")
   mean, var, count = _negative_moments(layout)
@@ -83,8 +83,8 @@ def chi2_dro(z1, z2, *, eta, variant="image", valid=None, labels=None, axis_name
 def mean_variance(z1, z2, *, temperature, variant="image", valid=None, labels=None,
                   axis_name=None):
   """Mean-variance approximation of CL-DRO (Theorem 3.5): ``-f+ + mean + Var / (2 t)``. Dense."""
-  _layout.validate(z1, z2, variant, valid, labels, axis_name)
-  _common.check_positive(temperature, "temperature")
+  dtype = _layout.validate(z1, z2, variant, valid, labels, axis_name)
+  _common.check_temperature(temperature, dtype)
   layout = _layout.build(z1, z2, variant=variant, valid=valid, labels=labels,
                          axis_name=axis_name, mode="negatives")
   mean, var, count = _negative_moments(layout)
@@ -147,16 +147,16 @@ def diagnostics(z1, z2, *, temperature, mu=None, sigma=None, variant="image", va
   positive cosine: about 1e-7 absolute in float32, and still accurate relative to
   the variance itself near collapse, where every cosine is close to c.
   """
-  _layout.validate(z1, z2, variant, valid, labels, axis_name)
-  _common.check_positive(temperature, "temperature")
+  dtype = _layout.validate(z1, z2, variant, valid, labels, axis_name)
+  _common.check_temperature(temperature, dtype)
   _common.check_block_size(block_size)
   with_adnce = mu is not None or sigma is not None
   if with_adnce:
     if mu is None or sigma is None:
       raise ValueError("diagnostics needs both mu and sigma for the ADNCE statistics "
                        "(or neither).")
-    _common.check_positive(sigma, "sigma")
-    _common.check_real(mu, "mu")
+    _common.check_positive(sigma, "sigma", dtype)
+    _common.check_real(mu, "mu", dtype)
   z1, z2 = jax.lax.stop_gradient(z1), jax.lax.stop_gradient(z2)
   layout = _layout.build(z1, z2, variant=variant, valid=valid, labels=labels,
                          axis_name=axis_name, mode="negatives")
