@@ -14,6 +14,7 @@ when the environment says so (see `cldro_jax/distributed.py` and docs/scaling.md
 
 import difflib
 import glob
+import importlib.util
 import json
 import os
 import re
@@ -22,6 +23,7 @@ import tempfile
 import traceback
 
 import jax
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -157,8 +159,9 @@ def _warn_unread_run_length(config) -> None:
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing; an override naming no config field gets one line, not a traceback.
 
-  ml_collections raises a bare KeyError/AttributeError for `--config.loss.nmae=...` (its message
-  holds the "did you mean"), which absl would show as three chained tracebacks.
+  ml_collections raises a bare KeyError/AttributeError for `--config.loss.nmae=...` (a TypeError
+  for `--config.loss.name.x=...`), which absl would show as three chained tracebacks; the config
+  file's own code raising the same errors keeps its traceback, not blamed on an override.
   """
   try:
     remaining = flags.FLAGS(argv)
@@ -177,19 +180,48 @@ def _parse_flags(argv: list[str]) -> list[str]:
     sys.stderr.write(f"FATAL Flags parsing error: {err}\n"
                      "Pass --helpshort or --helpfull to see help on flags.\n")
     sys.exit(1)
-  except (KeyError, AttributeError) as err:
-    message = err
-    while isinstance(message, BaseException) and message.args:
-      message = message.args[0]
-    message = " ".join(str(message).split())
-    key = re.match(r"'([^']+)'", message)
-    named = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
-             and key is not None and key.group(1) in a.split("=")[0].split(".")]
-    sys.stderr.write(
-        f"cldro_jax: {' '.join(named) or 'a --config override'} names no field of the config: "
-        f"no field {message}\nThe fields are those of the config file and "
-        "cldro_jax/config_defaults.py; `--config.FIELD=VALUE` can only change existing ones.\n")
+  except (KeyError, AttributeError, TypeError):
+    unknown = _overrides_naming_no_field(argv)
+    if not unknown:
+      # The config file's own code failed (or no override is to blame): its traceback, with the
+      # user's line, says more than any summary.
+      sys.stderr.write(f"cldro_jax: --config={_config_arg(argv)} failed to load (the error is "
+                       "in the config file, not in a --config. override):\n")
+      raise
+    for override, reason in unknown:
+      sys.stderr.write(f"cldro_jax: {override} names no field of the config: {reason}\n")
+    sys.stderr.write("The fields are those of the config file and cldro_jax/config_defaults.py; "
+                     "`--config.FIELD=VALUE` can only change existing ones.\n")
     sys.exit(2)
+
+
+def _overrides_naming_no_field(argv: list[str]) -> list[tuple[str, str]]:
+  """The `--config.a.b` overrides whose path is no field of the file's config, with the reason
+  (the config is loaded here on its own: ml_collections' error names the key only, and the
+  file's own code can raise the same errors); empty when the file fails without the overrides."""
+  path, _, arg = _config_arg(argv).partition(":")
+  try:
+    spec = importlib.util.spec_from_file_location("cldro_jax_config_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+  except Exception:  # pylint: disable=broad-except
+    return []
+  unknown = []
+  for override in (a.split("=")[0] for a in argv[1:] if a.startswith("--config.")):
+    node, parts = config, override[len("--config."):].split(".")
+    for depth, part in enumerate(parts):
+      if not isinstance(node, ml_collections.ConfigDict):
+        unknown.append((override, f"config.{'.'.join(parts[:depth])} is a value, not a group "
+                                  "of fields"))
+        break
+      if part not in node:
+        close = difflib.get_close_matches(part, list(node.keys()), n=1)
+        hint = f' Did you mean "{close[0]}" instead of "{part}"?' if close else ""
+        unknown.append((override, f"no field '{part}'{hint}"))
+        break
+      node = node[part]
+  return unknown
 
 
 def _config_arg(argv: list[str]) -> str:

@@ -157,7 +157,18 @@ def read_metrics(workdir: str, split: str | None = None) -> list[dict[str, Any]]
   if not os.path.exists(path):
     return []
   with open(path, encoding="utf-8") as f:
-    records = [json.loads(line) for line in f if line.strip()]
+    lines = f.readlines()
+  records = []
+  for number, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as err:
+      if number == len(lines) and not line.endswith("\n"):
+        continue   # cut short when the run was killed (its resume drops it too)
+      raise ValueError(f"{path}, line {number}, is not a JSON record ({err}); the file is "
+                       "damaged.") from err
   return [r for r in records if split is None or r.get("split") == split]
 
 

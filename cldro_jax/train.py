@@ -93,8 +93,8 @@ class _ProfileWindow:
     self.enabled = requested > 0
     if self.enabled and self.last > total_steps:
       message = (f"config.profile_steps={requested}: this start has "
-                 f"{total_steps - start_step} steps, fewer than {self.WARMUP_STEPS} warm-up steps "
-                 "and the traced ones; nothing is profiled")
+                 f"{total_steps - start_step} steps, fewer than the {self.WARMUP_STEPS} warm-up "
+                 f"steps plus the {requested} traced ones; nothing is profiled")
       logs.warn(message)
       self.enabled = False
     self.dir = os.path.join(workdir, "profile",
@@ -242,12 +242,13 @@ def make_mesh(num_devices: int = -1) -> jax.sharding.Mesh:
   devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
   if num_devices > 0:
     if num_devices > len(devices):
-      raise ValueError(f"config.mesh.num_devices={num_devices}, but only {len(devices)} devices "
-                       "are visible.")
+      raise ConfigError(f"config.mesh.num_devices={num_devices}, but only {len(devices)} "
+                        f"devices are visible; set --config.mesh.num_devices=-1 (all of them) or "
+                        f"at most {len(devices)}.")
     if jax.process_count() > 1 and num_devices != len(devices):
       # The first N devices could leave some processes without a device, and each process
       # feeds its slice of the batch to its own devices.
-      raise ValueError(
+      raise ConfigError(
           f"config.mesh.num_devices={num_devices} with {jax.process_count()} processes: a "
           f"multi-process run uses all {len(devices)} devices; set --config.mesh.num_devices=-1 "
           "(or start fewer processes / make fewer devices visible).")
@@ -536,15 +537,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   _check_local_path(workdir)
   workdir = os.path.abspath(workdir)
   mesh = make_mesh(config.mesh.num_devices)
+  # A multi-process mesh holds every process's devices, as many per process (make_mesh), so a
+  # batch that divides over the mesh divides over the processes too.
   if config.batch_size % mesh.size:
     raise ConfigError(
         f"config.batch_size={config.batch_size} does not divide over the {mesh.size} devices of "
         f"the mesh. Use a multiple of {mesh.size} (e.g. --config.batch_size="
         f"{max(mesh.size, config.batch_size // mesh.size * mesh.size)}) or set "
         "--config.mesh.num_devices.")
-  if config.batch_size % jax.process_count():
-    raise ConfigError(f"config.batch_size={config.batch_size} must divide over "
-                     f"{jax.process_count()} processes.")
   distributed.check_same_run(checkpointing.config_to_dict(config))
   distributed.check_workdir_shared(workdir)
   checkpointing.check_or_save_config(workdir, config, save=False)

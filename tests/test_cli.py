@@ -50,6 +50,30 @@ def test_an_override_with_an_impossible_value_is_reported_without_a_traceback(tm
   assert not (tmp_path / "run").exists()
 
 
+
+def test_an_override_below_a_value_is_named_without_a_traceback(tmp_path):
+  # ml_collections raised a TypeError ("string indices must be integers") from deep inside.
+  run = _main("--config=configs/quickstart.py:runlocal", "--config.loss.name.x=1",
+              f"--workdir={tmp_path / 'run'}")
+  _assert_clean_failure(run, 2, "cldro_jax: --config.loss.name.x names no field of the config: "
+                        "config.loss.name is a value, not a group of fields")
+
+
+def test_an_error_in_the_config_files_own_code_is_not_blamed_on_an_override(tmp_path):
+  # The file reads a field that does not exist: the same AttributeError as an unknown override,
+  # which was reported as "a --config override names no field". Its traceback names its line.
+  config_file = tmp_path / "my_config.py"
+  config_file.write_text("from configs import quickstart\n\n\ndef get_config(arg=None):\n"
+                         "  config = quickstart.get_config(arg)\n"
+                         "  config.optim.lr = config.optim.learning_rate\n  return config\n")
+  run = _main(f"--config={config_file}:runlocal", "--config.loss.name=infonce",
+              f"--workdir={tmp_path / 'run'}")
+  assert run.returncode == 1, run.stderr[-2000:]
+  assert (f"cldro_jax: --config={config_file}:runlocal failed to load (the error is in the "
+          "config file, not in a --config. override)") in run.stderr
+  assert f'"{config_file}", line 6, in get_config' in run.stderr
+  assert "names no field" not in run.stderr and not (tmp_path / "run").exists()
+
 def test_a_workdir_that_is_a_file_is_named(tmp_path):
   afile = tmp_path / "afile"
   afile.write_text("")
@@ -145,6 +169,15 @@ def test_the_probe_on_a_directory_that_is_no_workdir_says_how_to_make_one(tmp_pa
   _assert_clean_failure(run, 2, "is not a cldro_jax workdir",
                         "python -m cldro_jax.main --config=configs/quickstart.py")
 
+
+
+def test_the_sts_evaluator_command_line_on_no_workdir_or_without_sts_files(tmp_path):
+  # The module's own `__main__` (the tests elsewhere call its main() in-process).
+  run = _run(["-m", "cldro_jax.evaluators.sts", f"--workdir={tmp_path}"])
+  _assert_clean_failure(run, 2, f"{tmp_path} is not a cldro_jax workdir",
+                        "python -m cldro_jax.main --config=configs/sts_minilm.py")
+  run = _run(["-m", "cldro_jax.evaluators.sts", f"--model_dir={tmp_path}"])
+  _assert_clean_failure(run, 2, "--sts_root is required with --model_dir")
 
 def test_the_probe_before_the_first_checkpoint_suggests_waiting_or_untrained(tmp_path):
   spec = importlib.util.spec_from_file_location("quickstart", REPO_ROOT / "configs/quickstart.py")

@@ -151,6 +151,11 @@ def test_mesh_of_part_of_the_devices_is_refused_in_a_multi_process_run(monkeypat
   import jax  # pylint: disable=import-outside-toplevel
   from cldro_jax import train  # pylint: disable=import-outside-toplevel
   assert train.make_mesh(4).size == 4        # one process: any first N devices
+  # More devices than the machine has (a multi-GPU command on a smaller machine): a ConfigError,
+  # which the command line reports in one line with the fix.
+  with pytest.raises(train.ConfigError, match=r"num_devices=9, but only 8 devices are visible; "
+                                              r"set --config.mesh.num_devices=-1"):
+    train.make_mesh(9)
   # The mesh lists the devices in process order (then id), however the runtime lists them:
   # process p feeds global rows [p * local, (p + 1) * local) of every batch.
   devices = jax.devices()
@@ -158,7 +163,7 @@ def test_mesh_of_part_of_the_devices_is_refused_in_a_multi_process_run(monkeypat
   assert list(train.make_mesh(-1).devices) == sorted(devices, key=lambda d: (d.process_index,
                                                                               d.id))
   monkeypatch.setattr(jax, "process_count", lambda: 2)
-  with pytest.raises(ValueError, match=r"num_devices=4 with 2 processes.*num_devices=-1"):
+  with pytest.raises(train.ConfigError, match=r"num_devices=4 with 2 processes.*num_devices=-1"):
     train.make_mesh(4)
   # (here every device belongs to process 0: as if process 1 had none)
   with pytest.raises(train.ConfigError, match=r"different numbers of devices \(\[8, 0\]\)"):

@@ -53,6 +53,18 @@ def test_resume_drops_and_hides_the_killed_runs_records_past_the_checkpoint(tmp_
   assert [step for step, kind, _ in second if kind == "summary"] == [4]
 
 
+
+def test_read_metrics_of_a_killed_run_skips_its_torn_last_line_only(tmp_path):
+  # experiments/ read the metrics of runs that may have been killed mid-write.
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1, "split": "train", "loss": 2.0}\n{"step": 2, "split": "tr')
+  assert metrics.read_metrics(str(tmp_path), "train") == [
+      {"step": 1, "split": "train", "loss": 2.0}]
+  # A damaged line anywhere else is not a kill's trace: refused, with its line number.
+  path.write_text('{"step": 1, "spl\n{"step": 2, "split": "train", "loss": 1.0}\n')
+  with pytest.raises(ValueError, match=r"metrics.jsonl, line 1, is not a JSON record"):
+    metrics.read_metrics(str(tmp_path))
+
 def test_final_results_logged_again_after_a_kill_replace_the_same_line(tmp_path):
   # Killed after the "results" line, before results.json: the rerun evaluates again (the same
   # numbers, NaN included) and logs the line once more; the file keeps one. An evaluation with

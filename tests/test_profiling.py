@@ -245,3 +245,17 @@ def test_a_profiler_that_cannot_start_costs_the_profile_not_the_run(tmp_path, mo
                                      str(tmp_path))
   assert results["step"] == 4
   assert not list((tmp_path / "profile").rglob("phases.md"))
+
+
+def test_a_window_longer_than_the_run_is_skipped_with_the_numbers_that_do_not_fit(tmp_path,
+                                                                                  capsys):
+  # pylint: disable=import-outside-toplevel,protected-access
+  import ml_collections
+  from cldro_jax import train
+  window = train._ProfileWindow(ml_collections.ConfigDict({"profile_steps": 1000}), str(tmp_path),
+                                start_step=2, total_steps=6)
+  assert not window.enabled
+  assert ("config.profile_steps=1000: this start has 4 steps, fewer than the 3 warm-up steps "
+          "plus the 1000 traced ones; nothing is profiled") in capsys.readouterr().err
+  assert train._ProfileWindow(ml_collections.ConfigDict({"profile_steps": 1}), str(tmp_path),
+                              start_step=2, total_steps=6).enabled    # 3 + 1 <= 4 steps
