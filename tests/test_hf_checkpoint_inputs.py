@@ -108,6 +108,23 @@ def test_truncated_config_json_is_named(tmp_path):
     bert.load_pretrained(str(folder))
 
 
+
+def test_a_damaged_or_missing_weights_file_is_named_with_the_fix(tmp_path):
+  # safetensors' own SafetensorError ("invalid header length") came out as a bare traceback.
+  folder = _copy(tmp_path)
+  weights = folder / "model.safetensors"
+  weights.write_bytes(weights.read_bytes()[:3000])
+  with pytest.raises(ValueError, match=r"Could not read .*model.safetensors \(.*header.*\): the "
+                                       r"file is damaged or incomplete.*Download it again"):
+    bert.load_pretrained(str(folder))
+  # A sharded checkpoint whose index lists a shard that is not there.
+  weights.unlink()
+  (folder / "model.safetensors.index.json").write_text(json.dumps(
+      {"metadata": {}, "weight_map": {"embeddings.word_embeddings.weight": "model-1.safetensors"}}))
+  with pytest.raises(FileNotFoundError, match=r"index.json lists model-1.safetensors, which is "
+                                              r"not in .*download the missing shard"):
+    bert.load_pretrained(str(folder))
+
 def test_sharded_half_precision_checkpoint_is_upcast_exactly(tmp_path, roberta):
   """transformers' sharded layout (index.json + shards), bfloat16 and float16 tensors with the
   `roberta.` prefix: every weight read and upcast to float32 without loss."""

@@ -223,7 +223,9 @@ _OTHER_WEIGHT_FILES = (
 
 def _read_safetensors(folder: str) -> dict[str, np.ndarray]:
   """Reads `model.safetensors`, or every shard listed by `model.safetensors.index.json`."""
-  from safetensors.numpy import load_file  # local: keeps import of this module cheap
+  # local: keeps import of this module cheap
+  from safetensors import SafetensorError  # pylint: disable=import-outside-toplevel
+  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
 
   single = os.path.join(folder, "model.safetensors")
   index = os.path.join(folder, "model.safetensors.index.json")
@@ -245,12 +247,15 @@ def _read_safetensors(folder: str) -> dict[str, np.ndarray]:
     raise FileNotFoundError(f"No model.safetensors in {folder}.{hint}")
   tensors = {}
   for path in files:
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{index} lists {os.path.basename(path)}, which is not in {folder}; "
+                              "download the missing shard (or the whole folder) again.")
     try:
-      tensors.update(load_file(path))
-    except (TypeError, ValueError) as err:  # e.g. bf16 tensors, which numpy cannot hold
+      tensors.update(load_file(path))   # bf16 included (as ml_dtypes.bfloat16)
+    except (SafetensorError, TypeError, ValueError) as err:
       raise ValueError(
-          f"Could not read {path} with safetensors.numpy ({err}). Save the checkpoint in float32 "
-          "(`model.float().save_pretrained(...)`).") from err
+          f"Could not read {path} ({' '.join(str(err).split())}): the file is damaged or "
+          "incomplete (an interrupted download or copy?). Download it again.") from err
   return tensors
 
 
