@@ -586,3 +586,32 @@ def test_truncated_image_in_a_class_folder_is_refused_by_name(tmp_path):
   with pytest.raises(ValueError, match=re.escape(f"cannot decode image {victim}")):
     train.train_and_evaluate(config, str(workdir))
   assert not (workdir / "checkpoints").exists()
+
+
+def test_a_checkpoint_of_another_model_or_shape_is_refused_before_any_array_is_read(tmp_path):
+  # The trainer's config check refuses such resumes first; this is the checkpoint's own guard,
+  # for what the config cannot see (a package upgrade changing the parameter layout).
+  checkpointer = checkpointing.Checkpointer(str(tmp_path))
+  state = {"w": np.arange(4.0, dtype=np.float32), "b": np.zeros(2, np.float32)}
+  try:
+    checkpointer.save(1, state, meta={"step": 1, "parameter_signature": "resnet18:abc",
+                                      "model": "resnet18"})
+    checkpointer.wait()
+    with pytest.raises(checkpointing.CheckpointMismatchError,
+                       match=r"written by a different model \(saved model resnet18, parameter "
+                             r"signature resnet18:abc; the current config builds signature "
+                             r"resnet50:xyz\)"):
+      checkpointer.restore(state, expected_signature="resnet50:xyz")
+    other = {"w": np.zeros(5, np.float32), "c": np.zeros(2, np.float32)}
+    with pytest.raises(checkpointing.CheckpointMismatchError,
+                       match=r"differently shaped train state") as err:
+      checkpointer.restore(other, expected_signature="resnet18:abc")
+    message = str(err.value)
+    assert "['b']: saved ((2,), 'float32'), now <absent>" in message
+    assert "['c']: saved <absent>, now ((2,), 'float32')" in message
+    assert "['w']: saved ((4,), 'float32'), now ((5,), 'float32')" in message
+    restored, meta = checkpointer.restore(state, expected_signature="resnet18:abc")
+    np.testing.assert_array_equal(restored["w"], state["w"])
+    assert meta["step"] == 1
+  finally:
+    checkpointer.close()
