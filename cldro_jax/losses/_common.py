@@ -100,17 +100,18 @@ def _as_computed(x: Any, value: float, dtype) -> str:
           "in: its inputs' dtype, at least float32)")
 
 
-def check_positive(x: Any, name: str, dtype=None) -> None:
+def check_positive(x: Any, name: str, dtype=None) -> float | None:
+  """Raises unless x > 0 (as computed in `dtype`); returns the value (None when traced)."""
   value = concrete_scalar(x, name, dtype)
   if value is not None and value <= 0:
     raise ValueError(f"{name} must be > 0, got {_as_computed(x, value, dtype)}. Pass a positive "
                      f"number, e.g. {name}=0.5.")
+  return value
 
 
 def check_temperature(x: Any, dtype=None) -> None:
   """t > 0 with a finite 1/t in the compute dtype (the logits are cos * (1/t))."""
-  check_positive(x, "temperature", dtype)
-  value = concrete_scalar(x, "temperature", dtype)
+  value = check_positive(x, "temperature", dtype)
   if value is not None and dtype is not None:
     with np.errstate(over="ignore", divide="ignore"):
       inverse = np.asarray(1.0, np.dtype(dtype)) / np.asarray(value, np.dtype(dtype))
